@@ -1,0 +1,109 @@
+"""The `shuffler` command line. Commands are loaded lazily, so `shuffler inspect` never imports torch.
+
+Each command lives beside the code it drives; COMMANDS maps its name to "module:function".
+Errors the user can fix (bad input, missing data, damaged bytes) end with a one-line message naming what
+and where, and exit status 1; nothing is left half-visible (the writers and the shuffle commit last).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+
+import click
+
+COMMANDS: dict[str, str] = {
+    "synth": "shuffler.cli_data:synth_cmd",
+    "inspect": "shuffler.cli_data:inspect_cmd",
+    "seal": "shuffler.cli_data:seal_cmd",
+    "shuffle": "shuffler.cli_shuffle:shuffle_cmd",
+    "plan": "shuffler.cli_shuffle:plan_cmd",
+    "verify": "shuffler.cli_shuffle:verify_cmd",
+    "train": "trainer.cli:train_cmd",
+    "capture": "writers.capture_cli:capture_cmd",
+}
+
+
+class LazyGroup(click.Group):
+    """click's documented lazy-loading pattern: import a command's module only when it is used."""
+
+    def list_commands(self, ctx):
+        return sorted(n for n in COMMANDS if self._load(n, quiet=True) is not None)
+
+    def get_command(self, ctx, name):
+        return self._load(name, quiet=False) if name in COMMANDS else None
+
+    def _load(self, name: str, *, quiet: bool):
+        module, attr = COMMANDS[name].split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ModuleNotFoundError as e:
+            if quiet and e.name in (module, module.rsplit(".", 1)[0]):
+                return None  # not built yet, or an optional extra missing: hide from --help
+            if quiet:
+                return None
+            raise click.ClickException(
+                f"command {name!r} needs a package that is not installed ({e.name}); "
+                "see README.md for the extras (s3, torch, ray, capture)"
+            ) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except (ValueError, OSError, RuntimeError, ImportError) as e:
+            # ValueError covers FormatError, ChecksumError and SchemaError; OSError covers missing objects.
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="activation-shuffler")
+def main() -> None:
+    """Store, globally shuffle and stream transformer activations for SAE training.
+
+    A dataset is a URL prefix (local path, s3://bucket/prefix, memory://name) holding shards and a
+    manifest.json written last. Typical flow:
+
+    \b
+      shuffler synth data/raw --rows 1000000 --d-model 768 --dtype bfloat16
+      shuffler inspect data/raw --check
+      shuffler shuffle data/raw data/shuffled --seed 0 --memory 4GiB
+      shuffler verify data/raw data/shuffled
+
+    Run `shuffler COMMAND --help` for each command's options.
+    """
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgtp]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "p": 1e15, "pb": 1e15, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """'8GiB', '512MiB', '1.5e9', '4GB' -> bytes. Raises click.BadParameter naming what was given."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m or (m.group(2) or "").lower() not in _UNITS:
+        raise click.BadParameter(f"{what} {text!r} is not a size like 512MiB, 8GiB or 1e9")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_size(value, what=param.name if param else "size")
+        except click.BadParameter as e:
+            self.fail(str(e.message), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def run() -> None:  # pragma: no cover - thin wrapper for `python -m shuffler`
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The one place that reads environment variables (style rule: config comes from one place)."""
+
+from __future__ import annotations
+
+import os
+
+
+def s3_endpoint_url() -> str | None:
+    """Endpoint for s3:// URLs: AWS_ENDPOINT_URL_S3 (honoured by boto3 and s3fs), then FSSPEC_S3_ENDPOINT_URL."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or None
+
+
+def torchrun_rank_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def progress_disabled() -> bool:
+    """SHUFFLER_NO_PROGRESS=1 silences progress bars (tests, logs)."""
+    return os.environ.get("SHUFFLER_NO_PROGRESS", "") not in ("", "0")

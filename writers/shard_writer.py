@@ -1,0 +1,146 @@
+"""ShardWriter: the producer-side context manager that turns activation batches into a committed dataset."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from shuffler.convert import acts_to_storage, columns_to_storage, nonfinite_count
+from shuffler.errors import SchemaError
+from shuffler.manifest import MANIFEST, Manifest, part_manifest_name, part_marker_name, write_manifest
+from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, RollingShardWriter
+from shuffler.schema import Schema, standard_columns
+from shuffler.storage import Storage
+
+_PRODUCER = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+class ShardWriter:
+    """Write activations plus provenance columns as compressed, chunked, checksummed shards.
+
+    With `producer=None` the dataset manifest is written on close. With a producer name, many producers
+    (one per GPU, say) write into one URL at once, each closing with a part manifest; `shuffler seal URL`
+    then joins the parts. If an exception escapes the `with` block, every object this writer made is
+    removed again, so nothing half-written becomes visible.
+
+        with ShardWriter("s3://bucket/acts", d_model=768, dtype="bfloat16") as w:
+            w.write(acts, token_id=tok, doc_id=doc, position=pos)
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        d_model: int,
+        dtype: str,
+        columns: tuple[tuple[str, str], ...] | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        level: int = 1,
+        metadata: dict | None = None,
+        producer: str | None = None,
+        allow_nonfinite: bool = False,
+        overwrite: bool = False,
+        threads: int = 2,
+    ):
+        self.schema = Schema(dtype=dtype, d_model=d_model, columns=standard_columns() if columns is None else columns)
+        if chunk_bytes < self.schema.row_bytes or chunk_bytes > (1 << 31):
+            raise ValueError(f"chunk_bytes={chunk_bytes} must hold at least one {self.schema.row_bytes}-byte row and be < 2 GiB")
+        if shard_bytes < chunk_bytes:
+            raise ValueError(f"shard_bytes={shard_bytes} must be >= chunk_bytes={chunk_bytes}")
+        if not -7 <= level <= 22:
+            raise ValueError(f"level={level}: zstd levels run from -7 (fastest) to 22")
+        if producer is not None and not _PRODUCER.match(producer):
+            raise ValueError(f"producer={producer!r} must be 1-128 of letters, digits, '_', '.', '-'")
+        try:
+            json.dumps(metadata or {})
+        except TypeError as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
+        self.store = Storage(url)
+        self.url = self.store.url
+        self.producer = producer
+        self.metadata = dict(metadata or {})
+        self.allow_nonfinite = allow_nonfinite
+        if producer is None and self.store.exists(MANIFEST) and not overwrite:
+            raise FileExistsError(f"{self.url} already holds a dataset ({MANIFEST}); pass overwrite=True to replace it")
+        if producer is not None and self.store.exists(part_manifest_name(producer)) and not overwrite:
+            raise FileExistsError(f"{self.url}: producer {producer!r} already finished a part; choose another name")
+        prefix = f"{producer}/" if producer else ""
+        self._rolling = RollingShardWriter(
+            self.store,
+            self.schema,
+            name_of=lambda k: f"{prefix}shard-{k:06d}.shard",
+            chunk_bytes=chunk_bytes,
+            shard_bytes=shard_bytes,
+            level=level,
+            threads=threads,
+        )
+        if producer is not None:
+            # Marks the part as started: `seal` refuses while a started part has no part manifest.
+            self.store.write(part_marker_name(producer), json.dumps({"started": time.time()}).encode())
+        self._done = False
+        self.rows_written = 0
+
+    # -- context manager -------------------------------------------------------------------------------
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, acts, **columns) -> None:
+        """Append rows. acts: [rows, d_model] numpy or torch (any device); one 1-D array per column."""
+        if self._done:
+            raise ValueError(f"ShardWriter for {self.url} is closed")
+        a = acts_to_storage(self.schema, acts)
+        cols = columns_to_storage(self.schema, a.shape[0], columns)
+        if not self.allow_nonfinite:
+            bad = nonfinite_count(self.schema, a)
+            if bad:
+                raise ValueError(
+                    f"{self.url}: batch after row {self.rows_written} holds {bad} NaN/inf values; "
+                    "pass allow_nonfinite=True to store them"
+                )
+        self._rolling.append(a, cols)
+        self.rows_written += a.shape[0]
+
+    def close(self) -> Manifest:
+        """Commit the last shard, then the manifest (or part manifest) last. Returns the manifest."""
+        if self._done:
+            raise ValueError(f"ShardWriter for {self.url} is already closed")
+        shards = self._rolling.close()
+        meta = dict(self.metadata)
+        if self.producer is not None:
+            meta.setdefault("producer", self.producer)
+        manifest = Manifest(
+            schema=self.schema, shards=tuple(shards), fingerprint=self._rolling.fingerprint, metadata=meta
+        )
+        try:
+            if self.producer is None:
+                write_manifest(self.store, manifest)
+            else:
+                write_manifest(self.store, manifest, part_manifest_name(self.producer))
+        except BaseException:
+            self._rolling.abort()
+            raise
+        self._done = True
+        self.manifest = manifest
+        return manifest
+
+    def abort(self) -> None:
+        """Remove everything this writer made (called when an exception escapes the with block)."""
+        if self._done:
+            return
+        self._done = True
+        self._rolling.abort()
+        if self.producer is not None:
+            self.store.delete(part_marker_name(self.producer))
+
+
+def check_schema_match(expected: Schema, got: Schema, *, where: str) -> None:
+    if expected != got:
+        raise SchemaError(f"{where}: {got.describe_difference(expected)}")
