@@ -55,6 +55,13 @@ class Batch:
     def take(self, index: np.ndarray | slice) -> Batch:
         return Batch(self.acts[index], {k: v[index] for k, v in self.columns.items()}, self.dtype)
 
+    def to_arrow(self):
+        """A pyarrow.RecordBatch over the same memory: `acts` as fixed_size_list[d_model] (bfloat16 as its
+        uint16 bits, dtype in the field metadata) plus one column per provenance column. See shuffler/arrow.py."""
+        from .arrow import batch_to_arrow
+
+        return batch_to_arrow(self)
+
     @staticmethod
     def concat(batches: list[Batch]) -> Batch:
         if not batches:
