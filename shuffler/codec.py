@@ -64,7 +64,7 @@ def encode_chunk(schema: Schema, acts: np.ndarray, columns: list[np.ndarray], le
     src = np.ascontiguousarray(acts).view(np.uint8).reshape(n, s)
     np.copyto(planes, src.T)  # [itemsize, rows*d_model]: plane k holds byte k of every element
     off = n * s
-    for (name, dt), col in zip(schema.columns, columns, strict=True):
+    for (_, dt), col in zip(schema.columns, columns, strict=True):
         nb = rows * np.dtype(dt).itemsize
         buf[off : off + nb] = np.ascontiguousarray(col, dtype=np.dtype(dt).newbyteorder("<")).view(np.uint8)
         off += nb
@@ -81,7 +81,7 @@ def decode_chunk(
     """
     expected = raw_chunk_bytes(schema, rows)
     frame = memoryview(frame)
-    if len(frame) < 16:
+    if len(frame) < 12:  # magic, frame header, one block header, checksum
         raise FormatError(f"{where}: chunk frame is {len(frame)} bytes, too short to be a zstd frame")
     try:
         params = zstandard.get_frame_parameters(frame)

@@ -167,6 +167,7 @@ class Storage:
                     yield f
                 except BaseException:
                     f.discard()  # aborts the multipart upload: nothing becomes visible
+                    f.closed = True  # else s3fs's __del__ tries to flush the discarded buffer
                     raise
                 f.close()
             else:
