@@ -1,5 +1,6 @@
 """Producers: ShardWriter, capture hooks for torch models, and the synthetic producer."""
 
+from .capture import capture
 from .shard_writer import ShardWriter
 
-__all__ = ["ShardWriter"]
+__all__ = ["ShardWriter", "capture"]

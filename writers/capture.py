@@ -30,6 +30,7 @@ import numpy as np
 
 from shuffler.errors import SchemaError
 from shuffler.manifest import Manifest
+from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.schema import ACT_DTYPES
 
 from .shard_writer import ShardWriter
@@ -311,7 +312,12 @@ class CaptureConfig:
 
 
 def capture_text(
-    url: str, cfg: CaptureConfig, *, progress: Callable[[int, int], None] | None = None
+    url: str,
+    cfg: CaptureConfig,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> tuple[Manifest, CaptureStats]:
     """Load cfg.model offline, capture cfg.layer over the text and commit a dataset at `url`.
 
@@ -343,7 +349,8 @@ def capture_text(
     batches = token_batches(
         source.documents(), tokenizer, context=cfg.context, batch_size=cfg.batch_size, keep_special=cfg.keep_special
     )
-    with ShardWriter(url, d_model=width, dtype=cfg.dtype, metadata=metadata, overwrite=cfg.overwrite) as writer:
+    with ShardWriter(url, d_model=width, dtype=cfg.dtype, metadata=metadata, overwrite=cfg.overwrite,
+                     chunk_bytes=chunk_bytes, shard_bytes=shard_bytes) as writer:
         stats = capture(model, batches, writer, layer=lay, max_tokens=cfg.max_tokens, progress=progress)
         if stats.tokens == 0:
             raise ValueError(f"text source produced no tokens: {source.describe()}")
