@@ -58,11 +58,23 @@ def acts_to_storage(schema: Schema, acts, *, is_bf16_bits: bool = False) -> np.n
     return np.ascontiguousarray(a, dtype=schema.storage_dtype)
 
 
+_EXP_MASK = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000), "float16": (np.uint16, 0x7FFF, 0x7C00),
+             "bfloat16": (np.uint16, 0x7FFF, 0x7F80)}
+
+
 def nonfinite_count(schema: Schema, a: np.ndarray) -> int:
-    """Number of NaN or infinite values in stored-representation activations."""
-    if schema.dtype == "bfloat16":
-        return int(np.count_nonzero((a & 0x7F80) == 0x7F80))  # exponent all ones: inf or NaN
-    return int(a.size - np.count_nonzero(np.isfinite(a)))
+    """Number of NaN or infinite values in stored-representation activations.
+
+    On the raw bits: |x| >= the all-ones exponent means inf or NaN. One AND and one max pass in the common
+    all-finite case; np.isfinite on float16 ran 10x slower here (it widens every element).
+    """
+    if a.size == 0:
+        return 0
+    utype, mag, inf = _EXP_MASK[schema.dtype]
+    bits = np.ascontiguousarray(a).view(utype) & utype(mag)
+    if bits.max() < inf:
+        return 0
+    return int(np.count_nonzero(bits >= inf))
 
 
 def columns_to_storage(schema: Schema, rows: int, columns: dict) -> list[np.ndarray]:

@@ -1,0 +1,140 @@
+"""Codec benchmark: ShardWriter and chunk-reader throughput as a ratio of raw zstd-1 byte-split speed.
+
+Both sides run on the same bytes in one run, so the ratios hold on a noisy shared machine:
+- raw encode: byte-plane split into a reused buffer + zstd level-1 compress, one thread, no container;
+- writer: ShardWriter to local disk (header, index, row hashes for the fingerprint, atomic commit);
+- raw decode: zstd decompress of the very frames the writer produced + per-plane unsplit, one thread;
+- reader: Dataset.read_chunk for every chunk (ranged read, size and checksum checks, decode).
+It also prints the compression ratio per dtype on the shared real sample (if present) and on synthetic
+activations. Usage:
+
+    python benchmarks/codec.py            # ~256 MiB per dtype
+    python benchmarks/codec.py --quick    # ~48 MiB per dtype, for `make bench`
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import zstandard
+
+from shuffler import Dataset
+from shuffler.codec import unsplit
+from shuffler.convert import float32_to_bfloat16_bits
+from shuffler.schema import Schema
+from writers import ShardWriter
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minilm_l3_fp16.npy")
+
+
+def tiled(base: np.ndarray, target_bytes: int, rng) -> np.ndarray:
+    """Rows of `base`, each tile freshly permuted (shards hold shuffled rows), up to target_bytes."""
+    reps = max(1, -(-target_bytes // base.nbytes))
+    return np.concatenate([base[rng.permutation(len(base))] for _ in range(reps)])[: max(1, target_bytes // base[0].nbytes)]
+
+
+def as_dtype(x32: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return float32_to_bfloat16_bits(x32)
+    return x32.astype(dtype)
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: str, repeat: int, threads: int) -> dict:
+    schema = Schema(dtype=dtype, d_model=acts.shape[1], columns=())
+    nbytes = acts.nbytes
+    rows_per_chunk = chunk_bytes // schema.row_bytes
+    cctx = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    dctx = zstandard.ZstdDecompressor()
+    buf = np.empty(rows_per_chunk * schema.row_bytes, np.uint8)
+
+    def raw_encode():
+        for s in range(0, len(acts), rows_per_chunk):
+            a = acts[s : s + rows_per_chunk]
+            n = a.size
+            planes = buf[: n * schema.itemsize].reshape(schema.itemsize, n)
+            np.copyto(planes, a.view(np.uint8).reshape(n, schema.itemsize).T)
+            cctx.compress(planes)
+
+    url = os.path.join(workdir, f"{name}-{dtype}")
+
+    def write():
+        with ShardWriter(url, d_model=acts.shape[1], dtype=dtype, columns=(), chunk_bytes=chunk_bytes,
+                         overwrite=True, threads=threads) as w:
+            w.write(acts)
+
+    t_raw_enc = best_of(raw_encode, repeat)
+    t_write = best_of(write, repeat)
+    ds = Dataset.open(url)
+    frames = []
+    for i, info in enumerate(ds.shards):
+        blob = open(os.path.join(url, info.name), "rb").read()
+        for e in ds.index(i).entries:
+            frames.append((blob[int(e["offset"]) : int(e["offset"] + e["comp_len"])], int(e["rows"])))
+
+    def raw_decode():
+        for f, rows in frames:
+            unsplit(schema, dctx.decompress(f), rows)
+
+    def read():
+        for i in range(len(ds.shards)):
+            for j in range(ds.index(i).n_chunks):
+                ds.read_chunk(i, j)
+
+    t_raw_dec = best_of(raw_decode, repeat)
+    t_read = best_of(read, repeat)
+    shutil.rmtree(url)
+    return {
+        "data": name, "dtype": dtype, "MiB": nbytes / 2**20, "ratio": nbytes / ds.manifest.stored_bytes,
+        "raw_enc": nbytes / t_raw_enc / 1e6, "write": nbytes / t_write / 1e6,
+        "raw_dec": nbytes / t_raw_dec / 1e6, "read": nbytes / t_read / 1e6,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="~48 MiB per dtype")
+    ap.add_argument("--sample", default=SAMPLE, help="real activations .npy (default: ../shared sample)")
+    ap.add_argument("--threads", type=int, default=1, help="writer encode threads (1 = same as the raw baseline)")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    target = (48 if args.quick else 256) << 20
+    rng = np.random.default_rng(0)
+    datasets = []
+    if os.path.exists(args.sample):
+        real = np.load(args.sample).astype(np.float32)
+        datasets.append(("real-minilm-L3", tiled(real, target // 2, rng)))  # f16 source: sized for 2-byte dtypes
+    else:
+        print(f"(no real sample at {args.sample}; synthetic only)")
+    # Synthetic d_model 4096: Gaussian scale mixture, like measure-limits.md's synthetic set.
+    rows = max(1, target // (4096 * 2))
+    synth = (rng.standard_normal((rows, 4096), dtype=np.float32) * np.exp(0.5 * rng.standard_normal((rows, 1)))).astype(np.float32)
+    datasets.append(("synthetic-d4096", synth))
+    with tempfile.TemporaryDirectory(prefix="codec-bench-") as work:
+        print(f"{'data':<17} {'dtype':<9} {'MiB':>6} {'ratio':>6} {'rawenc':>7} {'write':>7} {'w/raw':>6} "
+              f"{'rawdec':>7} {'read':>7} {'r/raw':>6}   (MB/s of uncompressed data, 1 core)")
+        for name, x32 in datasets:
+            for dtype in ("float32", "float16", "bfloat16"):
+                r = bench(name, as_dtype(x32, dtype), dtype, 8 << 20, work, args.repeat, args.threads)
+                print(f"{r['data']:<17} {dtype:<9} {r['MiB']:6.0f} {r['ratio']:6.3f} {r['raw_enc']:7.0f} "
+                      f"{r['write']:7.0f} {r['write'] / r['raw_enc']:6.2f} {r['raw_dec']:7.0f} {r['read']:7.0f} "
+                      f"{r['read'] / r['raw_dec']:6.2f}")
+    print("note: float32 from the float16 real sample has 13 zero mantissa bits, so its ratio is optimistic;"
+          " the synthetic float32 ratio is the realistic one.")
+
+
+if __name__ == "__main__":
+    main()
