@@ -429,6 +429,8 @@ def import_activations(
     if first is None:
         raise ValueError(f"{src}: holds no rows to import")
     dtype = cfg.dtype or report.source_dtype
+    if cfg.dtype is None and fmt == "saelens":
+        dtype = _exported_dtype(src) or dtype
     if dtype == "float64":
         raise SchemaError(f"{src}: activations are float64, which is not stored; pass --dtype float32 (or float16, bfloat16)")
     ctx = first.per
@@ -464,3 +466,14 @@ def import_activations(
                 progress(n, piece.acts.nbytes)
             piece = next(pieces, None)
     return report
+
+
+def _exported_dtype(src: str) -> str | None:
+    """The dtype a folder written by `shuffler export --format saelens` came from (bfloat16 was widened to
+    float32 for datasets; narrowing those values back is exact), or None for any other folder."""
+    try:
+        with open(os.path.join(src, "shuffler_export.json")) as f:
+            dt = json.load(f).get("dtype")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return dt if dt in DTYPES else None
