@@ -1,0 +1,413 @@
+"""ActivationStream: batches of activations streamed from a dataset, for training loops.
+
+    stream = ActivationStream("s3://bucket/acts-shuffled", batch_size=4096, device="cuda", epochs=2)
+    for batch in stream:              # batch.acts: [4096, d_model] torch tensor of the stored dtype, on the GPU
+        loss = sae(batch.acts)
+        ...
+        ckpt["data"] = stream.state_dict()   # later: stream.load_state_dict(ckpt["data"]) resumes exactly
+
+Which rows go to which rank, worker and batch is plan.py; the background decode is prefetch.py; the resume
+state is state.py; readers/torch.py wraps this for torch's DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from shuffler import env
+from shuffler.dataset import Batch, Dataset
+from shuffler.manifest import Manifest
+from shuffler.storage import Storage
+
+from .plan import TAG_BLOCK, EpochPlan, mix_key, permutation
+from .prefetch import Assembler, ReadStats
+from .state import StreamState, parse_state
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamConfig:
+    """How an ActivationStream reads. Every field is a keyword of ActivationStream."""
+
+    batch_size: int
+    """Rows per batch. The last batch of an epoch is shorter unless drop_last."""
+    columns: tuple[str, ...] = ()
+    """Provenance columns to return in batch.columns (names from the dataset's schema)."""
+    rank: int = 0
+    """This process's rank; ActivationStream defaults it from torchrun's RANK."""
+    world_size: int = 1
+    """Number of ranks; defaults from torchrun's WORLD_SIZE."""
+    epochs: int = 1
+    """Passes over the data; each has its own order, keyed by (seed, epoch)."""
+    seed: int = 0
+    """Keys the order of every epoch."""
+    shuffle_shards: bool = True
+    """Reorder shards, and chunks inside each shard, every epoch. False reads in stored order."""
+    drop_last: bool = False
+    """Only whole batches, and the same number on every rank and worker (what DDP needs)."""
+    prefetch: int = 4
+    """Batches decoded ahead of the consumer; memory is about (prefetch + 1) batches plus one chunk."""
+    threads: int = 2
+    """Threads doing ranged reads and zstd decoding (zstd releases the GIL). More helps on object stores."""
+    device: str | None = None
+    """None: batch.acts is numpy (bfloat16 as raw uint16). Else a torch device: a tensor of the stored dtype;
+    on CUDA it is staged in reused pinned buffers and copied with non_blocking=True."""
+    buffer_shuffle: int = 0
+    """0: off. N > 0: rows are also permuted within consecutive blocks of N rows of this consumer's range,
+    mixing rows across chunks, for data that was not shuffled with `shuffler shuffle`. Costs ~3 N rows of RAM."""
+    on_damaged: str = "raise"
+    """"raise": a damaged chunk raises ChecksumError naming shard and chunk. "skip": it is skipped and counted
+    in stats.skipped_chunks / stats.damaged; the batches it fell in are shorter by its rows."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "prefetch", "threads", "world_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank!r} must be in 0..{self.world_size - 1} (world_size={self.world_size})")
+        if not isinstance(self.buffer_shuffle, int) or self.buffer_shuffle < 0:
+            raise ValueError(f"buffer_shuffle={self.buffer_shuffle!r} must be 0 (off) or a row count >= 1")
+        if self.on_damaged not in ("raise", "skip"):
+            raise ValueError(f"on_damaged={self.on_damaged!r} must be 'raise' or 'skip'")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+
+
+@dataclass
+class StreamBatch(Batch):
+    """A Batch that also says where it sits in the stream (what resume and DataLoader bookkeeping use)."""
+
+    epoch: int = 0
+    index: int = 0
+    """Planned batch index within the epoch."""
+    worker: int = 0
+    """The DataLoader worker (consumer within this rank) that produced it; 0 outside a DataLoader."""
+
+    def pin_memory(self) -> StreamBatch:
+        """Called by DataLoader(pin_memory=True)."""
+        a = self.acts
+        acts = a.pin_memory() if hasattr(a, "pin_memory") else a
+        return StreamBatch(acts, self.columns, self.dtype, self.epoch, self.index, self.worker)
+
+
+class _Buffers:
+    """Batch buffers and the move to the requested device (pinned staging buffers reused on CUDA)."""
+
+    def __init__(self, schema, batch_size: int, device):
+        self.schema, self.batch_size = schema, batch_size
+        self.device = device
+        self.cuda = device is not None and device.type == "cuda"
+        self.free: list = []  # [(pinned tensor, cuda event)] ready for reuse once their copy has finished
+        self.lent: dict[int, object] = {}
+
+    def alloc(self, rows: int) -> np.ndarray:
+        if not self.cuda:
+            return np.empty((rows, self.schema.d_model), dtype=self.schema.storage_dtype)
+        import torch
+
+        if self.free:
+            buf, ev = self.free.pop(0)
+            ev.synchronize()  # its previous copy to the GPU must be done before we overwrite it
+        else:
+            tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[self.schema.dtype]
+            buf = torch.empty((self.batch_size, self.schema.d_model), dtype=tdt, pin_memory=True)
+        arr = buf.numpy().view(self.schema.storage_dtype)[:rows]
+        self.lent[arr.ctypes.data] = buf
+        return arr
+
+    def to_device(self, acts: np.ndarray):
+        if self.device is None:
+            return acts
+        import torch
+
+        buf = self.lent.pop(acts.ctypes.data, None) if self.cuda else None
+        t = torch.from_numpy(acts) if buf is None else buf[: acts.shape[0]]
+        if self.schema.dtype == "bfloat16":
+            t = t.view(torch.bfloat16)  # same 16 bits: no float32 round trip
+        if buf is None:
+            return t.to(self.device)
+        out = t.to(self.device, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.free.append((buf, ev))
+        return out
+
+    def discard(self, acts: np.ndarray) -> None:
+        buf = self.lent.pop(acts.ctypes.data, None)
+        if buf is not None:
+            import torch
+
+            ev = torch.cuda.Event()
+            ev.record()
+            self.free.append((buf, ev))
+
+
+def _torch_device(device):
+    if device is None:
+        return None
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; pass device='cpu' or None")
+    return dev
+
+
+class ActivationStream:
+    """An iterable of StreamBatch (a shuffler Batch) over a committed dataset at `url`.
+
+    Iterating continues from the current position (the start, or a loaded state); once every epoch is done,
+    a new iteration starts again at epoch 0. Not for use from two threads at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_size: int,
+        columns: tuple[str, ...] | list[str] = (),
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int = 1,
+        seed: int = 0,
+        shuffle_shards: bool = True,
+        drop_last: bool = False,
+        prefetch: int = 4,
+        threads: int = 2,
+        device=None,
+        buffer_shuffle: int = 0,
+        on_damaged: str = "raise",
+    ):
+        env_rank, env_world = env.torchrun_rank_world()
+        self.config = StreamConfig(
+            batch_size=batch_size,
+            columns=tuple(columns),
+            rank=env_rank if rank is None else rank,
+            world_size=env_world if world_size is None else world_size,
+            epochs=epochs,
+            seed=seed,
+            shuffle_shards=shuffle_shards,
+            drop_last=drop_last,
+            prefetch=prefetch,
+            threads=threads,
+            device=None if device is None else str(device),
+            buffer_shuffle=buffer_shuffle,
+            on_damaged=on_damaged,
+        )
+        self._device = _torch_device(device)
+        self._dataset: Dataset | None = Dataset.open(url)
+        self._pid = os.getpid()
+        self.url = self._dataset.url
+        self.manifest: Manifest = self._dataset.manifest
+        missing = [c for c in self.config.columns if c not in self.manifest.schema.column_names]
+        if missing:
+            raise ValueError(
+                f"{self.url}: columns {missing} are not in the dataset; it has {list(self.manifest.schema.column_names)}"
+            )
+        self.stats = ReadStats()
+        self._worker: tuple[int, int] | None = None  # (worker, num_workers) when set by readers.torch
+        self._epoch = 0
+        self._batch = 0
+
+    # -- pickling and fork: each process opens its own storage client (never share sockets across fork) ---
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_dataset"] = None
+        state["_device"] = None if self._device is None else str(self._device)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._device = _torch_device(self._device)
+
+    @property
+    def dataset(self) -> Dataset:
+        if self._dataset is None or self._pid != os.getpid():
+            self._dataset = Dataset(Storage(self.url), self.manifest)
+            self._pid = os.getpid()
+        return self._dataset
+
+    # -- sizes -----------------------------------------------------------------------------------------
+    def _split(self) -> tuple[int, int]:
+        """(worker, num_workers) of this rank: set by readers.torch, else torch's worker info, else (0, 1)."""
+        if self._worker is not None:
+            return self._worker
+        if "torch" in sys.modules:
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            if info is not None:
+                return info.id, info.num_workers
+        return 0, 1
+
+    def _plan(self, epoch: int, worker: int | None = None) -> EpochPlan:
+        w, n = self._split()
+        c = self.config
+        return EpochPlan(
+            dataset=self.dataset,
+            seed=c.seed,
+            epoch=epoch,
+            consumer=c.rank * n + (w if worker is None else worker),
+            consumers=c.world_size * n,
+            batch_size=c.batch_size,
+            drop_last=c.drop_last,
+            shuffle=c.shuffle_shards,
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.num_rows
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this stream (this rank, this worker) yields per epoch, damaged chunks aside."""
+        return self._plan(0).n_batches
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * self.config.epochs
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def _settings(self) -> dict:
+        c = self.config
+        return {
+            "world_size": c.world_size, "num_workers": self._split()[1], "batch_size": c.batch_size, "seed": c.seed,
+            "shuffle_shards": c.shuffle_shards, "drop_last": c.drop_last, "buffer_shuffle": c.buffer_shuffle,
+        }
+
+    def state_dict(self) -> dict:
+        """Where the stream is: the next batch it yields. JSON-serialisable; small."""
+        return StreamState(
+            fingerprint=self.manifest.fingerprint,
+            settings=self._settings(),
+            rank=self.config.rank,
+            positions=((self._epoch, self._batch),),
+        ).to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(): the next batches are those the saving run would have yielded next.
+
+        Refuses (ValueError) a state from another dataset, world size, batch size, seed or order setting.
+        Any rank may load any rank's state, since ranks step in lockstep under DDP.
+        """
+        s = self.parse_state(state)
+        if len(s.positions) != 1:
+            raise ValueError(f"stream state holds {len(s.positions)} DataLoader worker positions; load it into "
+                             "readers.torch.ActivationLoader, not a single stream")
+        self._epoch, self._batch = s.positions[0]
+
+    def parse_state(self, state: dict, num_workers: int | None = None) -> StreamState:
+        """Validate a state against this stream (read with `num_workers` DataLoader workers)."""
+        n = self._split()[1] if num_workers is None else num_workers
+        settings = dict(self._settings(), num_workers=n)
+        per_epoch = [self.for_worker(w, n)._plan(0).n_batches for w in range(n)]
+        return parse_state(
+            state, fingerprint=self.manifest.fingerprint, settings=settings, url=self.url,
+            epochs=self.config.epochs, batches_per_epoch=per_epoch,
+        )
+
+    def for_worker(self, worker: int, num_workers: int, position: tuple[int, int] = (0, 0)) -> ActivationStream:
+        """A copy that reads only worker `worker` of `num_workers`'s share of this rank, from `position`."""
+        import copy
+
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} must be in 0..{num_workers - 1}")
+        other = copy.copy(self)
+        other.stats = ReadStats()
+        other._worker = (worker, num_workers)
+        other._epoch, other._batch = position
+        return other
+
+    # -- iteration -------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[StreamBatch]:
+        c = self.config
+        if self._epoch >= c.epochs:
+            self._epoch, self._batch = 0, 0
+        ds = self.dataset
+        bufs = _Buffers(ds.schema, c.batch_size, self._device)
+        worker = self._split()[0]
+        col_bytes = sum(np.dtype(dict(ds.schema.columns)[n]).itemsize for n in c.columns)
+        while self._epoch < c.epochs:
+            plan = self._plan(self._epoch)
+            for b, acts, cols, keep in self._epoch_batches(ds, plan, self._batch, bufs):
+                if keep is not None:
+                    bufs.discard(acts)
+                    acts, cols = acts[keep], {k: v[keep] for k, v in cols.items()}
+                self._batch = b + 1
+                if len(acts) == 0:
+                    continue  # every row of this batch was in skipped damaged chunks
+                self.stats.batches += 1
+                self.stats.rows += len(acts)
+                self.stats.bytes_decoded += len(acts) * (ds.schema.act_row_bytes + col_bytes)
+                yield StreamBatch(bufs.to_device(acts), cols, ds.dtype, self._epoch, b, worker)
+            self._epoch += 1
+            self._batch = 0
+
+    def _assembler(self, ds: Dataset, prefetch: int, alloc) -> Assembler:
+        c = self.config
+        return Assembler(
+            ds, columns=c.columns, threads=c.threads, prefetch=prefetch,
+            skip_damaged=c.on_damaged == "skip", stats=self.stats, alloc=alloc,
+        )
+
+    def _epoch_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: _Buffers):
+        """(batch index, acts, columns, keep-mask or None) for batches first.. of this epoch."""
+        B = self.config.batch_size
+        if first >= plan.n_batches:
+            return
+        if not self.config.buffer_shuffle:
+            asm = self._assembler(ds, self.config.prefetch, bufs.alloc)
+            try:
+                for b, slot, keep in asm.batches(plan.units(first * B), rows=plan.rows, batch_rows=B, first=first):
+                    yield b, slot.acts, slot.cols, keep
+            finally:
+                asm.close()
+            return
+        yield from self._shuffled_batches(ds, plan, first, bufs)
+
+    def _shuffled_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: _Buffers):
+        """buffer_shuffle=N: output row t of block k = N rows is input row k*N + perm_k[t - k*N]."""
+        B, N, rows = self.config.batch_size, self.config.buffer_shuffle, plan.rows
+        k0 = first * B // N
+        alloc_np = lambda n: np.empty((n, ds.d_model), dtype=ds.schema.storage_dtype)  # noqa: E731
+        asm = self._assembler(ds, 2, alloc_np)  # 2 blocks: the next one decodes while this one is served
+        blocks = asm.batches(plan.units(k0 * N), rows=rows, batch_rows=N, first=k0)
+        cache: dict[int, tuple] = {}
+        try:
+            for b in range(first, plan.n_batches):
+                t0, t1 = b * B, min((b + 1) * B, rows)
+                acts = bufs.alloc(t1 - t0)  # [t1 - t0, d_model]
+                cols = {n: np.empty(t1 - t0, dtype=dict(ds.schema.columns)[n]) for n in self.config.columns}
+                keep = None
+                t = t0
+                while t < t1:
+                    k = t // N
+                    while k not in cache:
+                        kk, slot, kp = next(blocks)
+                        key = mix_key(self.config.seed, plan.epoch, TAG_BLOCK, plan.consumer, plan.consumers, kk)
+                        cache[kk] = (slot, kp, permutation(slot.rows, key))
+                    for old in [x for x in cache if x < k]:
+                        del cache[old]
+                    slot, kp, perm = cache[k]
+                    j0, j1 = t - k * N, min(t1 - k * N, slot.rows)
+                    idx, at = perm[j0:j1], t - t0
+                    np.take(slot.acts, idx, axis=0, out=acts[at : at + j1 - j0])
+                    for n in cols:
+                        np.take(slot.cols[n], idx, out=cols[n][at : at + j1 - j0])
+                    if kp is not None:
+                        keep = np.ones(t1 - t0, dtype=bool) if keep is None else keep
+                        keep[at : at + j1 - j0] = kp[idx]
+                    t += j1 - j0
+                yield b, acts, cols, keep
+        finally:
+            blocks.close()
+            asm.close()
