@@ -1,0 +1,15 @@
+"""A TopK sparse-autoencoder trainer fed by the activation stream (readers.ActivationStream).
+
+    from trainer import TrainConfig, train
+    result = train("data/shuffled", "runs/sae", TrainConfig(n_latents=24576, k=32, batch_size=4096, tokens=10**9))
+
+See docs/trainer.md. The model is trainer.sae.TopKSAE; latent sharding and data parallelism are in
+trainer.distributed; the SAELens export is trainer.export.
+"""
+
+from .config import TrainConfig
+from .export import export_saelens, load_saelens
+from .sae import TopKSAE
+from .train import TrainResult, train
+
+__all__ = ["TopKSAE", "TrainConfig", "TrainResult", "export_saelens", "load_saelens", "train"]
