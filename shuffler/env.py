@@ -18,3 +18,8 @@ def torchrun_rank_world() -> tuple[int, int]:
 def progress_disabled() -> bool:
     """SHUFFLER_NO_PROGRESS=1 silences progress bars (tests, logs)."""
     return os.environ.get("SHUFFLER_NO_PROGRESS", "") not in ("", "0")
+
+
+def torchrun_local_rank() -> int:
+    """LOCAL_RANK as torchrun sets it (the GPU index on this node); 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
