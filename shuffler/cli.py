@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "verify": "shuffler.cli_shuffle:verify_cmd",
     "train": "trainer.cli:train_cmd",
     "capture": "writers.capture_cli:capture_cmd",
+    "import": "shuffler.cli_interop:import_cmd",
+    "export": "shuffler.cli_interop:export_cmd",
 }
 
 
