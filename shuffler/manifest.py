@@ -124,11 +124,14 @@ class Manifest:
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                     raise FormatError(f"{where}: shard {info.name} has {k}={v!r}; expected an integer >= 0")
             shards.append(info)
+        metadata = obj.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise FormatError(f"{where}: 'metadata' must be a JSON object, got {type(metadata).__name__}")
         m = cls(
             schema=schema,
             shards=tuple(shards),
             fingerprint=Fingerprint.from_json(obj.get("fingerprint"), where=where),
-            metadata=obj.get("metadata") or {},
+            metadata=metadata,
         )
         if obj.get("num_rows") != m.num_rows or m.fingerprint.rows != m.num_rows:
             raise FormatError(
