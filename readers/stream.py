@@ -161,8 +161,8 @@ def _torch_device(device):
 class ActivationStream:
     """An iterable of StreamBatch (a shuffler Batch) over a committed dataset at `url`.
 
-    Iterating continues from the current position (the start, or a loaded state); once every epoch is done,
-    a new iteration starts again at epoch 0. Not for use from two threads at once.
+    Iterating continues from the current position (the start, or a loaded state); after an iteration that
+    ran to the end, the next one starts again at epoch 0. Not for use from two threads at once.
     """
 
     def __init__(
@@ -213,6 +213,7 @@ class ActivationStream:
         self._worker: tuple[int, int] | None = None  # (worker, num_workers) when set by readers.torch
         self._epoch = 0
         self._batch = 0
+        self._finished = False  # set when an iteration ran to the end; the next one starts over
 
     # -- pickling and fork: each process opens its own storage client (never share sockets across fork) ---
     def __getstate__(self) -> dict:
@@ -304,6 +305,7 @@ class ActivationStream:
             raise ValueError(f"stream state holds {len(s.positions)} DataLoader worker positions; load it into "
                              "readers.torch.ActivationLoader, not a single stream")
         self._epoch, self._batch = s.positions[0]
+        self._finished = False
 
     def parse_state(self, state: dict, num_workers: int | None = None) -> StreamState:
         """Validate a state against this stream (read with `num_workers` DataLoader workers)."""
@@ -325,13 +327,14 @@ class ActivationStream:
         other.stats = ReadStats()
         other._worker = (worker, num_workers)
         other._epoch, other._batch = position
+        other._finished = False
         return other
 
     # -- iteration -------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StreamBatch]:
         c = self.config
-        if self._epoch >= c.epochs:
-            self._epoch, self._batch = 0, 0
+        if self._finished:
+            self._epoch, self._batch, self._finished = 0, 0, False
         ds = self.dataset
         bufs = _Buffers(ds.schema, c.batch_size, self._device)
         worker = self._split()[0]
@@ -351,6 +354,7 @@ class ActivationStream:
                 yield StreamBatch(bufs.to_device(acts), cols, ds.dtype, self._epoch, b, worker)
             self._epoch += 1
             self._batch = 0
+        self._finished = True
 
     def _assembler(self, ds: Dataset, prefetch: int, alloc) -> Assembler:
         c = self.config
