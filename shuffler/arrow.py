@@ -198,10 +198,11 @@ def arrow_to_acts(
     return flat.reshape(len(arr), d), per
 
 
-def arrow_to_column(arr: pa.Array, *, where: str, base: int, per: int) -> np.ndarray:
+def arrow_to_column(arr: pa.Array, *, where: str, base: int, per: int, nested: bool) -> np.ndarray:
     """A numeric provenance column as a 1-D numpy array with one value per activation row.
 
-    A scalar per record is repeated `per` times; a list per record must hold exactly `per` values.
+    nested: records hold [per, d_model] activations; then a scalar per record is repeated `per` times and
+    a list per record must hold exactly `per` values.
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
@@ -209,7 +210,7 @@ def arrow_to_column(arr: pa.Array, *, where: str, base: int, per: int) -> np.nda
         arr = arr.storage
     t = arr.type
     if is_list_like(t):
-        if per == 1:
+        if not nested:
             raise SchemaError(f"{where}: holds lists ({t}); expected one number per row")
         arr, _ = _list_width(arr, where=where, base=base, expect=per)
         t = arr.type

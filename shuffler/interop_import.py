@@ -87,6 +87,7 @@ class Piece:
     acts: np.ndarray  # [rows, d_model] float32 / float16 / float64 / uint16 (bfloat16 bits)
     columns: dict[str, np.ndarray]  # name -> [rows]
     per: int = 1  # rows per input record: the context length of [records, context, d_model] inputs
+    nested: bool = False  # True for [records, context, d_model] inputs (even with context 1)
 
 
 @dataclass
@@ -113,11 +114,13 @@ def to_dtype(a: np.ndarray, src: str, dst: str) -> np.ndarray:
         return a
     if src == "bfloat16":
         f32 = (a.astype(np.uint32) << 16).view(np.float32)  # exact widening: bf16 is the high half of f32
+        with np.errstate(over="ignore"):
+            return f32 if dst == "float32" else f32.astype(np.float16)
+    with np.errstate(over="ignore"):  # overflow gives inf, which ShardWriter refuses unless allow_nonfinite
+        f32 = a if a.dtype == np.float32 else a.astype(np.float32)  # f16 -> f32 exact; f64 -> f32 RNE
+        if dst == "bfloat16":
+            return float32_to_bfloat16_bits(f32)
         return f32 if dst == "float32" else f32.astype(np.float16)
-    f32 = a if a.dtype == np.float32 else a.astype(np.float32)  # f16 -> f32 exact; f64 -> f32 RNE
-    if dst == "bfloat16":
-        return float32_to_bfloat16_bits(f32)
-    return f32 if dst == "float32" else f32.astype(np.float16)
 
 
 # -- finding the format ----------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ def plan_columns(schema: pa.Schema, cfg: ImportConfig, *, where: str, saelens: b
     for f in schema:
         if f.name == act:
             continue
-        if f.name in cfg.drop_columns or (looks_like_acts(f.type) and _float_leaf(f.type)):
+        if f.name in cfg.drop_columns or (_float_leaf(f.type) and _depth(f.type) == _depth(schema.field(act).type)):
             skipped.append(f.name)  # another hook's activations in a multi-hook cache: not provenance
             continue
         t = storage_type(f.type)
@@ -235,6 +238,15 @@ def plan_columns(schema: pa.Schema, cfg: ImportConfig, *, where: str, saelens: b
         seen.add(out)
         keep.append((f.name, out))
     return _Plan(act, dtype, keep, skipped)
+
+
+def _depth(t: pa.DataType) -> int:
+    """List levels above the values: 1 for one row per record, 2 for [context, d_model] records."""
+    t = storage_type(t)
+    n = 1 if pa.types.is_fixed_size_binary(t) else 0
+    while is_list_like(t):
+        t, n = t.value_type, n + 1
+    return n + (1 if pa.types.is_fixed_size_binary(t) and n else 0)
 
 
 def _float_leaf(t: pa.DataType) -> bool:
@@ -307,6 +319,7 @@ def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportR
                     f"{where}: columns or dtype differ from the first file's (first: {plan.dtype} {plan.keep}, "
                     f"this: {got.dtype} {got.keep})"
                 )
+        nested = _depth(schema.field(plan.act).type) == 2
         for rb in _record_batches(path, fmt, cfg, [plan.act] + [i for i, _ in plan.keep]):
             if rb.num_rows == 0:
                 continue
@@ -319,9 +332,10 @@ def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportR
                 d_model, per = acts.shape[1], p
                 cols = {}
                 for i, o in plan.keep:
-                    c = arrow_to_column(part.column(i), where=f"{where} column {i!r}", base=row, per=p)
+                    c = arrow_to_column(part.column(i), where=f"{where} column {i!r}", base=row, per=p,
+                                        nested=nested)
                     cols[o] = c if c.dtype == np.dtype(out_types[o]) else _cast_column(c, out_types[o], where, i)
-                yield Piece(acts, cols, p)
+                yield Piece(acts, cols, p, nested)
                 row += part.num_rows
 
 
@@ -395,7 +409,7 @@ def _npy_pieces(src: str, cfg: ImportConfig, report: ImportReport) -> Iterator[P
         for n, c in cols.items():
             dt = STANDARD_COLUMNS.get(n, str(c.dtype))
             piece_cols[n] = _cast_column(np.asarray(c[s : s + step]), dt, src, n)
-        yield Piece(np.asarray(flat[s : s + step]), piece_cols, per)
+        yield Piece(np.asarray(flat[s : s + step]), piece_cols, per, a.ndim == 3)
 
 
 # -- the import ------------------------------------------------------------------------------------------
@@ -437,7 +451,7 @@ def import_activations(
     names = list(first.columns)
     # Records of [context, d_model] (SAELens) carry no position column: the index inside the record is the
     # position the model saw (peers-sae-tooling.md 1.1), so it is filled in.
-    derive_pos = ctx > 1 and "position" not in names
+    derive_pos = first.nested and "position" not in names
     if derive_pos:
         names.append("position")
         report.derived.append("position")
@@ -447,7 +461,7 @@ def import_activations(
     report.d_model, report.dtype, report.columns, report.context_size = schema.d_model, dtype, list(order), ctx
     meta = {"imported_from": os.path.abspath(src), "import_format": fmt, "import_column": report.column,
             "source_dtype": report.source_dtype}
-    if ctx > 1:
+    if first.nested:
         meta["context_size"] = ctx
     if fmt == "saelens":
         meta["hook_name"] = report.column
