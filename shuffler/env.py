@@ -23,3 +23,13 @@ def progress_disabled() -> bool:
 def torchrun_local_rank() -> int:
     """LOCAL_RANK as torchrun sets it (the GPU index on this node); 0 outside torchrun."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def shuffle_fault() -> str:
+    """SHUFFLER_TEST_FAULT: a fault the shuffle injects on purpose, for the crash-and-resume tests.
+
+    Comma-separated `what=N`: kill-after-map=N / kill-after-reduce=N (SIGKILL the coordinator once N tasks of
+    that pass have committed), kill-in-reduce=N (SIGKILL from inside the first reduce task after N decoded
+    chunks, leaving part of its output written), pause-after-lock=SECONDS. Empty in normal use.
+    """
+    return os.environ.get("SHUFFLER_TEST_FAULT", "")
