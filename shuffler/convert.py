@@ -65,16 +65,24 @@ _EXP_MASK = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000), "float16": (np.uint
 def nonfinite_count(schema: Schema, a: np.ndarray) -> int:
     """Number of NaN or infinite values in stored-representation activations.
 
-    On the raw bits: |x| >= the all-ones exponent means inf or NaN. One AND and one max pass in the common
-    all-finite case; np.isfinite on float16 ran 10x slower here (it widens every element).
+    On the raw bits: |x| >= the all-ones exponent means inf or NaN. Blockwise through a small reused buffer
+    (one AND and one max per block, in cache) in the common all-finite case; np.isfinite on float16 ran 10x
+    slower here (it widens every element), and a full-size temporary costs page faults.
     """
     if a.size == 0:
         return 0
     utype, mag, inf = _EXP_MASK[schema.dtype]
-    bits = np.ascontiguousarray(a).view(utype) & utype(mag)
-    if bits.max() < inf:
-        return 0
-    return int(np.count_nonzero(bits >= inf))
+    flat = np.ascontiguousarray(a).view(utype).reshape(-1)
+    block = 1 << 18
+    tmp = np.empty(min(block, flat.size), dtype=utype)
+    bad = 0
+    for s in range(0, flat.size, block):
+        part = flat[s : s + block]
+        t = tmp[: part.size]
+        np.bitwise_and(part, utype(mag), out=t)
+        if t.max() >= inf:
+            bad += int(np.count_nonzero(t >= inf))
+    return bad
 
 
 def columns_to_storage(schema: Schema, rows: int, columns: dict) -> list[np.ndarray]:
