@@ -13,7 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_interop_helpers import read_all, same_rows, write_dataset
+
+try:  # tests/ may or may not be a package (tests/__init__.py); work either way
+    from .test_interop_helpers import read_all, same_rows, write_dataset
+except ImportError:
+    from test_interop_helpers import read_all, same_rows, write_dataset
 
 from shuffler.dataset import Batch, Dataset
 from shuffler.interop_export import ExportConfig, export_dataset

@@ -16,7 +16,11 @@ import os
 
 import numpy as np
 import pytest
-from test_interop_helpers import read_all, same_rows, write_dataset
+
+try:  # tests/ may or may not be a package (tests/__init__.py); work either way
+    from .test_interop_helpers import read_all, same_rows, write_dataset
+except ImportError:
+    from test_interop_helpers import read_all, same_rows, write_dataset
 
 from shuffler.dataset import Batch
 from shuffler.errors import SchemaError
