@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from readers_data import make_dataset, rids
 
 from readers import ActivationStream
 from readers.plan import EpochPlan, consumer_bounds, permutation
 from shuffler import Dataset
+
+from .readers_data import make_dataset, rids
 
 ROWS = 3000
 

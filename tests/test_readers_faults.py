@@ -8,12 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from readers_data import make_dataset, rids
 
 from readers import ActivationStream
 from readers.plan import EpochPlan
 from shuffler import Dataset
 from shuffler.errors import ChecksumError, DatasetNotFoundError
+
+from .readers_data import make_dataset, rids
 
 
 @pytest.fixture
