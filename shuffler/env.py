@@ -29,7 +29,8 @@ def shuffle_fault() -> str:
     """SHUFFLER_TEST_FAULT: a fault the shuffle injects on purpose, for the crash-and-resume tests.
 
     Comma-separated `what=N`: kill-after-map=N / kill-after-reduce=N (SIGKILL the coordinator once N tasks of
-    that pass have committed), kill-in-reduce=N (SIGKILL from inside the first reduce task after N decoded
-    chunks, leaving part of its output written), pause-after-lock=SECONDS. Empty in normal use.
+    that pass have committed), kill-in-reduce=K (SIGKILL from inside the first reduce task as it opens its
+    output shard K, so shards 0..K-1 of that bucket are written but not committed by a marker),
+    pause-after-lock=SECONDS. Empty in normal use.
     """
     return os.environ.get("SHUFFLER_TEST_FAULT", "")

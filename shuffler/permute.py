@@ -14,6 +14,7 @@ the whole result exactly uniform (docs/shuffle.md), so this is exact too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -101,8 +102,13 @@ class ReduceTask:
     batch_bytes: int = 32 << 20
 
 
-def run_reduce(task: ReduceTask, progress: Progress = None) -> tuple[list[ShardInfo], Fingerprint]:
-    """Permute the bucket and write it. Returns its output shards (in order) and their fingerprint."""
+def run_reduce(
+    task: ReduceTask, progress: Progress = None, on_shard: Callable[[int], None] | None = None
+) -> tuple[list[ShardInfo], Fingerprint]:
+    """Permute the bucket and write it. Returns its output shards (in order) and their fingerprint.
+
+    on_shard(k) is called as output shard k opens (shards 0..k-1 are committed by then): a test hook.
+    """
     n = task.table.rows
     if n > task.capacity_rows:
         return _recurse(task, progress)
@@ -117,8 +123,13 @@ def run_reduce(task: ReduceTask, progress: Progress = None) -> tuple[list[ShardI
         if progress is not None:
             progress(len(a), len(a) * schema.row_bytes)
     del perm
+    def name_of(k: int) -> str:
+        if on_shard is not None:
+            on_shard(k)
+        return shard_name(task.path, k)
+
     writer = RollingShardWriter(
-        storage(task.dst), schema, name_of=lambda k: shard_name(task.path, k),
+        storage(task.dst), schema, name_of=name_of,
         chunk_bytes=task.chunk_bytes, shard_bytes=task.shard_bytes, level=task.level, threads=task.threads,
     )
     try:

@@ -25,6 +25,7 @@ import os
 import queue
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -193,20 +194,16 @@ def _init_worker(q) -> None:
     global _report
     _report = lambda rows, nbytes: q.put((rows, nbytes))  # noqa: E731
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops the pool
+    parent = os.getppid()
 
+    def watch() -> None:
+        # A coordinator killed with SIGKILL cannot stop its pool, and the workers, holding both ends of the
+        # task queue's pipe, would wait on it forever. Exit once reparented; the re-run redoes our task.
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
 
-def _kill_in_reduce(n: int) -> Callable[[int, int], None]:
-    seen = [0]
-    inner = _report
-
-    def hook(rows: int, nbytes: int) -> None:
-        if inner is not None:
-            inner(rows, nbytes)
-        seen[0] += 1
-        if seen[0] >= n:
-            _die()
-
-    return hook
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _map_worker(task: MapTask) -> MapOutput:
@@ -214,7 +211,8 @@ def _map_worker(task: MapTask) -> MapOutput:
 
 
 def _reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[ShardInfo], Fingerprint]:
-    shards, fp = run_reduce(task, _kill_in_reduce(kill_in) if kill_in else _report)
+    hook = (lambda k: _die() if k >= kill_in else None) if kill_in else None
+    shards, fp = run_reduce(task, _report, hook)
     marker = {"bucket": list(task.path), "shards": [s.__dict__ for s in shards], "fingerprint": fp.to_json()}
     storage(state_url).write(reduce_marker(task.path[0]), json.dumps(marker).encode())  # the commit, last
     return shards, fp

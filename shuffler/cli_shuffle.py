@@ -1,0 +1,176 @@
+"""CLI commands of the shuffle: shuffle, plan, verify (docs/shuffle.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import click
+
+from .cli import SIZE
+from .plan import DEFAULT_MEMORY, PlanRequest, make_plan
+from .progress import Progress, human_bytes
+from .rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
+from .schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
+
+_MEM_HELP = ("Memory budget per task (per worker process), e.g. 4GiB. Sizes the buckets, so it fixes the output "
+             "order together with --seed; the run uses up to workers x this.")
+
+
+@click.command("shuffle")
+@click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of every random draw.")
+@click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
+@click.option("--buckets", type=click.IntRange(1), help="Bucket count (default: sized from --memory).")
+@click.option("--workers", type=click.IntRange(1), help="Worker processes (default: the cores). Never changes the output.")
+@click.option("--scratch", help="URL for intermediates, e.g. local NVMe while DST is on S3 [default: DST/.shuffle/scratch].")
+@click.option("--scratch-level", type=click.IntRange(-100, 22),
+              help="zstd level of intermediates [default: -3 on local disk, 1 on object stores].")
+@click.option("--keep-intermediate", is_flag=True, help="Keep the intermediates after success.")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset, or another run's unfinished state, at DST.")
+@click.option("--break-lock", is_flag=True, help="Take DST's lock although held: only if its holder is dead on another machine.")
+@click.option("--level", type=click.IntRange(-100, 22), default=1, show_default=True, help="zstd level of the output.")
+@click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB", help="Uncompressed bytes per chunk.")
+@click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB", help="Uncompressed bytes per output shard.")
+@click.option("--map-rows", type=click.IntRange(1), help="Rows per map task (default: split for the workers).")
+def shuffle_cmd(paths, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
+                break_lock, level, chunk_bytes, shard_bytes, map_rows):
+    """Write a globally shuffled copy of SRC (one or more datasets) to DST.
+
+    Pass 1 sends every row to a uniformly random bucket; pass 2 permutes each bucket in memory and writes it.
+    The result is a uniformly random permutation of all rows (docs/shuffle.md), the same bytes for the same
+    seed and --memory/--buckets whatever --workers. DST gets its manifest.json last. If the run dies
+    (even kill -9), run the same command again: committed tasks are skipped.
+
+    \b
+    Examples:
+      shuffler shuffle data/raw data/shuffled --seed 0
+      shuffler shuffle s3://b/raw-0 s3://b/raw-1 s3://b/shuffled --seed 7 --memory 16GiB --scratch /nvme/tmp
+    """
+    from .shuffle import shuffle
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one SRC and a DST: shuffler shuffle SRC... DST --seed S")
+    *srcs, dst = paths
+    t0 = time.perf_counter()
+    m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
+                scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
+                break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows)
+    info = m.metadata["shuffle"]
+    click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
+               f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")
+
+
+@click.command("plan")
+@click.argument("src", nargs=-1, metavar="[SRC...]")
+@click.option("--rows", type=float, help="Plan a dataset that does not exist: its rows (1e12 is fine).")
+@click.option("--d-model", type=click.IntRange(1), help="...its activation width.")
+@click.option("--dtype", type=click.Choice(sorted(ACT_DTYPES)), help="...its dtype.")
+@click.option("--columns", default="token_id,doc_id,position", show_default=True,
+              help="...its provenance columns: standard names, or name:dtype.")
+@click.option("--compression", type=float, help="...its compression ratio (default: measured zstd-1 ratio of the dtype).")
+@click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
+@click.option("--buckets", type=click.IntRange(1), help="Force a bucket count.")
+@click.option("--workers", type=click.IntRange(1), help="Worker processes [default: this machine's cores].")
+@click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
+@click.option("--scratch", help="Where intermediates would go [default: beside --dst, else local].")
+@click.option("--scratch-level", type=click.IntRange(-100, 22), help="zstd level of intermediates.")
+@click.option("--level", type=click.IntRange(-100, 22), default=1, show_default=True)
+@click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB")
+@click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, dst, scratch, scratch_level,
+             level, chunk_bytes, shard_bytes, as_json):
+    """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory.
+
+    Plans existing datasets (SRC...) or ones that do not exist yet, from --rows, --d-model and --dtype.
+    Warns when pass 2's ranged reads would be too small to be efficient (about 8 MiB on S3) and says what
+    to change.
+
+    \b
+    Examples:
+      shuffler plan data/raw --memory 4GiB
+      shuffler plan --rows 1e12 --d-model 8192 --dtype bfloat16 --memory 64GiB --dst s3://bucket/out
+    """
+    workers = workers or os.cpu_count() or 1
+    if src:
+        if rows is not None or d_model is not None or dtype is not None:
+            raise click.UsageError("give either SRC datasets or --rows/--d-model/--dtype, not both")
+        from .shuffle import open_sources
+
+        datasets = open_sources(list(src))
+        schema = datasets[0].schema
+        n = sum(d.num_rows for d in datasets)
+        stored = sum(d.manifest.stored_bytes for d in datasets)
+    else:
+        if rows is None or d_model is None or dtype is None:
+            raise click.UsageError("give SRC datasets, or all of --rows, --d-model and --dtype for a planned dataset")
+        if rows < 0 or rows != math.floor(rows) or rows > 2**63:
+            raise click.BadParameter(f"{rows!r} is not a whole number of rows", param_hint="--rows")
+        schema = Schema(dtype=dtype, d_model=d_model, columns=_parse_columns(columns))
+        n = int(rows)
+        if compression is not None and compression <= 0:
+            raise click.BadParameter(f"{compression} must be > 0", param_hint="--compression")
+        stored = round(n * schema.row_bytes / compression) if compression else None
+    scratch_url = scratch or (f"{dst.rstrip('/')}/.shuffle/scratch" if dst else None)
+    plan = make_plan(PlanRequest(
+        rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers, stored_bytes=stored,
+        scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
+        scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+    ))
+    if as_json:
+        click.echo(json.dumps(plan.to_json(), indent=1))
+    else:
+        click.echo(plan.report())
+
+
+def _is_local(url: str) -> bool:
+    """Local disk or memory: small reads are cheap. Anything else (s3://, gs://, ...) is an object store."""
+    return "://" not in url or url.split("://", 1)[0] in ("file", "local", "memory")
+
+
+def _parse_columns(text: str) -> tuple[tuple[str, str], ...]:
+    cols = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, dt = part.partition(":")
+        if not dt:
+            if name not in STANDARD_COLUMNS:
+                raise click.BadParameter(f"{name!r} is not a standard column ({', '.join(STANDARD_COLUMNS)}); "
+                                         "write name:dtype", param_hint="--columns")
+            dt = STANDARD_COLUMNS[name]
+        cols.append((name, dt))
+    return tuple(cols)
+
+
+@click.command("verify")
+@click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
+@click.option("--full", is_flag=True, help="Also read SRC and compare the sorted per-row hashes (8 B per row of memory).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify_cmd(paths, full, as_json):
+    """Check that DST holds exactly the rows of SRC (one or more datasets), in any order.
+
+    Reads every chunk of DST (checksums), compares row counts and order-independent fingerprints with SRC;
+    --full compares sorted per-row hashes too. Exits 0 if all match, 1 with a report naming what differs.
+
+    \b
+    Example:
+      shuffler verify data/raw data/shuffled --full
+    """
+    from .verify import verify
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one SRC and a DST: shuffler verify SRC... DST")
+    *srcs, dst = paths
+    with Progress("verify", None) as bar:
+        rep = verify(srcs, dst, full=full, progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=1))
+    elif rep.ok:
+        click.echo(rep.report())
+    else:
+        click.echo(rep.report(), err=True)
+    if not rep.ok:
+        sys.exit(1)
