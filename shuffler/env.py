@@ -34,3 +34,15 @@ def shuffle_fault() -> str:
     pause-after-lock=SECONDS. Empty in normal use.
     """
     return os.environ.get("SHUFFLER_TEST_FAULT", "")
+
+
+def s3_max_attempts() -> int:
+    """SHUFFLER_S3_MAX_ATTEMPTS: botocore attempts per S3 request (throttling, 5xx, resets); default 10."""
+    value = os.environ.get("SHUFFLER_S3_MAX_ATTEMPTS", "10")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"SHUFFLER_S3_MAX_ATTEMPTS={value!r} must be an integer >= 1") from None
+    if n < 1:
+        raise ValueError(f"SHUFFLER_S3_MAX_ATTEMPTS={n} must be >= 1")
+    return n

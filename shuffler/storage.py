@@ -36,7 +36,7 @@ def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         if endpoint:
             options["endpoint_url"] = endpoint
         # Retries with backoff on throttling (503 SlowDown) and 5xx: botocore's adaptive mode.
-        options["config_kwargs"] = {"retries": {"max_attempts": 10, "mode": "adaptive"}}
+        options["config_kwargs"] = {"retries": {"max_attempts": env.s3_max_attempts(), "mode": "adaptive"}}
         options["skip_instance_cache"] = True  # never share an aiohttp session across fork
     try:
         return fsspec.core.url_to_fs(url, **options)
@@ -58,7 +58,7 @@ def _explain(url: str, what: str) -> Iterator[None]:
     """Turn backend errors that users hit often into messages that name the URL and the fix."""
     try:
         yield
-    except FileNotFoundError:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError):
         raise
     except Exception as e:
         name = type(e).__name__
@@ -67,6 +67,9 @@ def _explain(url: str, what: str) -> Iterator[None]:
             raise PermissionError(
                 f"{what} {url}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
             ) from None
+        if isinstance(e, OSError) and not isinstance(e, PermissionError) and url not in text:
+            # Storage errors that outlived the retries (5xx, resets): say which object and what was tried.
+            raise OSError(e.errno, f"{what} {url} failed after retries: {e.strerror or text}") from e
         raise
 
 
