@@ -7,7 +7,8 @@
 `readers.torch.ActivationDataset` wraps the same stream as a torch IterableDataset (docs/readers.md).
 """
 
+from .device import StreamBatch
 from .prefetch import ReadStats
-from .stream import ActivationStream, StreamBatch, StreamConfig
+from .stream import ActivationStream, StreamConfig
 
 __all__ = ["ActivationStream", "StreamBatch", "StreamConfig", "ReadStats"]

@@ -7,9 +7,10 @@ work as `codec.decode_chunk` (the benchmark's baseline), and batches are assembl
 per-row Python loop.
 
 Memory is bounded by pulling, not pushing: tasks are submitted only from the consumer's thread, and only
-for units whose rows fall in the next `prefetch` batches. A consumer that stalls stops all new work; what
-is buffered is at most `prefetch` batches plus the batches one chunk spans (tests/test_readers_faults.py
-measures it). Errors surface in plan order, at the batch they belong to: the first failing unit's
+for units whose rows fall in the next `prefetch` batches, or while fewer than threads + 1 units are
+undelivered (so every thread has work when a chunk holds several batches). A consumer that stalls stops
+all new work; what is buffered is at most max(prefetch batches, threads + 1 chunks) plus the batches one
+chunk spans (tests/test_readers_faults.py measures it). Errors surface in plan order, at the batch they belong to: the first failing unit's
 exception is re-raised in the consumer, after the pool is shut down.
 """
 
@@ -107,7 +108,7 @@ class ReadStats:
     damaged: list[str] = field(default_factory=list)
     """One message per skipped chunk, naming shard and chunk."""
     peak_buffered_batches: int = 0
-    """Most batch buffers allocated ahead of the consumer at once (bounded by prefetch + one chunk's span)."""
+    """Most batch buffers allocated ahead of the consumer at once (bounded: see the module docstring)."""
 
 
 class _Slot:
@@ -134,6 +135,7 @@ class Assembler:
         self.schema = dataset.schema
         self.columns = columns
         self.prefetch = prefetch
+        self.threads = threads
         self.skip_damaged = skip_damaged
         self.stats = stats
         self.alloc = alloc
@@ -185,13 +187,14 @@ class Assembler:
         b = first
         units = iter(units)
         while b < n_batches:
-            # Submit every unit whose first row lies within the next `prefetch` batches.
+            # Submit every unit whose first row lies within the next `prefetch` batches, and enough units
+            # to keep every thread busy when chunks are larger than batches (threads + 1 undelivered units).
             while True:
                 if pending is None:
                     pending = next(units, None)
                     if pending is None:
                         break
-                if pending.pos // batch_rows >= b + self.prefetch:
+                if pending.pos // batch_rows >= b + self.prefetch and len(self._futures) > self.threads:
                     break
                 self._submit(pending, slots, rows, batch_rows, first)
                 pending = None

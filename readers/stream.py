@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler import env
-from shuffler.dataset import Batch, Dataset
+from shuffler.dataset import Dataset
 from shuffler.manifest import Manifest
 from shuffler.storage import Storage
 
+from .device import Buffers, StreamBatch, torch_device
 from .plan import TAG_BLOCK, EpochPlan, mix_key, permutation
 from .prefetch import Assembler, ReadStats
 from .state import StreamState, parse_state
@@ -50,7 +51,8 @@ class StreamConfig:
     drop_last: bool = False
     """Only whole batches, and the same number on every rank and worker (what DDP needs)."""
     prefetch: int = 4
-    """Batches decoded ahead of the consumer; memory is about (prefetch + 1) batches plus one chunk."""
+    """Batches decoded ahead of the consumer (at least threads + 1 chunks are kept in flight). Memory stays
+    about max(prefetch batches, threads + 1 chunks) plus one chunk, however slow the consumer."""
     threads: int = 2
     """Threads doing ranged reads and zstd decoding (zstd releases the GIL). More helps on object stores."""
     device: str | None = None
@@ -76,86 +78,6 @@ class StreamConfig:
             raise ValueError(f"on_damaged={self.on_damaged!r} must be 'raise' or 'skip'")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
-
-
-@dataclass
-class StreamBatch(Batch):
-    """A Batch that also says where it sits in the stream (what resume and DataLoader bookkeeping use)."""
-
-    epoch: int = 0
-    index: int = 0
-    """Planned batch index within the epoch."""
-    worker: int = 0
-    """The DataLoader worker (consumer within this rank) that produced it; 0 outside a DataLoader."""
-
-    def pin_memory(self) -> StreamBatch:
-        """Called by DataLoader(pin_memory=True)."""
-        a = self.acts
-        acts = a.pin_memory() if hasattr(a, "pin_memory") else a
-        return StreamBatch(acts, self.columns, self.dtype, self.epoch, self.index, self.worker)
-
-
-class _Buffers:
-    """Batch buffers and the move to the requested device (pinned staging buffers reused on CUDA)."""
-
-    def __init__(self, schema, batch_size: int, device):
-        self.schema, self.batch_size = schema, batch_size
-        self.device = device
-        self.cuda = device is not None and device.type == "cuda"
-        self.free: list = []  # [(pinned tensor, cuda event)] ready for reuse once their copy has finished
-        self.lent: dict[int, object] = {}
-
-    def alloc(self, rows: int) -> np.ndarray:
-        if not self.cuda:
-            return np.empty((rows, self.schema.d_model), dtype=self.schema.storage_dtype)
-        import torch
-
-        if self.free:
-            buf, ev = self.free.pop(0)
-            ev.synchronize()  # its previous copy to the GPU must be done before we overwrite it
-        else:
-            tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[self.schema.dtype]
-            buf = torch.empty((self.batch_size, self.schema.d_model), dtype=tdt, pin_memory=True)
-        arr = buf.numpy().view(self.schema.storage_dtype)[:rows]
-        self.lent[arr.ctypes.data] = buf
-        return arr
-
-    def to_device(self, acts: np.ndarray):
-        if self.device is None:
-            return acts
-        import torch
-
-        buf = self.lent.pop(acts.ctypes.data, None) if self.cuda else None
-        t = torch.from_numpy(acts) if buf is None else buf[: acts.shape[0]]
-        if self.schema.dtype == "bfloat16":
-            t = t.view(torch.bfloat16)  # same 16 bits: no float32 round trip
-        if buf is None:
-            return t.to(self.device)
-        out = t.to(self.device, non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
-        self.free.append((buf, ev))
-        return out
-
-    def discard(self, acts: np.ndarray) -> None:
-        buf = self.lent.pop(acts.ctypes.data, None)
-        if buf is not None:
-            import torch
-
-            ev = torch.cuda.Event()
-            ev.record()
-            self.free.append((buf, ev))
-
-
-def _torch_device(device):
-    if device is None:
-        return None
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch sees no CUDA device; pass device='cpu' or None")
-    return dev
 
 
 class ActivationStream:
@@ -199,7 +121,7 @@ class ActivationStream:
             buffer_shuffle=buffer_shuffle,
             on_damaged=on_damaged,
         )
-        self._device = _torch_device(device)
+        self._device = torch_device(device)
         self._dataset: Dataset | None = Dataset.open(url)
         self._pid = os.getpid()
         self.url = self._dataset.url
@@ -224,7 +146,7 @@ class ActivationStream:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._device = _torch_device(self._device)
+        self._device = torch_device(self._device)
 
     @property
     def dataset(self) -> Dataset:
@@ -336,15 +258,15 @@ class ActivationStream:
         if self._finished:
             self._epoch, self._batch, self._finished = 0, 0, False
         ds = self.dataset
-        bufs = _Buffers(ds.schema, c.batch_size, self._device)
+        bufs = Buffers(ds.schema, c.batch_size, self._device)
         worker = self._split()[0]
         col_bytes = sum(np.dtype(dict(ds.schema.columns)[n]).itemsize for n in c.columns)
         while self._epoch < c.epochs:
             plan = self._plan(self._epoch)
             for b, acts, cols, keep in self._epoch_batches(ds, plan, self._batch, bufs):
                 if keep is not None:
-                    bufs.discard(acts)
-                    acts, cols = acts[keep], {k: v[keep] for k, v in cols.items()}
+                    whole, acts, cols = acts, acts[keep], {k: v[keep] for k, v in cols.items()}
+                    bufs.discard(whole)
                 self._batch = b + 1
                 if len(acts) == 0:
                     continue  # every row of this batch was in skipped damaged chunks
@@ -363,7 +285,7 @@ class ActivationStream:
             skip_damaged=c.on_damaged == "skip", stats=self.stats, alloc=alloc,
         )
 
-    def _epoch_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: _Buffers):
+    def _epoch_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: Buffers):
         """(batch index, acts, columns, keep-mask or None) for batches first.. of this epoch."""
         B = self.config.batch_size
         if first >= plan.n_batches:
@@ -378,7 +300,7 @@ class ActivationStream:
             return
         yield from self._shuffled_batches(ds, plan, first, bufs)
 
-    def _shuffled_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: _Buffers):
+    def _shuffled_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: Buffers):
         """buffer_shuffle=N: output row t of block k = N rows is input row k*N + perm_k[t - k*N]."""
         B, N, rows = self.config.batch_size, self.config.buffer_shuffle, plan.rows
         k0 = first * B // N

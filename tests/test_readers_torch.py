@@ -131,3 +131,39 @@ def test_loader_in_process_without_workers(local_ds):
     batches = list(loader)
     check_batches(batches, acts)
     assert np.array_equal(np.sort(rids(batches)), np.arange(ROWS))
+
+
+def test_staged_pinned_buffers_are_reused_after_their_copy(local_ds, monkeypatch):
+    """The CUDA path's logic on CPU: plain memory stands in for pinned, a logged fake for the CUDA event."""
+    import readers.stream
+    from readers.device import Buffers
+
+    url, acts = local_ds
+    log = []
+
+    class Event:
+        def synchronize(self):
+            log.append("sync")
+
+    class CpuStaged(Buffers):
+        def __init__(self, schema, batch_size, device):
+            super().__init__(schema, batch_size, device, staged=True)
+            log.append(self)
+
+        def _new_pinned(self):
+            return torch.empty((self.batch_size, self.schema.d_model), dtype=torch.int16)
+
+        def _record(self):
+            return Event()
+
+        def _transfer(self, t):
+            return t.clone()  # a real GPU copy leaves the staging buffer free for reuse, as clone does
+
+    monkeypatch.setattr(readers.stream, "Buffers", CpuStaged)
+    s = readers.stream.ActivationStream(url, batch_size=100, columns=("rid",), device="cpu", prefetch=2, threads=2)
+    batches = list(s)
+    check_batches(batches, acts)
+    assert np.array_equal(np.sort(rids(batches)), np.arange(ROWS))
+    bufs = log[0]
+    assert bufs.allocated <= 2 + 3 + 1, f"{bufs.allocated} staging buffers for {len(batches)} batches: no reuse"
+    assert log.count("sync") >= len(batches) - bufs.allocated, "a reused buffer must wait for its copy first"
