@@ -78,7 +78,10 @@ def make_sae(cfg: TrainConfig, d_in: int, layout: D.Layout, device: torch.device
 
 
 def make_optimizer(cfg: TrainConfig, sae: TopKSAE) -> torch.optim.Adam:
-    return torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    # fused: one kernel for all parameters on CUDA (openai/sparse_autoencoder also uses fused Adam).
+    fused = sae.W_dec.device.type == "cuda"
+    return torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                            fused=fused or None)
 
 
 def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState, cfg: TrainConfig,
@@ -182,7 +185,11 @@ def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device)
     sample, so b_dec is identical everywhere without a broadcast. [N, d_in] float32."""
     n = min(cfg.init_tokens, num_rows)
     stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None)
-    batch = next(iter(stream))
+    it = iter(stream)
+    try:
+        batch = next(it)
+    finally:
+        it.close()  # stops the reader's prefetch threads
     return batch.torch_acts().float()[:n].to(device)
 
 
