@@ -93,9 +93,10 @@ def _unknown_module(model, path: str) -> ValueError:
 def resolve_layer(model, layer: int | str) -> Layer:
     """Turn a hidden_states index or a module path into a Layer. Raises ValueError naming what exists."""
     text = str(layer).strip()
-    if isinstance(layer, int | np.integer) or text.lstrip("-").isdigit():
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    as_index = isinstance(layer, int | np.integer) or (text.lstrip("-").isdigit() and isinstance(n, int))
+    if as_index:  # digits name a module (e.g. "2" in an nn.Sequential) when the model is not a Hugging Face one
         i = int(text)
-        n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
         if not isinstance(n, int):
             raise ValueError(
                 f"layer {text}: a hidden_states index needs a Hugging Face model (config.num_hidden_layers); "
@@ -116,6 +117,14 @@ def resolve_layer(model, layer: int | str) -> Layer:
         module = model.get_submodule(text)
     except AttributeError:
         raise _unknown_module(model, text) from None
+    import torch
+
+    if isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict):
+        kids = [f"{text}.{k}" for k, _ in module.named_children()]
+        raise ValueError(
+            f"layer {text!r} is a {type(module).__name__}, a container that never runs itself; name one of its "
+            f"children: {', '.join(kids[:3])}{' ... ' + kids[-1] if len(kids) > 3 else ''}"
+        )
     return Layer(spec=text, module=module, index=None, pre=False)
 
 
