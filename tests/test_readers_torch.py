@@ -167,3 +167,13 @@ def test_staged_pinned_buffers_are_reused_after_their_copy(local_ds, monkeypatch
     bufs = log[0]
     assert bufs.allocated <= 2 + 3 + 1, f"{bufs.allocated} staging buffers for {len(batches)} batches: no reuse"
     assert log.count("sync") >= len(batches) - bufs.allocated, "a reused buffer must wait for its copy first"
+
+
+def test_docs_examples_run(tmp_path):
+    """Every python block of docs/readers.md, in order, against a fresh folder."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "readers.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S)).replace("/tmp/acts", str(tmp_path / "acts"))
+    exec(compile(code, "docs/readers.md", "exec"), {"__name__": "docs_example"})
