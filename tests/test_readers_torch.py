@@ -177,3 +177,13 @@ def test_docs_examples_run(tmp_path):
     text = (pathlib.Path(__file__).parent.parent / "docs" / "readers.md").read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S)).replace("/tmp/acts", str(tmp_path / "acts"))
     exec(compile(code, "docs/readers.md", "exec"), {"__name__": "docs_example"})
+
+
+def test_dataloader_fork_on_s3_after_the_parent_used_the_client(s3_url):
+    """The parent has read through its s3fs client before forking; each worker must open its own."""
+    acts = make_dataset(s3_url, rows=800, chunk_rows=40, shard_chunks=4, dtype="bfloat16")
+    ds = ActivationDataset(s3_url, batch_size=64, columns=("rid",))
+    assert len(list(ds)) == 13  # in-process pass: the parent's client is now live
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    check_batches(batches, acts)
+    assert np.array_equal(np.sort(rids(batches)), np.arange(800))
