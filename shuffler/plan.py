@@ -274,6 +274,12 @@ def make_plan(req: PlanRequest) -> Plan:
             f"pass 2 ranged reads average {human_bytes(mean_read)}, below the ~{human_bytes(efficient)} that "
             f"{where} needs to read efficiently; {fix} (pieces grow as memory^2 / data)"
         )
+    if recursion and req.buckets is None:
+        warnings.append(
+            f"{buckets_for(n, capacity):,} buckets would be needed, above the cap of {MAX_BUCKETS:,}: buckets of up "
+            f"to {bucket_max:,} rows exceed the {capacity:,} rows a task holds and will be re-shuffled recursively; "
+            "raise --memory"
+        )
     if recursion and req.buckets is not None:
         warnings.append(
             f"--buckets {buckets} gives buckets of up to {bucket_max:,} rows, above the {capacity:,} rows one "

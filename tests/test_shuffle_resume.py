@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.shuffle import LOCK, RUN, ShuffleLockedError, shuffle
+
 from .test_shuffle import SMALL, assert_permutation, make_dataset, output_bytes, read_all
 
 ARGS = ["--seed", "1", "--buckets", "4", "--chunk-bytes", "4KiB", "--shard-bytes", "32KiB", "--map-rows", "1000"]
