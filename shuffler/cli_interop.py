@@ -31,7 +31,7 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
 @click.option("--companion", "companions", multiple=True, metavar="NAME=PATH",
               help=".npy input: a .npy with one value per row, stored as column NAME (repeatable).")
 @click.option("--drop-column", "drop", multiple=True, metavar="NAME", help="Leave an input column out (repeatable).")
-@click.option("--batch-bytes", type=SIZE, default="64MiB", show_default=True,
+@click.option("--batch-bytes", type=SIZE, default="16MiB", show_default=True,
               help="Activation bytes read per step: bounds memory whatever the input size.")
 @click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
 @click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")

@@ -52,7 +52,7 @@ class ImportConfig:
     """npy only: (column name, path of a .npy with one value per row) pairs for provenance columns."""
     drop_columns: tuple[str, ...] = ()
     """Input columns to leave out (non-numeric ones must be named here)."""
-    batch_bytes: int = 64 << 20
+    batch_bytes: int = 16 << 20
     """Activation bytes read and converted per step: the memory bound of the import."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Uncompressed bytes per stored chunk."""
