@@ -183,6 +183,7 @@ class Assembler:
         """
         n_batches = -(-rows // batch_rows)
         slots: deque[_Slot] = deque()
+        self._next_slot = first
         pending: Unit | None = None
         b = first
         units = iter(units)
@@ -196,7 +197,7 @@ class Assembler:
                         break
                 if pending.pos // batch_rows >= b + self.prefetch and len(self._futures) > self.threads:
                     break
-                self._submit(pending, slots, rows, batch_rows, first)
+                self._submit(pending, slots, rows, batch_rows)
                 pending = None
             self.stats.peak_buffered_batches = max(self.stats.peak_buffered_batches, len(slots))
             if not slots or slots[0].index != b:
@@ -213,18 +214,18 @@ class Assembler:
             yield b, slot, keep
             b += 1
 
-    def _submit(self, unit: Unit, slots: deque[_Slot], rows: int, batch_rows: int, first: int) -> None:
+    def _submit(self, unit: Unit, slots: deque[_Slot], rows: int, batch_rows: int) -> None:
         pieces = []
         pos, lo = unit.pos, unit.lo
         while lo < unit.hi:
             b = pos // batch_rows
-            if not slots or slots[-1].index < b:
-                nb = slots[-1].index + 1 if slots else first
-                assert nb == b, "units skip a batch"
+            if b == self._next_slot:  # the first unit touching batch b: allocate its buffers
+                self._next_slot += 1
                 n = min(batch_rows, rows - b * batch_rows)
                 cols = {c: np.empty(n, dtype=dict(self.schema.columns)[c]) for c in self.columns}
                 slots.append(_Slot(b, n, self.alloc(n), cols))
             slot = slots[-1]
+            assert slot.index == b, "units must cover the range in order, without gaps"
             take = min(unit.hi - lo, (b + 1) * batch_rows - pos)
             pieces.append((slot, pos - b * batch_rows, lo, lo + take))
             pos, lo = pos + take, lo + take

@@ -61,11 +61,14 @@ def test_permutation_is_a_permutation_and_keyed():
     batch_size=st.integers(1, 400),
     drop_last=st.booleans(),
     seed=st.integers(0, 2**63),
+    threads=st.integers(1, 3),
+    prefetch=st.integers(1, 3),
 )
-def test_every_row_exactly_once_per_epoch(local_ds, world_size, workers, batch_size, drop_last, seed):
+def test_every_row_exactly_once_per_epoch(local_ds, world_size, workers, batch_size, drop_last, seed, threads,
+                                          prefetch):
     url, acts = local_ds
     streams = consumers(url, world_size=world_size, workers=workers, batch_size=batch_size, drop_last=drop_last,
-                        epochs=2, seed=seed, threads=2, prefetch=2)
+                        epochs=2, seed=seed, threads=threads, prefetch=prefetch)
     per_epoch = [[], []]
     counts = []
     for s in streams:
@@ -87,6 +90,16 @@ def test_every_row_exactly_once_per_epoch(local_ds, world_size, workers, batch_s
         else:
             assert np.array_equal(np.sort(got), np.arange(ROWS))
             assert max(counts) - min(counts) <= 1
+
+
+@pytest.mark.parametrize("batch_size, prefetch", [(74, 1), (37, 1), (1, 1), (111, 2)])
+def test_batches_ending_on_chunk_boundaries(local_ds, batch_size, prefetch):
+    """Batches that end exactly where a chunk ends (chunks hold 37 rows), with the smallest prefetch."""
+    url, acts = local_ds
+    s = ActivationStream(url, batch_size=batch_size, columns=("rid",), prefetch=prefetch, threads=1,
+                         shuffle_shards=False)
+    got = rids(s)
+    assert np.array_equal(got, np.arange(ROWS))
 
 
 def test_last_batch_short_unless_drop_last(local_ds):
