@@ -50,9 +50,9 @@ def acts_field(dtype: str, d_model: int, name: str = ACTS) -> pa.Field:
 def acts_to_arrow(acts: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     """[rows, d_model] storage-form activations as a fixed-size-list array over the same buffer."""
     rows, d = acts.shape  # acts: [rows, d_model]
-    flat = acts.reshape(-1)  # a view when acts is C-contiguous (always for decoded chunks)
-    if not flat.flags.c_contiguous or (flat.size and not np.shares_memory(flat, acts)):
-        flat = np.ascontiguousarray(flat)
+    if not acts.flags.c_contiguous:
+        acts = np.ascontiguousarray(acts)  # only strided views copy; decoded chunks are contiguous
+    flat = acts.reshape(-1)  # a view
     return pa.FixedSizeListArray.from_arrays(numpy_to_arrow(flat, _VALUE_TYPES[dtype]), d)
 
 

@@ -203,7 +203,7 @@ def plan_columns(schema: pa.Schema, cfg: ImportConfig, *, where: str, saelens: b
         act = cfg.column
     else:
         cands = [f.name for f in schema if f.name not in cfg.drop_columns and looks_like_acts(f.type)
-                 and (not saelens or is_list_like(storage_type(f.type).value_type))]
+                 and (not saelens or _depth(f.type) == 2)]
         if len(cands) != 1:
             what = "no" if not cands else f"{len(cands)} ({', '.join(cands)})"
             raise SchemaError(
@@ -320,7 +320,7 @@ def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportR
                     f"this: {got.dtype} {got.keep})"
                 )
         nested = _depth(schema.field(plan.act).type) == 2
-        for rb in _record_batches(path, fmt, cfg, [plan.act] + [i for i, _ in plan.keep]):
+        for rb in _guarded(_record_batches(path, fmt, cfg, [plan.act] + [i for i, _ in plan.keep]), path, fmt):
             if rb.num_rows == 0:
                 continue
             step = max(1, int(cfg.batch_bytes * rb.num_rows // max(rb.nbytes, 1)))
@@ -337,6 +337,14 @@ def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportR
                     cols[o] = c if c.dtype == np.dtype(out_types[o]) else _cast_column(c, out_types[o], where, i)
                 yield Piece(acts, cols, p, nested)
                 row += part.num_rows
+
+
+def _guarded(batches: Iterator[pa.RecordBatch], path: str, fmt: str) -> Iterator[pa.RecordBatch]:
+    """Name the file in errors pyarrow raises mid-file (a corrupt page, a truncated stream)."""
+    try:
+        yield from batches
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise ValueError(f"{path}: {fmt} file is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
 def _cast_column(c: np.ndarray, dt: str, where: str, name: str) -> np.ndarray:

@@ -178,3 +178,16 @@ def test_export_refuses_to_replace_without_overwrite(tmp_path):
     assert (tmp_path / "out.parquet").read_bytes() == b"precious"
     export_dataset(src, str(tmp_path / "out.parquet"), ExportConfig(format="parquet", overwrite=True))
     assert pq.read_table(tmp_path / "out.parquet").num_rows == 10
+
+
+def test_truncated_arrow_stream_named_and_leaves_nothing(tmp_path):
+    fx = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(8000 * 8, np.float32)), 8)
+    t = pa.table({"acts": fx})
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_stream(f, t.schema) as w:
+        w.write_table(t, max_chunksize=1000)
+    blob = (tmp_path / "in.arrow").read_bytes()
+    (tmp_path / "in.arrow").write_bytes(blob[: len(blob) // 2])  # cut in the middle of a record batch
+    dst = str(tmp_path / "ds")
+    with pytest.raises(ValueError, match=r"in\.arrow: arrow file is damaged or truncated"):
+        import_activations(str(tmp_path / "in.arrow"), dst, ImportConfig(**SMALL))
+    assert leaves_nothing(dst)
