@@ -107,7 +107,7 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state:
         fired = torch.zeros(sae.n_local, device=x.device).index_add_(
             0, out.idx.reshape(-1), (out.acts > 0).reshape(-1).float())  # [n_local] firing counts
         D.all_reduce_sum(fired, layout.data_group)
-        rows = int(stats["rows"])
+        rows = x.shape[0] * layout.data_world  # every replica's batch is the same size (drop_last); no GPU sync
         state.since_fired += rows
         state.since_fired.masked_fill_(fired > 0, 0)
     state.step += 1
@@ -187,10 +187,10 @@ def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device)
     stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None)
     it = iter(stream)
     try:
-        batch = next(it)
+        sample = next(it).torch_acts().to(torch.float32, copy=True)[:n]  # [n, d_in], out of the reader's buffer
     finally:
         it.close()  # stops the reader's prefetch threads
-    return batch.torch_acts().float()[:n].to(device)
+    return sample.to(device)
 
 
 def train(url: str, out: str | Path, config: TrainConfig, *, device: str | torch.device | None = None,
