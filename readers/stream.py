@@ -66,6 +66,10 @@ class StreamConfig:
     in stats.skipped_chunks / stats.damaged; the batches it fell in are shorter by its rows."""
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "prefetch", "threads", "world_size", "rank", "buffer_shuffle", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, np.integer):
+                object.__setattr__(self, name, int(v))  # numpy integers are welcome; stored as int (JSON state)
         for name in ("batch_size", "epochs", "prefetch", "threads", "world_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -223,9 +227,6 @@ class ActivationStream:
         Any rank may load any rank's state, since ranks step in lockstep under DDP.
         """
         s = self.parse_state(state)
-        if len(s.positions) != 1:
-            raise ValueError(f"stream state holds {len(s.positions)} DataLoader worker positions; load it into "
-                             "readers.torch.ActivationLoader, not a single stream")
         self._epoch, self._batch = s.positions[0]
         self._finished = False
 
