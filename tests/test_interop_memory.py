@@ -1,6 +1,6 @@
 """Import memory stays bounded by --batch-bytes, not by the input size.
 
-A fresh Python process imports a 32 MiB input (Parquet, Arrow IPC, .npy, a SAELens folder) with 512 KiB
+A fresh Python process imports a 48 MiB input (Parquet, Arrow IPC, .npy, a SAELens folder) with 512 KiB
 batches and reports two measures: tracemalloc's peak (numpy buffers: the conversion to bfloat16 is a new
 array per piece) and pyarrow's memory-pool peak (Parquet pages decode into it). RSS is not used: jemalloc keeps
 freed pages resident for a while and mapped input pages count in it. Memory-mapped inputs (Arrow, .npy, SAELens) are views of the page cache, not
