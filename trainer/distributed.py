@@ -108,6 +108,13 @@ def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Elementwise max over every rank (a no-op alone)."""
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_grads(params, group) -> None:
     """Sum gradients over the data-parallel group, all tensors in flight at once."""
     if group is None:

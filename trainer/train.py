@@ -138,6 +138,9 @@ class Meter:
         loss, sse, sst, rows, active = float(part[0]), float(s[1]), float(s[2]), float(s[3]), float(part[1])
         now = time.perf_counter()
         dt = max(now - self.t0, 1e-9)
+        # The slowest rank's reader stalls every rank at the next collective: report the worst one.
+        waits = D.all_reduce_max(torch.tensor([self.wait, total_wait], dtype=torch.float64, device=s.device),
+                                 layout.world)
         rec = {
             "step": state.step,
             "tokens": state.tokens,
@@ -148,8 +151,8 @@ class Meter:
             "l0": active / max(rows, 1),
             "dead_fraction": dead / self.n_latents,
             "tokens_per_s": rows / dt,
-            "reader_wait": self.wait / dt,
-            "reader_wait_total": total_wait / max(now - t_start, 1e-9),
+            "reader_wait": float(waits[0]) / dt,
+            "reader_wait_total": float(waits[1]) / max(now - t_start, 1e-9),
             "elapsed_s": now - t_start,
         }
         self.sums.zero_()
