@@ -43,7 +43,7 @@ def best(fn, repeat: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~20 MB instead of ~200 MB")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     args = ap.parse_args()
     rows, d = (13107, 384) if args.quick else (131072, 384)
@@ -104,7 +104,7 @@ def main() -> None:
         print(f"{fmt}: pyarrow read {t_read:6.2f} s ({mb / t_read:5.0f} MB/s), pyarrow write {t_pw:6.2f} s "
               f"({mb / t_pw:5.0f} MB/s)")
         print(f"  import {t_imp:6.2f} s {mb / t_imp:6.0f} MB/s  = {t_imp / t_read:5.1f} x pyarrow read, "
-              f"{t_imp / (t_read + t_write):4.2f} x (pyarrow read + ShardWriter)")
+              f"{t_imp / (t_read + t_write):4.2f} x (pyarrow read + ShardWriter), {t_imp / t_write:4.2f} x ShardWriter")
         print(f"  export {t_exp:6.2f} s {mb / t_exp:6.0f} MB/s  = {t_exp / t_read:5.1f} x pyarrow read, "
               f"{t_exp / t_pw:4.2f} x pyarrow write of the same table")
     if not args.dir:
