@@ -48,6 +48,7 @@ def test_cli_trains_logs_checkpoints_and_exports(data, tmp_path):
     r = run(data, "--latents", 64, "--k", 3, "--batch-size", 512, "--tokens", "8192", "--out", out,
             "--device", "cpu", "--lr", "4e-3", "--log-every", 8, "--seed", 1, "--resume")
     assert r.exit_code == 0, r.output
+    assert "already at step 16 of 16" in r.output
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,8 @@ def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, export_s
         reader_threads=threads,
     )
     result = train(url, out, cfg, device=device, resume=resume, export_saelens=export_saelens)
+    if not result.last and _is_main():
+        click.echo(f"nothing to train: {out} is already at step {result.steps} of {cfg.steps}")
     if result.last and _is_main():
         keys = ("step", "tokens", "fvu", "mse", "l0", "dead_fraction", "tokens_per_s", "reader_wait_total")
         click.echo(json.dumps({k: result.last[k] for k in keys}))
