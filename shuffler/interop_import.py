@@ -32,6 +32,7 @@ FORMATS = ("auto", "saelens", "parquet", "arrow", "npy")
 DTYPES = ("float32", "float16", "bfloat16")
 #: Names other tools use for our standard columns (SAELens writes `token_ids`).
 ALIASES = {"token_ids": "token_id", "doc_ids": "doc_id", "positions": "position"}
+_EXTS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc", ".arrows")}
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
              ".arrows": "arrow", ".npy": "npy"}
 
@@ -444,9 +445,7 @@ def import_activations(
             raise ValueError(f"{src}: a SAELens cache is a folder (state.json + data-*.arrow), not a file")
         pieces = _arrow_pieces(saelens_files(src), "saelens", cfg, report)
     else:
-        pieces = _arrow_pieces(_files(src, (".parquet", ".pq") if fmt == "parquet" else (".arrow", ".feather",
-                                                                                            ".ipc", ".arrows")),
-                               fmt, cfg, report)
+        pieces = _arrow_pieces(_files(src, _EXTS[fmt]), fmt, cfg, report)
     first = next(pieces, None)
     if first is None:
         raise ValueError(f"{src}: holds no rows to import")

@@ -2,10 +2,11 @@
 
 A fresh Python process imports a 48 MiB input (Parquet, Arrow IPC, .npy, a SAELens folder) with 512 KiB
 batches and reports two measures: tracemalloc's peak (numpy buffers: the conversion to bfloat16 is a new
-array per piece) and pyarrow's memory-pool peak (Parquet pages decode into it). RSS is not used: jemalloc keeps
-freed pages resident for a while and mapped input pages count in it. Memory-mapped inputs (Arrow, .npy, SAELens) are views of the page cache, not
-allocations. The bounded peak must not grow when the input grows fourfold, and a control run with one batch as big as the
-input must exceed the input's size, so the measures can see what they are asked to bound.
+array per piece) and pyarrow's memory-pool peak (Parquet pages decode into it). RSS is not used: jemalloc
+keeps freed pages resident for a while, and mapped input pages count in it. Memory-mapped inputs (Arrow,
+.npy, SAELens) are views of the page cache, not allocations. The bounded peak must not grow when the input
+grows fourfold, and a control run with one batch as big as the input must exceed the input's size, so the
+measures can see what they are asked to bound.
 """
 
 from __future__ import annotations
