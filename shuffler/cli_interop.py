@@ -126,7 +126,9 @@ def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder,
     cfg = ExportConfig(format=fmt, column=column, compression=compression, context_size=context_size,
                        drop_remainder=drop_remainder, row_group_bytes=row_group_bytes, file_bytes=file_bytes,
                        overwrite=overwrite)
-    with Progress("export") as bar:
+    from .dataset import Dataset
+
+    with Progress("export", Dataset.open(src).num_rows) as bar:
         r = export_dataset(src, dst, cfg, progress=bar.update)
     extra = ""
     if fmt == "saelens":

@@ -185,3 +185,18 @@ def test_saelens_export_remainder_and_atomicity(tmp_path):
     export_dataset(src, str(dst), ExportConfig(format="saelens", column=HOOK, context_size=5, overwrite=True))
     assert len(datasets.load_from_disk(str(dst))) == 10
     assert sorted(os.listdir(tmp_path)) == ["cache", "ds"]
+
+
+def test_import_saelens_cache_pushed_to_hub_as_parquet(tmp_path):
+    """push_to_hub stores the same features as Parquet shards: nested lists, read by the parquet importer."""
+    rng = np.random.default_rng(5)
+    acts = rng.standard_normal((12, 4, 6)).astype(np.float32)
+    tok = rng.integers(0, 1000, (12, 4)).astype(np.int32)
+    ds = saelens_cache(tmp_path / "cache", acts, tok, num_shards=1)
+    os.mkdir(tmp_path / "hub")
+    ds.select(range(5)).to_parquet(str(tmp_path / "hub" / "train-00000-of-00002.parquet"))
+    ds.select(range(5, 12)).to_parquet(str(tmp_path / "hub" / "train-00001-of-00002.parquet"))
+    r = import_activations(str(tmp_path / "hub"), str(tmp_path / "ds"), ImportConfig(batch_bytes=200))
+    assert (r.format, r.column, r.context_size, r.derived) == ("parquet", HOOK, 4, ["position"])
+    same_rows(read_all(str(tmp_path / "ds")), Batch(acts.reshape(-1, 6), {
+        "token_id": tok.reshape(-1), "position": np.tile(np.arange(4, dtype=np.int32), 12)}, "float32"))
