@@ -37,7 +37,8 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
 @click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
 @click.option("--level", type=int, default=1, show_default=True, help="zstd level of the stored chunks.")
 @click.option("--allow-nonfinite", is_flag=True, help="Store NaN/inf values instead of refusing them.")
-@click.option("--overwrite", is_flag=True, help="Replace a dataset already at DST.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a dataset already at DST; its shards are overwritten as rows arrive, so a failed import loses it.")
 def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, batch_bytes, chunk_bytes, shard_bytes,
                level, allow_nonfinite, overwrite):
     """Import activations cached by another tool from SRC into a dataset at DST (any URL).
