@@ -56,21 +56,23 @@ def bench_compute(cfg: TrainConfig, d_in: int, dev: torch.device, steps: int) ->
     return steps * cfg.batch_size / (time.perf_counter() - t)
 
 
-def bench_reader(url: str, cfg: TrainConfig, dev: torch.device, steps: int, prefetch, threads) -> float:
-    """tokens/s of the stream alone, each batch landed on the device as float32 (what the trainer does)."""
+def bench_reader(url: str, cfg: TrainConfig, dev: torch.device, prefetch, threads, min_s: float = 3.0) -> float:
+    """tokens/s of the stream alone, each batch landed on the device as float32 (what the trainer does),
+    over at least `min_s` seconds and 50 batches after the first (so many chunks are decoded, not one)."""
     extra = {k: v for k, v in (("prefetch", prefetch), ("threads", threads)) if v is not None}
-    stream = ActivationStream(url, batch_size=cfg.batch_size, epochs=100, seed=cfg.seed, drop_last=True,
+    stream = ActivationStream(url, batch_size=cfg.batch_size, epochs=1000, seed=cfg.seed, drop_last=True,
                               device=dev, **extra)
     it = iter(stream)
     next(it)
     sync(dev)
-    t = time.perf_counter()
-    for _ in range(steps):
+    n, t = 0, time.perf_counter()
+    while n < 50 or time.perf_counter() - t < min_s:
         next(it).torch_acts(dev).float()
+        n += 1
     sync(dev)
     dt = time.perf_counter() - t
     it.close()
-    return steps * cfg.batch_size / dt
+    return n * cfg.batch_size / dt
 
 
 def main() -> None:
@@ -115,7 +117,7 @@ def main() -> None:
         print(f"# device {gpu}; d_in {d_in}, latents {a.latents}, k {a.k}, batch {a.batch_size}, "
               f"autocast {use_autocast(cfg, dev)}", flush=True)
         compute = bench_compute(cfg, d_in, dev, a.compute_steps)
-        reader = bench_reader(url, cfg, dev, max(a.compute_steps, 20), a.prefetch, a.threads)
+        reader = bench_reader(url, cfg, dev, a.prefetch, a.threads)
         res = train(url, os.path.join(tmp, "run"), cfg, device=dev, progress=False)
         last = res.last
         # The first record includes start-up (threads, first reads); the steady state is the later ones.
