@@ -129,6 +129,16 @@ def test_max_tokens_exact_and_a_prefix(minilm, docs, tmp_path):
         assert stats.tokens == ds.num_rows == n
         np.testing.assert_array_equal(part.acts, full.acts[:n])
         np.testing.assert_array_equal(part.columns["position"], full.columns["position"][:n])
+    pulled = []
+
+    def counted():
+        for b in batches(minilm, docs[:12]):
+            pulled.append(int(b.store.sum()))
+            yield b
+
+    with ShardWriter(str(tmp_path / "pull"), d_model=384, dtype="float32") as w:
+        capture(minilm.model, counted(), w, layer=3, max_tokens=BATCH * (CONTEXT - 2) + 1)
+    assert len(pulled) == 2  # stops as soon as max_tokens are written: no batch is read beyond that
     stats, ds, _ = run(minilm, docs[:12], str(tmp_path / "more"), layer=3, max_tokens=10**9)
     assert stats.tokens == ds.num_rows == len(full)  # the text ran out first
 

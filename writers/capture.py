@@ -245,8 +245,6 @@ def capture(
     t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in batches:
-            if max_tokens is not None and written >= max_tokens:
-                break
             ids = torch.as_tensor(batch.input_ids, dtype=torch.long)  # [B, T]
             mask = torch.as_tensor(batch.attention_mask)  # [B, T]
             store = mask.bool() if batch.store is None else torch.as_tensor(batch.store, dtype=torch.bool)
@@ -270,6 +268,8 @@ def capture(
                 n_batches += 1
                 if progress is not None:
                     progress(int(rows.shape[0]), int(rows.shape[0]) * writer.schema.row_bytes)
+            if max_tokens is not None and written >= max_tokens:
+                break  # before pulling another batch: no text is read or tokenized beyond what is stored
     return CaptureStats(tokens=written, batches=n_batches, seconds=time.perf_counter() - t0)
 
 
