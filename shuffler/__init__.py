@@ -4,6 +4,7 @@ from .dataset import Batch, Dataset
 from .errors import ChecksumError, DatasetNotFoundError, FormatError, SchemaError
 from .manifest import Fingerprint, Manifest
 from .schema import Schema
+from .shuffle import shuffle
 from .storage import Storage
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "Schema",
     "SchemaError",
     "Storage",
+    "shuffle",
 ]

@@ -56,12 +56,18 @@ def shuffle_cmd(paths, seed, memory, buckets, workers, scratch, scratch_level, k
         raise click.UsageError("give at least one SRC and a DST: shuffler shuffle SRC... DST --seed S")
     *srcs, dst = paths
     t0 = time.perf_counter()
+    stats: dict = {}
     m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
                 scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
-                break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows)
+                break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
+                stats=stats)
     info = m.metadata["shuffle"]
+    passes = ""
+    if "pass2_end" in stats:
+        passes = (f" (pass 1 {stats['pass2_start'] - stats['pass1_start']:.1f} s, pass 2 "
+                  f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
     click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
-               f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")
+               f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
 
 
 @click.command("plan")

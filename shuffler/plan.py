@@ -40,6 +40,7 @@ MAX_PARALLEL_BUCKETS = 64
 """At least min(64, data / 64 MiB) buckets, so pass 2 has work for up to 64 processes. A constant, for the
 same reason as DEFAULT_MEMORY: it must not follow --workers, or the output would."""
 MAX_BUCKETS = 1 << 24
+MAP_TASKS_PER_WORKER = 4
 MIN_MAP_BYTES = 64 * MiB
 """Map tasks are split for parallelism no finer than this, since pieces shrink as the task count grows."""
 S3_EFFICIENT_READ = 8 * MiB
@@ -243,7 +244,11 @@ def make_plan(req: PlanRequest) -> Plan:
     if req.map_rows is not None:
         map_rows = req.map_rows
     else:
-        split = max(math.ceil(n / req.workers), MIN_MAP_BYTES // rb)
+        # Local scratch: about 4 tasks per worker, so that reading, sorting and writing of different tasks
+        # overlap and each process touches a smaller run buffer once (first touches cost ~50 us per 4 KiB
+        # page here: GUIDE.md); remote scratch: one task per worker, since pieces shrink as tasks multiply.
+        per_worker = 1 if req.scratch_remote else MAP_TASKS_PER_WORKER
+        split = max(math.ceil(n / (req.workers * per_worker)), MIN_MAP_BYTES // rb)
         map_rows = max(1, min(capacity, split))
     maps = math.ceil(n / map_rows) if n else 0
 

@@ -218,7 +218,9 @@ def row_buffers(schema: Schema, rows: int, slot: str) -> tuple[np.ndarray, list[
     if cache is None:
         cache = _local.bufs = {}
     have = cache.get(key)
-    if have is None or have[0].shape[0] < rows:
+    # Grow when too small; shrink when more than twice too large (a pass-1 run buffer kept through pass 2's
+    # smaller buckets would hold memory the plan does not count).
+    if have is None or have[0].shape[0] < rows or have[0].shape[0] > 2 * rows + (16 << 20) // schema.row_bytes:
         cache.pop(key, None)  # free the old one before allocating the new
         have = cache[key] = (
             np.empty((max(rows, 1), schema.d_model), dtype=schema.storage_dtype),
@@ -353,8 +355,10 @@ def write_intermediate(
 
     def encode(s: int, e: int, buf) -> tuple[bytes, int, int]:  # (frame, rows, checksum)
         idx = order[s:e]
-        ba = np.take(acts, idx, axis=0, out=buf[0][: e - s])
-        bc = [np.take(c, idx, out=d[: e - s]) for c, d in zip(cols, buf[1], strict=True)]
+        # mode="clip": with the default "raise", numpy buffers `out` and gathers at 0.6-1.1 GB/s, against
+        # 2.6-3.2 GB/s here (measured on 8 MiB chunks of 1,552-byte rows); argsort's indices are in range.
+        ba = np.take(acts, idx, axis=0, out=buf[0][: e - s], mode="clip")
+        bc = [np.take(c, idx, out=d[: e - s], mode="clip") for c, d in zip(cols, buf[1], strict=True)]
         frame, checksum = encode_chunk(schema, ba, bc, level)
         return frame, e - s, checksum
 

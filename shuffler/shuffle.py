@@ -111,11 +111,13 @@ def shuffle(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     map_rows: int | None = None,
     progress: bool | None = None,
+    stats: dict | None = None,
 ) -> Manifest:
     """Write a uniformly shuffled copy of the rows of `src` (one URL or several, concatenated) to `dst`.
 
     Returns the output manifest. Options are those of ShuffleConfig; `memory` also takes "8GiB".
-    `progress` forces the progress bars on or off (default: on when stderr is a terminal).
+    `progress` forces the progress bars on or off (default: on when stderr is a terminal). `stats`, if
+    given, is filled with the plan, the worker count and each pass's start and end (time.time()).
     """
     cfg = ShuffleConfig(
         seed=seed, memory=_size(memory) if memory is not None else DEFAULT_MEMORY, buckets=buckets,
@@ -123,7 +125,12 @@ def shuffle(
         overwrite=overwrite, break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         map_rows=map_rows,
     )
-    return _Run([src] if isinstance(src, str) else list(src), dst, cfg, progress).execute()
+    run = _Run([src] if isinstance(src, str) else list(src), dst, cfg, progress)
+    try:
+        return run.execute()
+    finally:
+        if stats is not None:
+            stats.update(run.stats)
 
 
 def _size(v: int | str) -> int:
@@ -389,6 +396,7 @@ class _Run:
         urls = [self.dst.url, self.scratch] + [d.url for d in self.datasets]
         self.in_process = self.workers == 1 or any(u.startswith("memory://") for u in urls)
         self.faults = _faults()
+        self.stats: dict = {"plan": self.plan.to_json(), "workers": self.workers, "in_process": self.in_process}
 
     # -- the whole run ---------------------------------------------------------------------------------
     def execute(self) -> Manifest:
@@ -403,8 +411,11 @@ class _Run:
                 return finished
             map_rows = self._start_or_resume()
             with _Pool(self.workers, self.in_process) as pool:
+                self.stats["pass1_start"] = time.time()
                 maps = self._pass1(pool, map_rows)
+                self.stats["pass2_start"] = time.time()
                 results = self._pass2(pool, maps)
+                self.stats["pass2_end"] = time.time()
             shards = [s for r in results for s in r[0]]
             fp = sum((r[1] for r in results), Fingerprint())
             expected = sum((d.manifest.fingerprint for d in self.datasets), Fingerprint())
