@@ -117,3 +117,23 @@ def test_metadata_and_writes_after_close(tmp_path):
         w.write(np.ones((3, 2), np.float32), **cols(3))
     with pytest.raises(TypeError, match="JSON-serialisable"):
         ShardWriter(str(tmp_path / "e"), d_model=2, dtype="float32", metadata={"x": object()})
+
+
+def test_failed_overwrite_keeps_the_old_dataset(any_url):
+    with ShardWriter(any_url, d_model=4, dtype="float32", chunk_bytes=4 * 4 * 10 + 160, shard_bytes=2000) as w:
+        w.write(np.full((100, 4), 1, np.float32), **cols(100))
+    old = Dataset.open(any_url).manifest
+    with pytest.raises(RuntimeError, match="crash"):
+        with ShardWriter(any_url, d_model=4, dtype="float32", overwrite=True, chunk_bytes=4 * 4 * 10 + 160,
+                         shard_bytes=2000) as w:
+            w.write(np.full((300, 4), 2, np.float32), **cols(300))
+            raise RuntimeError("crash")
+    ds = Dataset.open(any_url)
+    assert ds.manifest == old and ds.check()[0] == []  # the old dataset is whole
+    with ShardWriter(any_url, d_model=4, dtype="float32", overwrite=True, chunk_bytes=4 * 4 * 10 + 160,
+                     shard_bytes=2000) as w:
+        w.write(np.full((30, 4), 3, np.float32), **cols(30))
+    ds = Dataset.open(any_url)
+    assert ds.num_rows == 30 and ds.check()[0] == []
+    shard_objects = [n for n in Storage(any_url).list() if n.endswith(".shard")]
+    assert sorted(shard_objects) == sorted(s.name for s in ds.shards)  # the old shards were removed

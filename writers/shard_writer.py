@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 
 from shuffler.convert import acts_to_storage, columns_to_storage, nonfinite_count
 from shuffler.errors import SchemaError
-from shuffler.manifest import MANIFEST, Manifest, part_manifest_name, part_marker_name, write_manifest
+from shuffler.manifest import (
+    MANIFEST,
+    Manifest,
+    part_manifest_name,
+    part_marker_name,
+    read_manifest,
+    write_manifest,
+)
 from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, RollingShardWriter
 from shuffler.schema import Schema, standard_columns
 from shuffler.storage import Storage
@@ -62,11 +70,21 @@ class ShardWriter:
         self.producer = producer
         self.metadata = dict(metadata or {})
         self.allow_nonfinite = allow_nonfinite
-        if producer is None and self.store.exists(MANIFEST) and not overwrite:
-            raise FileExistsError(f"{self.url} already holds a dataset ({MANIFEST}); pass overwrite=True to replace it")
-        if producer is not None and self.store.exists(part_manifest_name(producer)) and not overwrite:
-            raise FileExistsError(f"{self.url}: producer {producer!r} already finished a part; choose another name")
+        manifest_name = MANIFEST if producer is None else part_manifest_name(producer)
+        self._replaced: Manifest | None = None
+        if self.store.exists(manifest_name):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.url} already holds a dataset ({MANIFEST}); pass overwrite=True to replace it"
+                    if producer is None else
+                    f"{self.url}: producer {producer!r} already finished a part; choose another name"
+                )
+            # Replacing: write under fresh names and delete the old shards only after the new manifest is
+            # committed, so a failed overwrite leaves the old dataset whole.
+            self._replaced = read_manifest(self.store, manifest_name)
         prefix = f"{producer}/" if producer else ""
+        if self._replaced is not None:
+            prefix += f"v{uuid.uuid4().hex[:8]}-"
         self._rolling = RollingShardWriter(
             self.store,
             self.schema,
@@ -129,6 +147,11 @@ class ShardWriter:
             raise
         self._done = True
         self.manifest = manifest
+        if self._replaced is not None:
+            keep = {sh.name for sh in shards}
+            for sh in self._replaced.shards:
+                if sh.name not in keep:
+                    self.store.delete(sh.name)
         return manifest
 
     def abort(self) -> None:
