@@ -262,6 +262,18 @@ def test_resume_refuses_a_changed_config(planted, tmp_path):
     assert more.steps == 6
 
 
+def test_an_existing_run_is_kept_unless_overwrite(planted, tmp_path):
+    cfg = small_cfg(tokens=4 * 512, log_every=2)
+    first = train(planted, tmp_path / "r", cfg, device="cpu", progress=False)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train(planted, tmp_path / "r", small_cfg(tokens=4 * 512, seed=9), device="cpu", progress=False)
+    assert json.loads((tmp_path / "r" / "latest.json").read_text())["step"] == 4  # untouched
+    again = train(planted, tmp_path / "r", small_cfg(tokens=4 * 512, seed=9, log_every=2), device="cpu",
+                  progress=False, overwrite=True)
+    assert not torch.equal(first.sae.W_dec, again.sae.W_dec)
+    assert [json.loads(ln)["step"] for ln in (tmp_path / "r" / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
 def test_train_rejects_bad_data(planted, tmp_path):
     with pytest.raises(FileNotFoundError):
         train(str(tmp_path / "nothing"), tmp_path / "o", small_cfg(), device="cpu", progress=False)

@@ -97,9 +97,11 @@ def test_data_parallel_under_torchrun_env(data, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert json.loads(outs[0].splitlines()[0])["tokens"] == 6144  # rank 0 reports the global count
     ck = out / "checkpoints" / "step-000000012"
-    a, b = (torch.load(ck / f"rank-0000{r}.pt", weights_only=True) for r in range(2))
-    for name in a["sae"]:
-        assert torch.equal(a["sae"][name], b["sae"][name]), name  # replicas stay in lockstep
+    # Replicas are checked bit-identical at every checkpoint (the run would have failed otherwise), so one
+    # copy of the weights is written.
+    assert sorted(p.name for p in ck.iterdir()) == ["meta.json", "reader-00000.json", "reader-00001.json",
+                                                   "shard-00000.pt"]
+    a = torch.load(ck / "shard-00000.pt", weights_only=True)
     ra, rb = (json.loads((ck / f"reader-0000{r}.json").read_text()) for r in range(2))
     assert (ra["rank"], rb["rank"], ra["world_size"], ra["batch_size"]) == (0, 1, 2, 256)
     assert torch.equal(load_saelens(tmp_path / "sae").W_dec, a["sae"]["W_dec"])

@@ -98,6 +98,20 @@ def check_steps_equal(rank: int, layout: D.Layout, steps: int = 4) -> None:
     torch.testing.assert_close(part.b_dec, full.b_dec, rtol=1e-4, atol=1e-5)
 
 
+def check_divergence_is_caught(rank: int) -> None:
+    layout = D.Layout(rank, 2, 1, data_group=dist.group.WORLD)
+    sae = TopKSAE(8, 16, 2, seed=0)
+    D.check_replicas_agree(sae, layout)  # identical replicas pass
+    with torch.no_grad():
+        sae.b_dec[0] += 1e-6 * rank  # one replica drifts by one ulp-sized step
+    try:
+        D.check_replicas_agree(sae, layout)
+    except RuntimeError as e:
+        assert "replicas diverged" in str(e)
+    else:
+        raise AssertionError("diverged replicas were not detected")
+
+
 def run_cfg(latent_shards: int) -> TrainConfig:
     return TrainConfig(n_latents=64, k=4, batch_size=256, tokens=256 * 12, lr=4e-3, dead_tokens=600,
                        checkpoint_every=5, log_every=4, latent_shards=latent_shards)
@@ -108,6 +122,7 @@ def two_rank_worker(rank: int, port: int, url: str, out: str) -> None:
     try:
         check_sharded_equals_whole(rank)
         check_steps_equal(rank, D.Layout(rank, 2, 1, data_group=dist.group.WORLD))  # data parallel
+        check_divergence_is_caught(rank)
         check_steps_equal(rank, D.Layout(rank, 2, 2, latent_group=dist.group.WORLD))  # latent sharded
         train(url, f"{out}/sharded", run_cfg(2), device="cpu", progress=False, export_saelens=f"{out}/sharded-sae")
     finally:
@@ -140,11 +155,11 @@ def test_two_processes_equal_one(small_synth, tmp_path):
     for name, p in single.sae.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
     ck = tmp_path / "sharded" / "checkpoints" / "step-000000012"
-    assert sorted(p.name for p in ck.iterdir()) == ["meta.json", "rank-00000.pt", "rank-00001.pt",
-                                                   "reader-00000.json", "reader-00001.json"]
+    assert sorted(p.name for p in ck.iterdir()) == ["meta.json", "reader-00000.json", "reader-00001.json",
+                                                   "shard-00000.pt", "shard-00001.pt"]
     meta = json.loads((ck / "meta.json").read_text())
     assert (meta["world"], meta["latent_shards"], meta["step"]) == (2, 2, 12)
-    half = torch.load(ck / "rank-00001.pt", weights_only=True)["sae"]["W_dec"]
+    half = torch.load(ck / "shard-00001.pt", weights_only=True)["sae"]["W_dec"]
     assert half.shape == (32, 16)  # each rank saved only its own latents
     torch.testing.assert_close(half, single.sae.W_dec.detach()[32:], rtol=1e-4, atol=1e-5)
 

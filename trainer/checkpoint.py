@@ -4,8 +4,9 @@ Layout under the run's folder (local disk):
 
     latest.json                          {"step": S, "dir": "checkpoints/step-000000S"}; replaced atomically, last
     checkpoints/step-000000S/
-        rank-00000.pt                    weights (this rank's latent shard), Adam state, dead counters, step
-        reader-00000.json                this rank's reader.state_dict()
+        shard-00000.pt                   latent shard 0: weights, Adam state, dead counters, step (written by
+                                         replica 0; the other replicas hold bit-identical copies, checked)
+        reader-00000.json                rank 0's reader.state_dict() (one per rank)
         meta.json                        config, world layout, dataset fingerprint; written after every rank
 
 Each file is written under a temporary name and renamed; `latest.json` moves only after every rank's files
@@ -61,16 +62,27 @@ def latest(out: Path) -> Path | None:
     return d
 
 
+def remove_run(out: Path) -> None:
+    """Remove a previous run's latest.json, checkpoints and log (for overwrite=True); the pointer goes first."""
+    out = Path(out)
+    (out / LATEST).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    (out / "log.jsonl").unlink(missing_ok=True)
+
+
 def save(out: Path, cfg: TrainConfig, layout: D.Layout, *, d_in: int, dataset, sae, opt, state, stream) -> Path:
     out = Path(out)
     d = out / "checkpoints" / f"step-{state.step:09d}"
     d.mkdir(parents=True, exist_ok=True)
+    D.check_replicas_agree(sae, layout)
+    if layout.data_rank == 0:  # replicas are identical: one copy of each shard is enough
+        blob = {"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": state.since_fired,
+                "step": state.step, "tokens": state.tokens}
+        name = f"shard-{layout.shard:05d}.pt"
+        tmp = d / f".{name}.tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, d / name)
     r = layout.rank
-    blob = {"sae": sae.state_dict(), "opt": opt.state_dict(), "since_fired": state.since_fired,
-            "step": state.step, "tokens": state.tokens}
-    tmp = d / f".rank-{r:05d}.pt.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, d / f"rank-{r:05d}.pt")
     _atomic_write(d / f"reader-{r:05d}.json", json.dumps(_to_json(stream.state_dict())).encode())
     layout.barrier()  # every rank's files exist before meta.json and latest.json name them
     if layout.is_main:
@@ -103,7 +115,7 @@ def load(d: Path, cfg: TrainConfig, layout: D.Layout, *, d_in: int, dataset, sae
         raise ValueError(f"{d}: cannot resume with changed {changed} (checkpoint: "
                          f"{ {n: getattr(old, n) for n in changed} }, now: { {n: getattr(cfg, n) for n in changed} })")
     r = layout.rank
-    blob = torch.load(d / f"rank-{r:05d}.pt", map_location=state.since_fired.device, weights_only=True)
+    blob = torch.load(d / f"shard-{layout.shard:05d}.pt", map_location=state.since_fired.device, weights_only=True)
     sae.load_state_dict(blob["sae"])
     opt.load_state_dict(blob["opt"])
     state.since_fired.copy_(blob["since_fired"])

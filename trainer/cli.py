@@ -19,6 +19,7 @@ import click
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
               help="Default: cuda if torch sees a GPU, else cpu. Under torchrun each rank takes GPU LOCAL_RANK.")
 @click.option("--resume", is_flag=True, help="Continue exactly from OUT's latest checkpoint (same options).")
+@click.option("--overwrite", is_flag=True, help="Start again in an OUT that already holds a run (removes it).")
 @click.option("--export-saelens", type=click.Path(file_okay=False), default=None,
               help="At the end, write cfg.json + sae_weights.safetensors here in SAELens's layout.")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [default: 2e-4 / sqrt(latents / 2^14)].")
@@ -38,7 +39,7 @@ import click
               help="Steps between checkpoints (0: only at the end).")
 @click.option("--prefetch", type=int, default=None, help="Reader batches decoded ahead [reader default].")
 @click.option("--threads", type=int, default=None, help="Reader I/O + decode threads [reader default].")
-def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, export_saelens, lr, lr_warmup_steps, seed,
+def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrite, export_saelens, lr, lr_warmup_steps, seed,
               k_aux, auxk_coef, dead_tokens, b_dec_init, latent_shards, autocast, log_every, checkpoint_every,
               prefetch, threads):
     """Train a TopK sparse autoencoder (Gao et al. 2024) on the activations at URL.
@@ -69,7 +70,10 @@ def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, export_s
         autocast=autocast, log_every=log_every, checkpoint_every=checkpoint_every, reader_prefetch=prefetch,
         reader_threads=threads,
     )
-    result = train(url, out, cfg, device=device, resume=resume, export_saelens=export_saelens)
+    if resume and overwrite:
+        raise click.BadParameter("--resume continues a run and --overwrite removes it; pass one",
+                                 param_hint="--resume/--overwrite")
+    result = train(url, out, cfg, device=device, resume=resume, overwrite=overwrite, export_saelens=export_saelens)
     if not result.last and _is_main():
         click.echo(f"nothing to train: {out} is already at step {result.steps} of {cfg.steps}")
     if result.last and _is_main():

@@ -125,6 +125,23 @@ def all_reduce_grads(params, group) -> None:
         w.wait()
 
 
+def check_replicas_agree(module: torch.nn.Module, layout: Layout) -> None:
+    """Raise if data-parallel replicas hold different weights (they must be bit-identical: every replica
+    applies the same summed gradient). Compares per-parameter sums and sums of squares by min and max."""
+    if layout.data_group is None:
+        return
+    with torch.no_grad():
+        v = torch.stack([t for p in module.parameters() for t in (p.double().sum(), p.double().pow(2).sum())])
+    hi, lo = v.clone(), -v
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=layout.data_group)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX, group=layout.data_group)
+    if not torch.equal(hi, -lo):
+        raise RuntimeError(
+            f"data-parallel replicas diverged (rank {layout.rank}): parameter checksums differ by up to "
+            f"{float((hi + lo).abs().max()):.3g}; a rank saw a different batch size or skipped a step"
+        )
+
+
 class _CopyToShards(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the latent group (Megatron's "f")."""
 

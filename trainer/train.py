@@ -197,12 +197,13 @@ def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device)
 
 
 def train(url: str, out: str | Path, config: TrainConfig, *, device: str | torch.device | None = None,
-          resume: bool = False, export_saelens: str | Path | None = None,
+          resume: bool = False, overwrite: bool = False, export_saelens: str | Path | None = None,
           on_step: Callable[[int], None] | None = None, progress: bool = True) -> TrainResult:
     """Train a TopK SAE on the dataset at `url`; checkpoints and log.jsonl go to the local folder `out`.
 
     Under torchrun the processes form replicas x latent_shards (see distributed.py). `resume=True` continues
-    from `out`'s latest checkpoint exactly (same weights, optimizer, dead counters and reader position).
+    from `out`'s latest checkpoint exactly (same weights, optimizer, dead counters and reader position);
+    without it, a folder that already holds a run is refused unless `overwrite=True` (which removes it).
     `on_step(step)` is called after each step (and after its checkpoint, if one was due).
     """
     cfg = config
@@ -210,13 +211,14 @@ def train(url: str, out: str | Path, config: TrainConfig, *, device: str | torch
     owns_group = D.init_from_env(dev)
     try:
         layout = D.make_layout(cfg.latent_shards)
-        return _train(url, Path(out), cfg, dev, layout, resume, export_saelens, on_step, progress)
+        return _train(url, Path(out), cfg, dev, layout, resume, overwrite, export_saelens, on_step, progress)
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
 
 
-def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, export_dir, on_step, progress):
+def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, overwrite, export_dir, on_step,
+           progress):
     ds = Dataset.open(url)
     d_in = ds.d_model
     if cfg.batch_size % layout.data_world:
@@ -228,7 +230,17 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, expo
     state = TrainState(since_fired=torch.zeros(sae.n_local, dtype=torch.int64, device=dev))
     stream = open_stream(url, cfg, batch_size=local_batch, rank=layout.data_rank, world_size=layout.data_world,
                          epochs=epochs, device=dev)
-    found = ckpt.latest(out) if resume else None
+    found = ckpt.latest(out)
+    if found is not None and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run (checkpoint {found.name}); pass resume=True "
+                                  "(--resume) to continue it, overwrite=True (--overwrite) to start again, or "
+                                  "choose another output folder")
+        layout.barrier()  # every rank has seen the old run before rank 0 removes it
+        if layout.is_main:
+            ckpt.remove_run(out)
+        layout.barrier()
+        found = None
     if resume and found is None and layout.is_main:
         print(f"no checkpoint in {out}; starting from scratch", flush=True)
     if found is not None:
