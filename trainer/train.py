@@ -171,12 +171,13 @@ def epochs_needed(num_rows: int, data_world: int, local_batch: int, steps: int, 
 
 
 def open_stream(url: str, cfg: TrainConfig, *, batch_size: int, rank: int, world_size: int, epochs: int,
-                device: torch.device | None):
+                device: torch.device | None, prefetch: int | None = None):
     from readers import ActivationStream
 
     extra = {}
-    if cfg.reader_prefetch is not None:
-        extra["prefetch"] = cfg.reader_prefetch
+    prefetch = prefetch or cfg.reader_prefetch
+    if prefetch is not None:
+        extra["prefetch"] = prefetch
     if cfg.reader_threads is not None:
         extra["threads"] = cfg.reader_threads
     return ActivationStream(url, batch_size=batch_size, rank=rank, world_size=world_size, epochs=epochs,
@@ -187,7 +188,7 @@ def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device)
     """The first init_tokens rows of the stream as rank 0 of 1 would read them: every rank gets the same
     sample, so b_dec is identical everywhere without a broadcast. [N, d_in] float32."""
     n = min(cfg.init_tokens, num_rows)
-    stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None)
+    stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None, prefetch=1)
     it = iter(stream)
     try:
         sample = next(it).torch_acts().to(torch.float32, copy=True)[:n]  # [n, d_in], out of the reader's buffer
