@@ -16,6 +16,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from trainer import TopKSAE, TrainConfig, export_saelens, load_saelens, train
@@ -127,6 +129,42 @@ def test_auxk_uses_only_dead_latents_and_trains_them():
     assert loss > plain  # the AuxK term is there
     g = torch.autograd.grad(loss - plain, sae.W_dec, allow_unused=True)[0]
     assert (g[~dead] == 0).all() and g[dead].abs().sum() > 0  # only dead latents learn from AuxK
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 5), R=st.integers(1, 4), n_local=st.integers(1, 9), k_frac=st.floats(0, 1),
+       seed=st.integers(0, 2**31 - 1))
+def test_global_topk_from_local_candidates_is_exact(B, R, n_local, k_frac, seed):
+    """The latent-sharding invariant, without processes: the global top-k of the shards' local top-k
+    candidates picks exactly the latents the whole SAE's top-k picks."""
+    k = 1 + int(k_frac * (R * n_local - 1))
+    pre = torch.randn(B, R * n_local, generator=torch.Generator().manual_seed(seed))  # distinct a.s.
+    kk = min(k, n_local)
+    local = [pre[:, q * n_local : (q + 1) * n_local].topk(kk, dim=1) for q in range(R)]
+    cand = torch.stack([v for v, _ in local], dim=1)  # [B, R, kk]
+    chosen = torch.zeros_like(pre, dtype=torch.bool)
+    for q, (_, idx) in enumerate(local):
+        mine, active = D.winners(cand, k, q)
+        chosen.scatter_(1, idx + q * n_local, mine | chosen.gather(1, idx + q * n_local))
+    want = torch.zeros_like(chosen).scatter_(1, pre.topk(k, dim=1).indices, True)
+    assert torch.equal(chosen, want)
+    assert int(active) == int((pre.topk(k, dim=1).values > 0).sum())
+
+
+def test_auxk_gradient_grows_a_dead_latent_toward_the_residual():
+    """x = 3 e0 + 2 e1, k = 1: latent 0 fires, the residual is 2 e1; dead latent 1 (pre-activation 1)
+    reconstructs part of it, so AuxK must push its activation up (and leave latent 0 alone)."""
+    sae = TopKSAE(4, 4, 1, k_aux=1)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(4))
+        sae.W_enc.copy_(torch.diag(torch.tensor([1.0, 0.5, 1.0, 1.0])))
+    x = torch.tensor([[3.0, 2.0, 0.0, 0.0]])
+    dead = torch.tensor([False, True, False, False])
+    out = sae(x, dead=dead)
+    assert torch.allclose(out.aux_recon, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    aux = ((out.aux_recon - (x - out.recon).detach()) ** 2).sum()
+    g = torch.autograd.grad(aux, sae.b_enc)[0]
+    assert g[1] < 0 and g[0] == 0 and g[2] == 0
 
 
 def test_bf16_autocast_logic_on_cpu():
@@ -272,6 +310,16 @@ def test_an_existing_run_is_kept_unless_overwrite(planted, tmp_path):
                   progress=False, overwrite=True)
     assert not torch.equal(first.sae.W_dec, again.sae.W_dec)
     assert [json.loads(ln)["step"] for ln in (tmp_path / "r" / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_trains_on_16_bit_datasets(tmp_path, dtype):
+    url = str(tmp_path / dtype)
+    synth(url, SynthConfig(rows=4096, d_model=16, dtype=dtype, docs=4096, seed=2, k=2, features=32))
+    res = train(url, tmp_path / "run", small_cfg(n_latents=64, k=2, tokens=8 * 512, log_every=4), device="cpu",
+                progress=False)
+    assert res.steps == 8 and math.isfinite(res.last["fvu"]) and res.last["fvu"] < 1.0
+    assert res.sae.W_dec.dtype == torch.float32
 
 
 def test_train_rejects_bad_data(planted, tmp_path):

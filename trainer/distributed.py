@@ -193,13 +193,18 @@ def sharded_topk(pre: torch.Tensor, k: int, group) -> tuple[torch.Tensor, torch.
     with torch.no_grad():
         parts = [torch.empty_like(vals) for _ in range(R)]
         dist.all_gather(parts, vals.detach().contiguous(), group=group)
-        cand = torch.stack(parts, dim=1).reshape(B, R * kk)  # [B, R*kk]; shard q's at [q*kk, (q+1)*kk)
-        top = cand.topk(k, dim=1, sorted=False)
-        won = torch.zeros(B, R * kk, dtype=torch.bool, device=pre.device).scatter_(1, top.indices, True)
-        mine = won.view(B, R, kk)[:, r]  # [B, kk]
-        active = (top.values > 0).sum()
+        mine, active = winners(torch.stack(parts, dim=1), k, r)
     acts = torch.where(mine, torch.relu(vals), torch.zeros((), dtype=vals.dtype, device=vals.device))
     return acts, idx, active
+
+
+def winners(cand: torch.Tensor, k: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of shard r's candidates are in the global top-k. cand [B, R, kk]: every shard's local top-kk
+    values. Returns (mask [B, kk], number of positive values in the global top-k)."""
+    B, R, kk = cand.shape
+    top = cand.reshape(B, R * kk).topk(k, dim=1, sorted=False)  # shard q's candidates at [q*kk, (q+1)*kk)
+    won = torch.zeros(B, R * kk, dtype=torch.bool, device=cand.device).scatter_(1, top.indices, True)
+    return won.view(B, R, kk)[:, r], (top.values > 0).sum()
 
 
 def gather_latents(t: torch.Tensor, dim: int, group) -> torch.Tensor:
