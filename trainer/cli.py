@@ -7,7 +7,7 @@ import json
 import click
 
 
-@click.command("train")
+@click.command("train", short_help="Train a TopK SAE on the activations at URL (CPU, GPU, torchrun).")
 @click.argument("url")
 @click.option("--latents", type=int, required=True, help="SAE latents (dictionary size, SAELens's d_sae).")
 @click.option("--k", "k", type=int, required=True, help="Active latents per token (TopK's k).")
