@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m shuffler.demo $(DEMO_DIR)
+	$(BIN)/python -m trainer.demo $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
