@@ -211,8 +211,8 @@ def loss_and_stats(
     sse = e.pow(2).sum()
     with torch.no_grad():
         x64 = x.double()
-        parts = [x64.sum(0), x64.pow(2).sum().view(1), x.new_tensor([x.shape[0]], dtype=torch.float64),
-                 sse.double().view(1)]
+        rows = torch.full((1,), float(x.shape[0]), dtype=torch.float64, device=x.device)  # a fill, not a H2D copy
+        parts = [x64.sum(0), x64.pow(2).sum().view(1), rows, sse.double().view(1)]
         s = torch.cat(parts)  # [d_in + 3]: sum x, sum x^2, rows, SSE
         s = D.all_reduce_sum(s, data_group)
         d = x.shape[1]
