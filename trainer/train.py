@@ -88,8 +88,10 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state:
                layout: D.Layout, *, amp: bool = False) -> dict[str, torch.Tensor]:
     """One optimizer step on this rank's rows x [B_local, d_in]; returns detached statistics."""
     dead = state.since_fired >= cfg.dead_tokens  # [n_local] bool
-    n_dead = int(D.all_reduce_sum(dead.sum(), layout.latent_group))  # same branch on every shard
-    use_aux = n_dead > 0 and cfg.auxk_coef > 0
+    n_dead = 0
+    if cfg.auxk_coef > 0 and state.tokens >= cfg.dead_tokens:  # before that no latent can be dead: no GPU sync
+        n_dead = int(D.all_reduce_sum(dead.sum(), layout.latent_group))  # same branch on every shard
+    use_aux = n_dead > 0
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = sae(x, dead=dead if use_aux else None)
     # Fewer dead latents than k_aux: scale the AuxK term down (sparsify; SAELens topk_sae.py).
