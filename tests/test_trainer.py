@@ -190,6 +190,27 @@ def test_bf16_autocast_logic_on_cpu():
     assert not train_mod.use_autocast(TrainConfig(n_latents=8, k=1, batch_size=1, tokens=1), torch.device("cpu"))
 
 
+def test_step_fence_waits_for_the_previous_step_only():
+    """The GPU-only fence's logic: after launching step t it waits for step t-1's event, never step t's."""
+    log = []
+
+    class Event:
+        def __init__(self, n):
+            self.n = n
+
+        def synchronize(self):
+            log.append(self.n)
+
+    made = iter(range(100))
+    fence = train_mod.StepFence(torch.device("cpu"), make_event=lambda: Event(next(made)))
+    for _ in range(4):
+        fence.step_launched()
+    assert log == [0, 1, 2]  # steps 0..3 launched; step 3 still in flight
+    cpu = train_mod.StepFence(torch.device("cpu"))
+    cpu.step_launched()
+    assert cpu.pending == []  # no events on CPU: work there is synchronous anyway
+
+
 def test_dead_latents_are_counted_over_tokens():
     sae = TopKSAE(4, 16, 1)
     cfg = small_cfg(n_latents=16, k=1, batch_size=8, tokens=64, dead_tokens=16)

@@ -118,6 +118,32 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state:
     return stats
 
 
+class StepFence:
+    """Keeps the CPU at most one step ahead of the GPU, outside the timed next(stream).
+
+    Without it the CPU queues steps ahead until the reader, inside next(), blocks on the pinned buffer whose
+    copy the GPU has not reached yet: GPU-bound time would then be counted as reader wait. After launching
+    step t we wait for step t-1 (not t), so the GPU always has a step queued while the next batch is fetched.
+    `make_event` is injectable so the CPU tests can check the ordering without a GPU.
+    """
+
+    def __init__(self, device: torch.device, make_event: Callable[[], object] | None = None):
+        if make_event is None and device.type == "cuda":
+            def make_event():
+                ev = torch.cuda.Event()
+                ev.record()
+                return ev
+        self.make_event = make_event
+        self.pending: list = []
+
+    def step_launched(self) -> None:
+        if self.make_event is None:
+            return
+        self.pending.append(self.make_event())
+        if len(self.pending) > 1:
+            self.pending.pop(0).synchronize()
+
+
 class Meter:
     """Sums step statistics on the device; `record()` turns them into one JSON-lines log record."""
 
@@ -259,6 +285,7 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
     total_wait, t_start = 0.0, time.perf_counter()
     bar = Progress("train", cfg.steps * cfg.batch_size, enabled=None if progress and layout.is_main else False)
     bar.update(state.tokens)
+    fence = StepFence(dev)
     it = iter(stream)
     try:
         while state.step < cfg.steps:
@@ -276,6 +303,7 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
             if x.shape[0] != local_batch:
                 raise RuntimeError(f"reader gave a batch of {x.shape[0]} rows; expected {local_batch}")
             meter.add(train_step(sae, opt, x, state, cfg, layout, amp=amp))
+            fence.step_launched()
             bar.update(cfg.batch_size)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 last = meter.record(state, cfg, layout, total_wait, t_start)
