@@ -2,7 +2,7 @@
 
 One spawn runs several checks (process start-up costs seconds): the sharded forward, loss and gradients
 against the whole SAE; data-parallel steps against single-process steps on the same global batch; and a
-whole latent-sharded train() run against the same run on one process.
+whole latent-sharded train() run, crashed and resumed, against the same run on one process.
 """
 
 from __future__ import annotations
@@ -117,6 +117,15 @@ def run_cfg(latent_shards: int) -> TrainConfig:
                        checkpoint_every=5, log_every=4, latent_shards=latent_shards)
 
 
+class Crash(Exception):
+    pass
+
+
+def crash_after_7(step: int) -> None:
+    if step == 7:
+        raise Crash
+
+
 def two_rank_worker(rank: int, port: int, url: str, out: str) -> None:
     join_group(rank, 2, port)
     try:
@@ -124,7 +133,13 @@ def two_rank_worker(rank: int, port: int, url: str, out: str) -> None:
         check_steps_equal(rank, D.Layout(rank, 2, 1, data_group=dist.group.WORLD))  # data parallel
         check_divergence_is_caught(rank)
         check_steps_equal(rank, D.Layout(rank, 2, 2, latent_group=dist.group.WORLD))  # latent sharded
-        train(url, f"{out}/sharded", run_cfg(2), device="cpu", progress=False, export_saelens=f"{out}/sharded-sae")
+        # A latent-sharded run that crashes after step 7 (last checkpoint: step 5), then resumes.
+        try:
+            train(url, f"{out}/sharded", run_cfg(2), device="cpu", progress=False, on_step=crash_after_7)
+        except Crash:
+            pass
+        train(url, f"{out}/sharded", run_cfg(2), device="cpu", progress=False, resume=True,
+              export_saelens=f"{out}/sharded-sae")
     finally:
         dist.destroy_process_group()
 
@@ -148,7 +163,8 @@ def small_synth(tmp_path_factory):
 
 def test_two_processes_equal_one(small_synth, tmp_path):
     mp.spawn(two_rank_worker, args=(free_port(), small_synth, str(tmp_path)), nprocs=2, join=True)
-    # The whole latent-sharded run (12 steps, AuxK active after step 3, checkpoints) equals one process.
+    # The whole latent-sharded run (12 steps, AuxK active after step 3, crashed after step 7 and resumed
+    # from step 5) equals one uninterrupted process.
     torch.set_num_threads(1)
     single = train(small_synth, tmp_path / "single", run_cfg(1), device="cpu", progress=False)
     sharded = load_saelens(tmp_path / "sharded-sae")
