@@ -4,7 +4,8 @@ One step on each rank: read this replica's batch (timed: the reader-wait fractio
 next(stream) over wall time), forward under bfloat16 autocast on CUDA, loss (sae.loss_and_stats), backward,
 sum gradients over data-parallel ranks, project the decoder gradient, Adam, renormalise the decoder, then
 update the tokens-since-fired counters that define dead latents. Metrics stay on the device between log
-records, so the loop syncs with the GPU only to read the dead-latent count (the AuxK branch needs it).
+records; on CUDA the CPU runs one step ahead of the GPU (StepFence) and reads back only the dead-latent
+count (the AuxK branch needs it) and the log records.
 """
 
 from __future__ import annotations
@@ -315,6 +316,7 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
             if on_step is not None:
                 on_step(state.step)
     finally:
+        it.close()  # stops the reader's prefetch threads now, not at garbage collection
         bar.close()
         if log is not None:
             log.close()
