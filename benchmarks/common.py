@@ -77,16 +77,17 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(dtype)
 
 
-def write_real(url: str, *, rows: int | None = None) -> str:
-    """The real capture as a dataset with doc_id and row_id; returns a description. Uses the shared MiniLM layer-3
-    sample (26,041 x 384 float16 in text order; documents = its 256-token windows) when present, else captures
-    MiniLM layer 3 on the stdlib docstrings now (documents = docstrings; ~1-2k tokens/s on this CPU)."""
+def write_real(url: str, *, capture_tokens: int | None = None) -> str:
+    """A real capture as a dataset with doc_id and row_id; returns a description. With `capture_tokens`, or when
+    the shared MiniLM layer-3 sample (26,041 x 384 float16 in text order; documents = its 256-token windows) is
+    absent, captures MiniLM-L6 layer 3 on the stdlib docstrings now (documents = docstrings; ~1-2k tokens/s on
+    this CPU), else uses the sample."""
     from shuffler.schema import standard_columns
     from writers.shard_writer import ShardWriter
 
     cols = standard_columns(("doc_id",), row_id="int64")
-    if os.path.exists(SAMPLE):
-        x = np.load(SAMPLE)[:rows]  # [26041, 384] float16
+    if os.path.exists(SAMPLE) and not capture_tokens:
+        x = np.load(SAMPLE)  # [26041, 384] float16
         doc = np.arange(len(x), dtype=np.int64) // DOC_ROWS
         desc = f"MiniLM-L6 layer 3, {len(x):,} x {x.shape[1]} float16 (shared sample; documents = 256-token windows)"
     else:
@@ -95,12 +96,17 @@ def write_real(url: str, *, rows: int | None = None) -> str:
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         tmp = url.rstrip("/") + "-capture"
-        capture_text(tmp, CaptureConfig(model="all-MiniLM-L6-v2", layer=3, max_tokens=rows or 26041,
-                                        dtype="float16", device="cpu"))
+        t = time.perf_counter()
+        _, stats = capture_text(tmp, CaptureConfig(model="all-MiniLM-L6-v2", layer=3,
+                                                   max_tokens=capture_tokens or 26041, dtype="float16", device="cpu"))
         ds = Dataset.open(tmp)
         b = Batch.concat([ds.read_shard(i) for i in range(len(ds.shards))])
         x, doc = b.acts, b.columns["doc_id"].astype(np.int64)
-        desc = f"MiniLM-L6 layer 3 captured now, {len(x):,} x {x.shape[1]} float16 (documents = docstrings)"
+        desc = (f"MiniLM-L6 layer 3 captured now ({time.perf_counter() - t:.0f} s), {len(x):,} x {x.shape[1]} "
+                f"float16, {len(np.unique(doc)):,} documents (stdlib docstrings)")
+        from shuffler.storage import Storage
+
+        Storage(tmp).delete_prefix("")
     with ShardWriter(url, d_model=x.shape[1], dtype="float16", columns=cols) as w:
         w.write(x, doc_id=doc, row_id=np.arange(len(x), dtype=np.int64))
     return desc
@@ -286,6 +292,15 @@ def chunk_shuffle(chunks: list, read, *, seed: int = 0) -> Iterator[tuple[np.nda
         yield tuple(x[p] for x in b)
 
 
+def block_shuffle(batches: Batches, *, block_rows: int = 1 << 18, seed: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
+    """Permute rows within consecutive blocks of `block_rows` of a stream (MosaicML Streaming's py1b applies
+    this after shuffling shard order; its default shuffle_block_size is max(4e6 // 64, 2^18) = 262,144)."""
+    rng = np.random.default_rng([seed, 1])
+    for b in _rebatch(batches, block_rows):
+        p = rng.permutation(len(b[0]))
+        yield tuple(x[p] for x in b)
+
+
 def order_of(batches: Batches, column: int = -1) -> np.ndarray:
     """Concatenate one column (default: the last, the row ids) of a batch stream."""
     return np.concatenate([b[column] for b in batches])
@@ -301,7 +316,9 @@ class Measured:
 
     wall: float
     max_rss: int
-    """ru_maxrss of the largest single process among the child and its waited-for descendants (wait4), bytes."""
+    """Peak RSS of the largest single process of the tree: the highest VmHWM (/proc/PID/status) sampled, bytes.
+    (wait4's ru_maxrss is no good here: Linux carries the parent's high-water mark across fork+exec, so every
+    child of a big parent would report at least the parent's size.)"""
     tree_rss: int
     """Peak over samples of the summed RSS of the child's process tree (double-counts shared pages), bytes."""
     tree_pss: int
@@ -322,7 +339,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     seen: dict[int, psutil.Process] = {}
-    peak = {"rss": 0, "pss": 0, "procs": 0}
+    peak = {"rss": 0, "pss": 0, "procs": 0, "hwm": 0}
     stop = threading.Event()
 
     def sample():
@@ -339,6 +356,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
             for q in procs:
                 seen.setdefault(q.pid, q)
                 try:
+                    peak["hwm"] = max(peak["hwm"], _hwm(q.pid))
                     if pss:
                         m = q.memory_full_info()
                         rss, ps = rss + m.rss, ps + m.pss
@@ -360,7 +378,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
         r.start()
     deadline = time.monotonic() + timeout
     while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() > deadline:
@@ -386,12 +404,20 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
         raise RuntimeError(f"{' '.join(cmd)} exited with status {p.returncode}:\n{''.join(err_chunks)[-3000:]}")
     lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
-    return Measured(wall=wall, max_rss=ru.ru_maxrss * 1024, tree_rss=peak["rss"], tree_pss=peak["pss"],
+    return Measured(wall=wall, max_rss=peak["hwm"], tree_rss=peak["rss"], tree_pss=peak["pss"],
                     procs=peak["procs"], result=result, leftover=leftover)
 
 
-def python() -> str:
-    return sys.executable
+def _hwm(pid: int) -> int:
+    """VmHWM of a process (peak RSS of its current address space), bytes; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def load_note() -> str:

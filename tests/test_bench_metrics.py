@@ -131,7 +131,7 @@ def test_displacement_reverse():
 
 
 def test_run_measured_reports_child_json_and_memory():
-    code = "import numpy as np, json; a = np.ones(50 * 2**20, np.uint8); print(json.dumps({'ok': int(a.sum())}))"
+    code = "import numpy as np, json; a = np.ones(50 * 2**20, np.uint8); import time; time.sleep(0.5); print(json.dumps({'ok': int(a.sum())}))"
     m = run_measured([sys.executable, "-c", code], interval=0.02)
     assert m.result == {"ok": 50 * 2**20}
     assert m.max_rss >= 50 * 2**20 and m.wall > 0 and not m.leftover
