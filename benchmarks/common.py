@@ -17,7 +17,6 @@ import math
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
