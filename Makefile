@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -x -q --durations=15
+	$(BIN)/python -m pytest -x --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -40,14 +40,14 @@ class DemoConfig:
     """Shuffle memory budget."""
     buckets: int = 4
     """Shuffle buckets; more than the budget needs, so the demo shows the real two-pass path at work."""
-    latents: int = 3072
-    """SAE latents (8 x d_model)."""
+    latents: int = 2048
+    """SAE latents (about 5 x d_model: small enough to train in a few CPU minutes)."""
     k: int = 32
     """Active latents per token."""
     batch_size: int = 2048
     """Tokens per optimizer step."""
-    train_tokens: int = 1_200_000
-    """Training tokens (about 6 passes over the capture)."""
+    train_tokens: int = 600_000
+    """Training tokens (3 passes over the capture)."""
     dead_tokens: int = 400_000
     """A latent is dead when it has not fired for this many tokens."""
     features: int = 12
