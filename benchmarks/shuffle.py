@@ -199,6 +199,17 @@ def in_memory_numpy(src: str, work: str) -> tuple[float, int]:
     return dt, max(before, after) * 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and of its reaped children (pool workers are reaped at shutdown).
+
+    Less sensitive than wall time to other jobs on a shared machine: it counts the work, not the waiting.
+    """
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -240,14 +251,14 @@ def main() -> None:
                 dst = f"{work}/out{lv}"
                 shutil.rmtree(dst, ignore_errors=True)
                 with RssSampler() as rss:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), cpu_seconds()
                     shuffle(src, dst, seed=0, memory=args.memory, workers=args.workers, scratch_level=lv,
                             keep_intermediate=True, stats=stats)
-                    wall = time.perf_counter() - t0
+                    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
                 scratch_bytes = du(f"{dst}/.shuffle")
                 shutil.rmtree(dst)
                 results[lv].append(dict(
-                    wall=wall, pass1=stats["pass2_start"] - stats["pass1_start"],
+                    wall=wall, cpu=cpu, pass1=stats["pass2_start"] - stats["pass1_start"],
                     pass2=stats["pass2_end"] - stats["pass2_start"], scratch=scratch_bytes,
                     rss1=rss.peaks(stats["pass1_start"], stats["pass2_start"]),
                     rss2=rss.peaks(stats["pass2_start"], stats["pass2_end"])))
@@ -256,24 +267,30 @@ def main() -> None:
                     print(f"plan: B={plan['buckets']} buckets, {plan['map_tasks']} map tasks, capacity "
                           f"{plan['capacity_rows']:,} rows; predicted peak per task: pass 1 "
                           f"{human_bytes(plan['peak_map_bytes'])}, pass 2 {human_bytes(plan['peak_reduce_bytes'])}")
-            floors.append(floor(src, work, maps=plan["map_tasks"], buckets=plan["buckets"], workers=args.workers,
-                                scratch_level=levels[0], level=1, chunk_bytes=8 * MiB))
+            with RssSampler():  # sampled too, so both sides pay the sampler's few CPU percent
+                c0 = cpu_seconds()
+                c1, c2 = floor(src, work, maps=plan["map_tasks"], buckets=plan["buckets"], workers=args.workers,
+                               scratch_level=levels[0], level=1, chunk_bytes=8 * MiB)
+                floors.append((c1, c2, cpu_seconds() - c0))
             shutil.rmtree(f"{work}/c1")
             shutil.rmtree(f"{work}/c2")
 
         def med(xs):
             return float(np.median(xs))
 
-        fl = med([a + b for a, b in floors])
+        fl = med([a + b for a, b, _ in floors])
+        fl_cpu = med([c for _, _, c in floors])
         print(f"floor (2 streaming re-encoding copies, same code paths, {args.workers} workers): median {fl:.2f} s of "
-              f"{', '.join(f'{a + b:.2f}' for a, b in floors)} (copy 1 at level {levels[0]}: "
-              f"{med([a for a, _ in floors]):.2f} s, copy 2 at level 1: {med([b for _, b in floors]):.2f} s)")
+              f"{', '.join(f'{a + b:.2f}' for a, b, _ in floors)} (copy 1 at level {levels[0]}: "
+              f"{med([a for a, _, _ in floors]):.2f} s, copy 2 at level 1: {med([b for _, b, _ in floors]):.2f} s); "
+              f"CPU {fl_cpu:.2f} s")
         for lv in levels:
             rs = results[lv]
             w = med([r["wall"] for r in rs])
             print(f"shuffle, scratch level {lv:>3}: median {w:.2f} s of {', '.join(f'{x:.2f}' for x in (r['wall'] for r in rs))} "
                   f"(pass 1 {med([r['pass1'] for r in rs]):.2f} s, pass 2 {med([r['pass2'] for r in rs]):.2f} s), "
-                  f"intermediates {human_bytes(rs[0]['scratch'])}; x floor = {w / fl:.2f}")
+                  f"intermediates {human_bytes(rs[0]['scratch'])}; x floor = {w / fl:.2f}; CPU "
+                  f"{med([r['cpu'] for r in rs]):.2f} s, x floor CPU = {med([r['cpu'] for r in rs]) / fl_cpu:.2f}")
         head = {k: max(r[k] for r in results[levels[0]]) for k in ("rss1", "rss2")}
         head["wall"] = med([r["wall"] for r in results[levels[0]]])
         budget = plan["request"]["memory"]

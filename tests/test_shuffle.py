@@ -180,6 +180,13 @@ def test_bad_input_errors(raw, tmp_path):
         assert not (tmp_path / d / "manifest.json").exists()
 
 
+def test_empty_source(memory_url):
+    with ShardWriter(memory_url + "/src", d_model=4, dtype="float16", columns=COLUMNS):
+        pass
+    m = shuffle(memory_url + "/src", memory_url + "/dst", seed=0)
+    assert m.num_rows == 0 and m.shards == () and Dataset.open(memory_url + "/dst").num_rows == 0
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 400), buckets=st.integers(1, 9), split=st.integers(1, 500), seed=st.integers(0, 2**64 - 1))
 def test_any_split_same_permutation(tmp_path_factory, rows, buckets, split, seed):
