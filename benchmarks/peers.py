@@ -204,7 +204,7 @@ def _buffer(tool: str, src: str, seed: int) -> np.ndarray:
     ids = []
     for _acts, rid in it:
         ids.append(rid)
-    return np.concatenate(ids)
+    return np.concatenate(ids) if ids else np.empty(0, np.int64)  # SAELens serves nothing under one batch
 
 
 def _ray(work: str, out: str, seed: int) -> dict:
@@ -278,12 +278,13 @@ def table(name: str, info: dict, runs: dict[str, list[dict]]) -> str:
         q = rs[0]["quality"]
         a, c, dsp = q["adjacency"], q["chi2"], q["displacement"]
         rows = f"{q['rows']:,}" + ("" if q["is_permutation"] else f" (of {q['input_rows']:,})")
+        xo = f"{med(w) / base:.2f}" if base else "-"
+        xn = f"{med(w) / npy:.2f}" if npy else "-"
         lines.append(
-            f"| {LABEL[tool]} | {spread(w)} | {spread([r['phase'] for r in rs])} | "
-            f"{med(w) / base:.2f} | {med(w) / npy:.2f} | {fmt_bytes(max(r['max_rss'] for r in rs))} | "
-            f"{fmt_bytes(max(r['tree_pss'] for r in rs))} | {max(r['procs'] for r in rs)} | "
-            f"{a['observed']:.2e} ({a['ratio']:.2f}) | {c['p']:.2g} | {dsp['observed']:.3f} ({dsp['ratio']:.2f}) | "
-            f"{rows} |" if base and npy else f"| {LABEL[tool]} | {spread(w)} | ... |")
+            f"| {LABEL[tool]} | {spread(w)} | {spread([r['phase'] for r in rs])} | {xo} | {xn} | "
+            f"{fmt_bytes(max(r['max_rss'] for r in rs))} | {fmt_bytes(max(r['tree_pss'] for r in rs))} | "
+            f"{max(r['procs'] for r in rs)} | {a['observed']:.2e} ({a['ratio']:.2f}) | {c['p']:.2g} | "
+            f"{dsp['observed']:.3f} ({dsp['ratio']:.2f}) | {rows} |")
     lines.append("")
     lines.append(f"Uniform expectation of adjacent same-doc: {runs[next(iter(runs))][0]['quality']['adjacency']['expected']:.2e}; "
                  f"displacement {runs[next(iter(runs))][0]['quality']['displacement']['expected']:.3f}. Quality from the run with seed 1.")
