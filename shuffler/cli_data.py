@@ -26,7 +26,14 @@ from .seal import seal
 @click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
 @click.option("--level", type=int, default=1, show_default=True, help="zstd level (1 is best: measure-limits.md).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
-def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, shard_bytes, level, overwrite):
+@click.option("--scatter", is_flag=True, help="Write scattered: each row goes to a random bucket as it is written "
+              "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")
+@click.option("--buckets", type=click.IntRange(1), help="With --scatter: bucket count [default: sized from --rows and "
+              "--memory by the shuffle's rule].")
+@click.option("--memory", type=SIZE, default="2GiB", show_default=True, help="With --scatter: the per-task budget "
+              "the buckets are sized for.")
+def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, shard_bytes, level, overwrite,
+              scatter, buckets, memory):
     """Write synthetic activations built from a planted dictionary of sparse features.
 
     Rows come in document order and each document favours its own features, so unshuffled order is
@@ -34,17 +41,31 @@ def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, s
     SAE's recovery of it can be scored. Provenance columns token_id, doc_id and position are filled in.
 
     \b
-    Example:
+    With --scatter, --seed also seeds the bucket draws (docs/shuffle.md, "Scatter on write").
+
+    \b
+    Examples:
       shuffler synth /tmp/raw --rows 200000 --d-model 256 --dtype bfloat16 --docs 400
+      shuffler synth /tmp/scattered --rows 200000 --d-model 256 --scatter --seed 7 --buckets 16
     """
     from writers.synth import SynthConfig, synth
 
     cfg = SynthConfig(rows=rows, d_model=d_model, dtype=dtype, docs=docs, seed=seed, features=features, k=k)
+    extra = {}
+    if scatter:
+        from .scattered import ScatterSpec
+        from .schema import Schema, standard_columns
+
+        extra["scatter"] = (ScatterSpec(seed=seed, buckets=buckets) if buckets else ScatterSpec.sized(
+            seed=seed, rows=rows, schema=Schema(dtype=dtype, d_model=d_model, columns=standard_columns()), memory=memory))
+    elif buckets is not None:
+        raise click.UsageError("--buckets needs --scatter")
     with Progress("synth", rows) as bar:
         synth(out, cfg, progress=bar.update, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, level=level,
-              overwrite=overwrite)
+              overwrite=overwrite, **extra)
     ds = Dataset.open(out)
-    click.echo(f"wrote {ds.num_rows:,} rows x {ds.d_model} {ds.dtype} to {ds.url} in {len(ds.shards)} shard(s)")
+    how = f" as {ds.metadata['scatter']['buckets']} scattered bucket(s)" if scatter else ""
+    click.echo(f"wrote {ds.num_rows:,} rows x {ds.d_model} {ds.dtype} to {ds.url} in {len(ds.shards)} shard(s){how}")
 
 
 def describe(ds: Dataset) -> dict:

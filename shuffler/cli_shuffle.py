@@ -22,9 +22,12 @@ _MEM_HELP = ("Memory budget per task (per worker process), e.g. 4GiB. Sizes the 
 
 @click.command("shuffle")
 @click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), required=True, help="Seed of every random draw.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed of every random draw (required, except with "
+              "--from-scatter, where it defaults to the scatter seed).")
 @click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
 @click.option("--buckets", type=click.IntRange(1), help="Bucket count (default: sized from --memory).")
+@click.option("--from-scatter", is_flag=True, help="SRC was written scattered (ShardWriter scatter=, synth/capture "
+              "--scatter): run pass 2 only, with the producers' buckets.")
 @click.option("--workers", type=click.IntRange(1), help="Worker processes (default: the cores). Never changes the output.")
 @click.option("--scratch", help="URL for intermediates, e.g. local NVMe while DST is on S3 [default: DST/.shuffle/scratch].")
 @click.option("--scratch-level", type=click.IntRange(-100, 22),
@@ -36,8 +39,8 @@ _MEM_HELP = ("Memory budget per task (per worker process), e.g. 4GiB. Sizes the 
 @click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB", help="Uncompressed bytes per chunk.")
 @click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB", help="Uncompressed bytes per output shard.")
 @click.option("--map-rows", type=click.IntRange(1), help="Rows per map task (default: split for the workers).")
-def shuffle_cmd(paths, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
-                break_lock, level, chunk_bytes, shard_bytes, map_rows):
+def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, scratch_level, keep_intermediate,
+                overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
 
     Pass 1 sends every row to a uniformly random bucket; pass 2 permutes each bucket in memory and writes it.
@@ -49,12 +52,19 @@ def shuffle_cmd(paths, seed, memory, buckets, workers, scratch, scratch_level, k
     Examples:
       shuffler shuffle data/raw data/shuffled --seed 0
       shuffler shuffle s3://b/raw-0 s3://b/raw-1 s3://b/shuffled --seed 7 --memory 16GiB --scratch /nvme/tmp
+      shuffler shuffle --from-scatter data/scattered data/shuffled    # pass 2 only (docs/shuffle.md)
     """
     from .shuffle import shuffle
 
     if len(paths) < 2:
         raise click.UsageError("give at least one SRC and a DST: shuffler shuffle SRC... DST --seed S")
     *srcs, dst = paths
+    if from_scatter:
+        _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate,
+                      overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows)
+        return
+    if seed is None:
+        raise click.UsageError("Missing option '--seed' (every shuffle needs one, except --from-scatter)")
     t0 = time.perf_counter()
     stats: dict = {}
     m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
@@ -68,6 +78,25 @@ def shuffle_cmd(paths, seed, memory, buckets, workers, scratch, scratch_level, k
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
     click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
+
+
+def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
+                  break_lock, level, chunk_bytes, shard_bytes, map_rows) -> None:
+    from .from_scatter import shuffle_from_scatter
+
+    if len(srcs) != 1:
+        raise click.UsageError(f"--from-scatter takes one scattered SRC and a DST, got {len(srcs)} SRC(s)")
+    for name, v in (("--buckets", buckets), ("--map-rows", map_rows), ("--keep-intermediate", keep_intermediate or None)):
+        if v is not None:
+            raise click.UsageError(f"{name} does not apply to --from-scatter: the producers fixed the buckets and runs")
+    t0 = time.perf_counter()
+    stats: dict = {}
+    m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, scratch=scratch,
+                             scratch_level=scratch_level, overwrite=overwrite, break_lock=break_lock, level=level,
+                             chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, stats=stats)
+    info = m.metadata["shuffle"]
+    click.echo(f"shuffled {m.num_rows:,} scattered rows of {srcs[0]} into {dst} (pass 2 only): {info['buckets']} "
+               f"bucket(s), {len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")
 
 
 @click.command("plan")

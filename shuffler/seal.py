@@ -36,6 +36,13 @@ def seal(url: str, *, allow_empty: bool = False) -> Manifest:
             raise SchemaError(
                 f"{store.url}: part {p!r} disagrees with part {first_name!r}: {m.schema.describe_difference(first.schema)}"
             )
+        if m.metadata.get("scatter") != first.metadata.get("scatter"):
+            # Scattered parts must agree on seed and buckets, or pass 2 would mix two bucketings.
+            raise SchemaError(
+                f"{store.url}: part {p!r} was written with scatter={m.metadata.get('scatter')}, part {first_name!r} "
+                f"with scatter={first.metadata.get('scatter')}; all producers of one dataset must use the same "
+                "ScatterSpec (or none)"
+            )
         shards.extend(m.shards)
         fp = fp + m.fingerprint
     present = {n: True for n in store.list("")}

@@ -542,6 +542,10 @@ class _Run:
         return [done[m] for m in sorted(done)]
 
     # -- pass 2 ----------------------------------------------------------------------------------------
+    def _intermediates(self, maps: list[MapOutput]) -> Intermediates:
+        """Where each bucket's chunks are: pass 1's objects (shuffler/from_scatter.py reads producers' instead)."""
+        return Intermediates(self.schema, self.scratch, maps, self.plan.buckets)
+
     def _pass2(self, pool: _Pool, maps: list[MapOutput]) -> list[tuple[list[ShardInfo], Fingerprint]]:
         B = self.plan.buckets
         present = set(self.dst.list(""))
@@ -555,7 +559,7 @@ class _Run:
         todo = [b for b in range(B) if b not in results]
         calls = []
         if todo:
-            inter = Intermediates(self.schema, self.scratch, maps, B)
+            inter = self._intermediates(maps)
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
                 calls.append((ReduceTask(

@@ -1,6 +1,8 @@
 """Producers: ShardWriter, capture hooks for torch models, and the synthetic producer."""
 
+from shuffler.scattered import ScatterSpec
+
 from .capture import capture
 from .shard_writer import ShardWriter
 
-__all__ = ["ShardWriter", "capture"]
+__all__ = ["ShardWriter", "ScatterSpec", "capture"]

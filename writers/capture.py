@@ -327,8 +327,12 @@ def capture_text(
     progress: Callable[[int, int], None] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    scatter=None,
 ) -> tuple[Manifest, CaptureStats]:
     """Load cfg.model offline, capture cfg.layer over the text and commit a dataset at `url`.
+
+    `scatter`: None, a ScatterSpec (write scattered, shuffler/scattered.py), or a function of the dataset's
+    Schema returning one (the layer's width is known only once the model is loaded, and sizes the buckets).
 
     The manifest's metadata records model, layer, context, text source and capture time. On any error the
     writer removes what it wrote, so nothing half-written is visible.
@@ -358,8 +362,12 @@ def capture_text(
     batches = token_batches(
         source.documents(), tokenizer, context=cfg.context, batch_size=cfg.batch_size, keep_special=cfg.keep_special
     )
+    if callable(scatter):
+        from shuffler.schema import Schema, standard_columns
+
+        scatter = scatter(Schema(dtype=cfg.dtype, d_model=width, columns=standard_columns()))
     with ShardWriter(url, d_model=width, dtype=cfg.dtype, metadata=metadata, overwrite=cfg.overwrite,
-                     chunk_bytes=chunk_bytes, shard_bytes=shard_bytes) as writer:
+                     chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, scatter=scatter) as writer:
         stats = capture(model, batches, writer, layer=lay, max_tokens=cfg.max_tokens, progress=progress)
         if stats.tokens == 0:
             raise ValueError(f"text source produced no tokens: {source.describe()}")

@@ -31,8 +31,16 @@ from shuffler.progress import Progress
 @click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
 @click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
+@click.option("--scatter", is_flag=True, help="Write scattered: each token goes to a random bucket as it is written "
+              "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="With --scatter: seed of the bucket draws.")
+@click.option("--buckets", type=click.IntRange(1), help="With --scatter: bucket count [default: sized from "
+              "--max-tokens and --memory by the shuffle's rule].")
+@click.option("--memory", type=SIZE, default="2GiB", show_default=True,
+              help="With --scatter: the per-task budget the buckets are sized for.")
 def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dtype, device, keep_special,
-                chunk_bytes, shard_bytes, overwrite):
+                chunk_bytes, shard_bytes, overwrite, scatter, seed, buckets, memory):
     """Capture activations of MODEL at LAYER on real text into a dataset at OUT.
 
     Text is cut into windows of --context tokens (documents packed end to end) and run through the model
@@ -45,15 +53,24 @@ def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dt
       shuffler capture data/raw --layer 3 --max-tokens 200000
       shuffler capture data/raw --model all-MiniLM-L6-v2 --layer encoder.layer.2 --max-tokens 50000 \\
           --text my_notes/ --dtype bfloat16
+      shuffler capture data/scattered --layer 3 --max-tokens 200000 --scatter --seed 7
     """
     from .capture import CaptureConfig, capture_text
 
     cfg = CaptureConfig(model=model, layer=layer, max_tokens=max_tokens, context=context, text_dir=text_dir,
                         batch_size=batch_size, dtype=dtype, device=device, keep_special=keep_special,
                         overwrite=overwrite)
+    spec = None
+    if scatter:
+        from shuffler.scattered import ScatterSpec
+
+        spec = (ScatterSpec(seed=seed, buckets=buckets) if buckets else
+                lambda schema: ScatterSpec.sized(seed=seed, rows=max_tokens, schema=schema, memory=memory))
+    elif buckets is not None:
+        raise click.UsageError("--buckets needs --scatter")
     with Progress("capture", max_tokens) as bar:
         manifest, stats = capture_text(out, cfg, progress=bar.update, chunk_bytes=chunk_bytes,
-                                       shard_bytes=shard_bytes)
+                                       shard_bytes=shard_bytes, scatter=spec)
     rate = stats.tokens / stats.seconds if stats.seconds > 0 else float("inf")
     click.echo(
         f"captured {stats.tokens:,} tokens x {manifest.schema.d_model} {manifest.schema.dtype} from {model} "

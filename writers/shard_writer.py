@@ -18,6 +18,7 @@ from shuffler.manifest import (
     write_manifest,
 )
 from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, RollingShardWriter
+from shuffler.scattered import ScatterSink, ScatterSpec
 from shuffler.schema import Schema, standard_columns
 from shuffler.storage import Storage
 
@@ -51,6 +52,7 @@ class ShardWriter:
         allow_nonfinite: bool = False,
         overwrite: bool = False,
         threads: int = 2,
+        scatter: ScatterSpec | None = None,
     ):
         self.schema = Schema(dtype=dtype, d_model=d_model, columns=standard_columns() if columns is None else columns)
         if chunk_bytes < self.schema.row_bytes or chunk_bytes > (1 << 31):
@@ -61,6 +63,8 @@ class ShardWriter:
             raise ValueError(f"level={level}: zstd levels run from -7 (fastest) to 22")
         if producer is not None and not _PRODUCER.match(producer):
             raise ValueError(f"producer={producer!r} must be 1-128 of letters, digits, '_', '.', '-'")
+        if scatter is not None and not isinstance(scatter, ScatterSpec):
+            raise TypeError(f"scatter={scatter!r} must be a writers.ScatterSpec(seed=..., buckets=...) or None")
         try:
             json.dumps(metadata or {})
         except TypeError as e:
@@ -85,15 +89,25 @@ class ShardWriter:
         prefix = f"{producer}/" if producer else ""
         if self._replaced is not None:
             prefix += f"v{uuid.uuid4().hex[:8]}-"
-        self._rolling = RollingShardWriter(
-            self.store,
+        if scatter is not None:
+            # Pass-1 intermediates instead of shards (shuffler/scattered.py), in a folder per producer (and
+            # per overwrite), since run names are map-NNNNNN.shard as pass 2 expects.
+            folder = f"{producer}/" if producer else ""
+            if self._replaced is not None:
+                folder += f"v{uuid.uuid4().hex[:8]}/"
+            self.metadata["scatter"] = scatter.to_json()
+            self._rolling = ScatterSink(self.store, self.schema, spec=scatter, folder=folder, producer=producer or "",
+                                        chunk_bytes=chunk_bytes, level=level, threads=threads)
+        else:
+            self._rolling = RollingShardWriter(
+                self.store,
             self.schema,
-            name_of=lambda k: f"{prefix}shard-{k:06d}.shard",
-            chunk_bytes=chunk_bytes,
-            shard_bytes=shard_bytes,
-            level=level,
-            threads=threads,
-        )
+                name_of=lambda k: f"{prefix}shard-{k:06d}.shard",
+                chunk_bytes=chunk_bytes,
+                shard_bytes=shard_bytes,
+                level=level,
+                threads=threads,
+            )
         if producer is not None:
             # Marks the part as started: `seal` refuses while a started part has no part manifest.
             self.store.write(part_marker_name(producer), json.dumps({"started": time.time()}).encode())
@@ -152,6 +166,8 @@ class ShardWriter:
             for sh in self._replaced.shards:
                 if sh.name not in keep:
                     self.store.delete(sh.name)
+                    if sh.name.endswith(".shard") and sh.name.rpartition("/")[2].startswith("map-"):
+                        self.store.delete(sh.name[: -len(".shard")] + ".idx")  # a scattered run's marker
         return manifest
 
     def abort(self) -> None:
