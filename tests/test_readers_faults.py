@@ -188,3 +188,15 @@ def test_breaking_out_shuts_the_pool_down(local_ds):
 
     gc.collect()
     assert not reader_threads()
+
+
+def test_rss_does_not_grow_with_bytes_read(tmp_path):
+    """Local shards are memory-mapped; decoded chunks' pages are dropped, so a full pass keeps RSS flat."""
+    psutil = pytest.importorskip("psutil")
+    url = str(tmp_path / "big")
+    make_dataset(url, rows=24_000, d_model=512, chunk_rows=64, shard_chunks=64)  # 48 MiB, incompressible
+    proc = psutil.Process()
+    base, peak = proc.memory_info().rss, 0
+    for _ in ActivationStream(url, batch_size=256, prefetch=2, threads=2):
+        peak = max(peak, proc.memory_info().rss - base)
+    assert peak < 24 << 20, f"RSS grew {peak >> 20} MiB over a pass of a 48 MiB dataset"
