@@ -20,6 +20,8 @@ VERSION = 1
 
 #: Settings that change which rows a position refers to; a state saved under others cannot resume.
 ORDER_KEYS = ("world_size", "num_workers", "batch_size", "seed", "shuffle_shards", "drop_last", "buffer_shuffle")
+#: Settings only some streams have (permute_buckets, readers/buckets.py); absent on either side reads as None.
+OPTIONAL_ORDER_KEYS = ("permute_buckets",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,8 +64,8 @@ def parse_state(
         raise ValueError(
             f"stream state belongs to another dataset (fingerprint {saved}); {url} has fingerprint {fingerprint}"
         )
-    for key in ORDER_KEYS:
-        if state.get(key) != settings[key]:
+    for key in ORDER_KEYS + OPTIONAL_ORDER_KEYS:
+        if state.get(key) != settings.get(key):
             what = "world size" if key == "world_size" else key
             hint = " (a DataLoader's state loads into readers.torch.ActivationLoader)" if key == "num_workers" else ""
             raise ValueError(

@@ -64,6 +64,11 @@ class StreamConfig:
     on_damaged: str = "raise"
     """"raise": a damaged chunk raises ChecksumError naming shard and chunk. "skip": it is skipped and counted
     in stats.skipped_chunks / stats.damaged; the batches it fell in are shorter by its rows."""
+    permute_buckets: bool = False
+    """Read scattered data (written with a ScatterSpec) in a uniformly shuffled order: one bucket at a time,
+    permuted in memory per (seed, epoch, bucket) (readers/buckets.py). No `shuffler shuffle` needed."""
+    memory: int | str | None = None
+    """With permute_buckets: bytes for the bucket being served and the one prefetched (default 2 GiB)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "prefetch", "threads", "world_size", "rank", "buffer_shuffle", "seed"):
@@ -82,6 +87,11 @@ class StreamConfig:
             raise ValueError(f"on_damaged={self.on_damaged!r} must be 'raise' or 'skip'")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
+        if self.permute_buckets and self.buffer_shuffle:
+            raise ValueError("permute_buckets and buffer_shuffle exclude each other: permute_buckets already "
+                             "serves a uniform permutation")
+        if self.memory is not None and not self.permute_buckets:
+            raise ValueError(f"memory={self.memory!r} applies only with permute_buckets=True")
 
 
 class ActivationStream:
@@ -108,6 +118,8 @@ class ActivationStream:
         device=None,
         buffer_shuffle: int = 0,
         on_damaged: str = "raise",
+        permute_buckets: bool = False,
+        memory: int | str | None = None,
     ):
         env_rank, env_world = env.torchrun_rank_world()
         self.config = StreamConfig(
@@ -124,6 +136,8 @@ class ActivationStream:
             device=None if device is None else str(device),
             buffer_shuffle=buffer_shuffle,
             on_damaged=on_damaged,
+            permute_buckets=permute_buckets,
+            memory=memory,
         )
         self._device = torch_device(device)
         self._dataset: Dataset | None = Dataset.open(url)
@@ -135,6 +149,13 @@ class ActivationStream:
             raise ValueError(
                 f"{self.url}: columns {missing} are not in the dataset; it has {list(self.manifest.schema.column_names)}"
             )
+        self._buckets = None
+        if self.config.permute_buckets:
+            from .buckets import Buckets
+
+            if self.config.on_damaged != "raise":
+                raise ValueError("on_damaged='skip' is not supported with permute_buckets")
+            self._buckets = Buckets(self._dataset, self.config.memory)
         self.stats = ReadStats()
         self._worker: tuple[int, int] | None = None  # (worker, num_workers) when set by readers.torch
         self._epoch = 0
@@ -209,6 +230,7 @@ class ActivationStream:
         return {
             "world_size": c.world_size, "num_workers": self._split()[1], "batch_size": c.batch_size, "seed": c.seed,
             "shuffle_shards": c.shuffle_shards, "drop_last": c.drop_last, "buffer_shuffle": c.buffer_shuffle,
+            **(self._buckets.settings() if self._buckets is not None else {}),
         }
 
     def state_dict(self) -> dict:
@@ -290,6 +312,12 @@ class ActivationStream:
         """(batch index, acts, columns, keep-mask or None) for batches first.. of this epoch."""
         B = self.config.batch_size
         if first >= plan.n_batches:
+            return
+        if self._buckets is not None:
+            from .buckets import bucket_batches
+
+            yield from bucket_batches(self._buckets, plan, first, columns=self.config.columns,
+                                      threads=self.config.threads, stats=self.stats, alloc=bufs.alloc)
             return
         if not self.config.buffer_shuffle:
             asm = self._assembler(ds, self.config.prefetch, bufs.alloc)

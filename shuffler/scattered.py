@@ -232,6 +232,7 @@ class ScatteredDataset:
 
     def __init__(self, dataset: Dataset, spec: ScatterSpec, groups: list[Intermediates]):
         self.dataset, self.spec, self.groups = dataset, spec, groups
+        self.schema = dataset.schema
         B = spec.buckets
         rows = np.zeros(B, dtype=np.int64)
         for g in groups:
@@ -241,13 +242,12 @@ class ScatteredDataset:
         self.bucket_rows = rows
         """[B] int64: rows in each bucket."""
 
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, dataset=None)  # pickles small (readers' DataLoader workers): no open Dataset
+
     @property
     def buckets(self) -> int:
         return self.spec.buckets
-
-    @property
-    def schema(self) -> Schema:
-        return self.dataset.schema
 
     @classmethod
     def open(cls, url: str | Dataset) -> ScatteredDataset:
