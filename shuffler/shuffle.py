@@ -493,7 +493,7 @@ class _Run:
         if not self.cfg.keep_intermediate:
             storage(self.scratch).delete_prefix("")
         for name in self.dst.list(""):
-            if name.startswith("shard-") and ".tmp-" in name:
+            if (name.startswith("shard-") or name.startswith(MANIFEST + ".")) and ".tmp-" in name:
                 self.dst.delete(name)  # left by a task killed mid-write; we hold the lock, so none is live
             elif name.startswith(STATE + "/") and name != LOCK:
                 if not (self.cfg.keep_intermediate and name.startswith(DEFAULT_SCRATCH + "/")):
