@@ -18,6 +18,7 @@ tasks are deterministic, so redoing a half-done one rewrites the same bytes and 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -197,15 +198,19 @@ def _die() -> None:
 _report: Callable[[int, int], None] | None = None
 
 
-def _init_worker(q) -> None:
+def _init_worker(q, parent: int) -> None:
     global _report
     _report = lambda rows, nbytes: q.put((rows, nbytes))  # noqa: E731
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops the pool
-    parent = os.getppid()
+    # A coordinator killed with SIGKILL cannot stop its pool, and workers left running would go on writing
+    # intermediates after a re-run has cleaned up. Linux kills us with our parent (PR_SET_PDEATHSIG);
+    # elsewhere a watcher exits once we are reparented. Either way the re-run redoes our task.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(70)  # the parent died before the line above took effect
 
     def watch() -> None:
-        # A coordinator killed with SIGKILL cannot stop its pool, and the workers, holding both ends of the
-        # task queue's pipe, would wait on it forever. Exit once reparented; the re-run redoes our task.
         while os.getppid() == parent:
             time.sleep(0.5)
         os._exit(70)
@@ -251,7 +256,7 @@ class _Pool:
             ctx = multiprocessing.get_context("spawn")
             self.queue = ctx.Queue()
             self.executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(self.queue,))
+                                                initargs=(self.queue, os.getpid()))
         return self.executor
 
     def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
