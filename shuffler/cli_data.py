@@ -50,6 +50,8 @@ def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, s
     """
     from writers.synth import SynthConfig, synth
 
+    if buckets is not None and not scatter:
+        raise click.UsageError("--buckets needs --scatter")
     cfg = SynthConfig(rows=rows, d_model=d_model, dtype=dtype, docs=docs, seed=seed, features=features, k=k)
     extra = {}
     if scatter:
@@ -58,8 +60,6 @@ def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, s
 
         extra["scatter"] = (ScatterSpec(seed=seed, buckets=buckets) if buckets else ScatterSpec.sized(
             seed=seed, rows=rows, schema=Schema(dtype=dtype, d_model=d_model, columns=standard_columns()), memory=memory))
-    elif buckets is not None:
-        raise click.UsageError("--buckets needs --scatter")
     with Progress("synth", rows) as bar:
         synth(out, cfg, progress=bar.update, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, level=level,
               overwrite=overwrite, **extra)
