@@ -69,7 +69,7 @@ def parse_state(
             what = "world size" if key == "world_size" else key
             hint = " (a DataLoader's state loads into readers.torch.ActivationLoader)" if key == "num_workers" else ""
             raise ValueError(
-                f"stream state was saved with {key}={state.get(key)!r}, this stream has {key}={settings[key]!r}; "
+                f"stream state was saved with {key}={state.get(key)!r}, this stream has {key}={settings.get(key)!r}; "
                 f"resuming needs the same {what} (the split of rows into batches depends on it){hint}"
             )
     pos = state.get("positions")
