@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -283,20 +284,42 @@ class MapOutput:
     """[buckets + 1] int64: bucket b's chunks are chunk_start[b] .. chunk_start[b+1]-1."""
 
     def to_bytes(self) -> bytes:
+        # [version 2, index, size, n_chunks, rows, crc32 of the other elements, *chunk_start] as one .npy.
+        a = np.concatenate([[2, self.index, self.size, self.n_chunks, self.rows, 0], self.chunk_start]).astype("<i8")
+        a[5] = _marker_crc(a)
         buf = io.BytesIO()
-        head = np.array([1, self.index, self.size, self.n_chunks, self.rows], dtype=np.int64)
-        np.save(buf, np.concatenate([head, self.chunk_start.astype(np.int64)]), allow_pickle=False)
+        np.save(buf, a, allow_pickle=False)
         return buf.getvalue()
 
     @staticmethod
     def from_bytes(data: bytes, *, where: str, buckets: int) -> MapOutput:
-        try:
-            a = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise FormatError(f"{where}: not an intermediate index ({e})") from None
-        if a.dtype != np.int64 or a.ndim != 1 or len(a) != 5 + buckets + 1 or a[0] != 1:
-            raise FormatError(f"{where}: intermediate index is not for {buckets} buckets (damaged or another run)")
-        return MapOutput(int(a[1]), int(a[2]), int(a[3]), int(a[4]), a[5:].copy())
+        """Parse a marker, refusing (FormatError) any byte that differs from what to_bytes could have written:
+        the exact .npy header for this bucket count, a CRC over every field, chunk_start rising from 0 to
+        n_chunks. A damaged marker could otherwise move rows between buckets or size a huge read."""
+        n = 6 + buckets + 1
+        head = _npy_header(n)
+        if len(data) != len(head) + 8 * n or bytes(data[: len(head)]) != head:
+            raise FormatError(f"{where}: not an intermediate index for {buckets} buckets ({len(data)} bytes; "
+                              "damaged, or written by another version)")
+        a = np.frombuffer(data, dtype="<i8", offset=len(head))
+        cs = a[6:]
+        if a[0] != 2 or a[5] != _marker_crc(a):
+            raise FormatError(f"{where}: intermediate index checksum mismatch (damaged)")
+        if cs[0] != 0 or cs[-1] != a[3] or (np.diff(cs) < 0).any() or a[2] <= 0 or a[4] < 0:
+            raise FormatError(f"{where}: intermediate index is inconsistent (damaged)")
+        return MapOutput(int(a[1]), int(a[2]), int(a[3]), int(a[4]), cs.astype(np.int64))
+
+
+@functools.lru_cache(maxsize=8)
+def _npy_header(n: int) -> bytes:
+    """The .npy header np.save writes for a [n] little-endian int64 array."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(n, dtype="<i8"), allow_pickle=False)
+    return buf.getvalue()[: -8 * n]
+
+
+def _marker_crc(a: np.ndarray) -> int:
+    return zlib.crc32(a[:5].tobytes() + a[6:].tobytes())
 
 
 def run_map(task: MapTask, progress: Progress = None) -> MapOutput:

@@ -24,11 +24,13 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -226,8 +228,24 @@ def _reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list
     hook = (lambda k: _die() if k >= kill_in else None) if kill_in else None
     shards, fp = run_reduce(task, _report, hook)
     marker = {"bucket": list(task.path), "shards": [s.__dict__ for s in shards], "fingerprint": fp.to_json()}
+    marker["crc"] = _crc(marker)
     storage(state_url).write(reduce_marker(task.path[0]), json.dumps(marker).encode())  # the commit, last
     return shards, fp
+
+
+def _crc(obj: dict) -> int:
+    return zlib.crc32(json.dumps({k: v for k, v in obj.items() if k != "crc"}, sort_keys=True).encode())
+
+
+def _read_marker(data: bytes, b: int) -> tuple[list[ShardInfo], Fingerprint] | None:
+    """Bucket b's commit marker, or None if it is damaged (then the bucket is redone, rewriting the same bytes)."""
+    try:
+        m = json.loads(data)
+        if m["crc"] != _crc(m) or m["bucket"] != [b]:
+            return None
+        return [ShardInfo(**s) for s in m["shards"]], Fingerprint.from_json(m["fingerprint"], where="marker")
+    except (ValueError, TypeError, KeyError, FormatError):
+        return None
 
 
 def reduce_marker(b: int) -> str:
@@ -419,7 +437,10 @@ class _Run:
                 self.stats["pass1_start"] = time.time()
                 maps = self._pass1(pool, map_rows)
                 self.stats["pass2_start"] = time.time()
-                results = self._pass2(pool, maps)
+                try:
+                    results = self._pass2(pool, maps)
+                except FormatError as e:
+                    raise self._uncommit_damaged(e) from None
                 self.stats["pass2_end"] = time.time()
             shards = [s for r in results for s in r[0]]
             fp = sum((r[1] for r in results), Fingerprint())
@@ -445,6 +466,15 @@ class _Run:
             lock.release()
             self._remove_empty_dirs()
 
+    def _uncommit_damaged(self, e: FormatError) -> FormatError:
+        """An intermediate found damaged in pass 2 loses its commit marker, so the next run redoes its map task
+        (without this, every re-run would stop at the same damaged chunk)."""
+        m = re.search(re.escape(self.scratch) + r"/(map-\d+)\.shard", str(e))
+        if m is None:
+            return e
+        storage(self.scratch).delete(m.group(1) + ".idx")
+        return type(e)(f"{e}; that intermediate is now uncommitted: re-run the same command to redo it and finish")
+
     def _check_dst(self) -> Manifest | None:
         """A finished run of this very shuffle returns its manifest; anything else at DST is refused or cleared."""
         if self.dst.exists(MANIFEST):
@@ -464,7 +494,7 @@ class _Run:
                 self.dst.delete(s.name)
             self._clear_state()
         if self.dst.exists(RUN):
-            other = json.loads(self.dst.read(RUN))
+            other = self._read_state()
             if other.get("identity") != self.identity:
                 if not self.cfg.overwrite:
                     raise FileExistsError(
@@ -475,12 +505,25 @@ class _Run:
                 self._clear_state(other)
         return None
 
+    def _read_state(self) -> dict:
+        """run.json, or {} if it is damaged (then it is no run's state: refused, or cleared by --overwrite)."""
+        try:
+            state = json.loads(self.dst.read(RUN))
+        except (ValueError, FileNotFoundError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
     def _clear_state(self, other: dict | None = None) -> None:
         if other is None and self.dst.exists(RUN):
-            with contextlib.suppress(ValueError):
-                other = json.loads(self.dst.read(RUN))
-        if other and other.get("scratch") and other["scratch"] != self.scratch:
-            storage(other["scratch"]).delete_prefix("")
+            other = self._read_state()
+        scratch = other.get("scratch") if other else None
+        if isinstance(scratch, str) and scratch != self.scratch and re.search(r"/run-[0-9a-f]{16}$", scratch):
+            # Only objects an intermediate can be named: run.json is data at DST, and must not be able to
+            # make --overwrite delete anything else wherever it points.
+            store = storage(scratch)
+            for name in store.list(""):
+                if re.fullmatch(r"(sub-[0-9.]+/)*map-\d+\.(shard|idx)(\.tmp-[0-9a-f]+)?", name):
+                    store.delete(name)
         for name in self.dst.list(""):
             if name.startswith("shard-") or (name.startswith(STATE + "/") and name != LOCK):
                 self.dst.delete(name)
@@ -488,7 +531,9 @@ class _Run:
     def _start_or_resume(self) -> int:
         """Write run.json for a new run; for a resumed one keep its map split (it fixes the intermediates)."""
         if self.dst.exists(RUN):
-            return int(json.loads(self.dst.read(RUN))["map_rows"])
+            map_rows = self._read_state().get("map_rows")
+            # A damaged value only changes the split, and the split never changes the output.
+            return map_rows if isinstance(map_rows, int) and map_rows >= 1 else self.plan.map_rows
         state = {"identity": self.identity, "run_id": self.run_id, "map_rows": self.plan.map_rows,
                  "scratch": self.scratch}
         self.dst.write(RUN, json.dumps(state, indent=1).encode())
@@ -524,14 +569,18 @@ class _Run:
         done: dict[int, MapOutput] = {}
         for name in names:
             if name.startswith("map-") and name.endswith(".idx") and name[:-4] + ".shard" in names:
-                out = MapOutput.from_bytes(store.read(name), where=store.url_of(name), buckets=B)
+                try:
+                    out = MapOutput.from_bytes(store.read(name), where=store.url_of(name), buckets=B)
+                except FormatError:
+                    continue  # a damaged commit marker commits nothing: the task is redone below
                 done[out.index] = out
         key = stream_key(self.cfg.seed)
         calls = []
         for m, lo in enumerate(range(0, n, map_rows)):
-            if m in done:
-                continue
             hi = min(n, lo + map_rows)
+            if m in done and done[m].rows == hi - lo:
+                continue
+            done.pop(m, None)
             sel, skip = table.select(lo, hi)
             calls.append((MapTask(
                 index=m, table=sel, skip=skip, rows=hi - lo, row_start=lo, key=key, buckets=B, scratch=self.scratch,
@@ -556,11 +605,11 @@ class _Run:
         present = set(self.dst.list(""))
         results: dict[int, tuple[list[ShardInfo], Fingerprint]] = {}
         for name in present:
-            if name.startswith(REDUCE_DONE + "/b-") and name.endswith(".json"):
-                m = json.loads(self.dst.read(name))
-                shards = [ShardInfo(**s) for s in m["shards"]]
-                if all(s.name in present for s in shards):
-                    results[m["bucket"][0]] = (shards, Fingerprint.from_json(m["fingerprint"], where=name))
+            if name.startswith(REDUCE_DONE + "/b-") and name.endswith(".json") and name[len(REDUCE_DONE) + 3 : -5].isdigit():
+                b = int(name[len(REDUCE_DONE) + 3 : -5])
+                got = _read_marker(self.dst.read(name), b)
+                if got is not None and b < B and all(s.name in present for s in got[0]):
+                    results[b] = got
         todo = [b for b in range(B) if b not in results]
         calls = []
         if todo:
