@@ -54,4 +54,15 @@ def seal(url: str, *, allow_empty: bool = False) -> Manifest:
     meta = dict(common, producers=[p for p, _ in parts])
     manifest = Manifest(schema=first.schema, shards=tuple(shards), fingerprint=fp, metadata=meta)
     write_manifest(store, manifest)
+    # A producer that started after the listing above is not in the manifest: say so rather than let its
+    # rows be left out silently (its own close() says so too, if it finishes after this commit).
+    late = sorted({n[len(PARTS) + 1 : -len(".started")] for n in store.list(PARTS) if n.endswith(".started")}
+                  - {p for p, _ in parts})
+    if late:
+        raise UnfinishedPartError(
+            f"{store.url}: sealed {len(parts)} part(s), but "
+            + ", ".join(f"{PARTS}/{p}" for p in late)
+            + f" started during the seal and are not in the dataset; when they finish, delete {MANIFEST} and "
+            "seal again"
+        )
     return manifest

@@ -357,17 +357,24 @@ class _Lock:
     def acquire(self) -> None:
         me = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": _proc_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for _ in range(3):
+        for _ in range(100):
             if self.store.put_if_absent(LOCK, json.dumps(me).encode()):
                 return
-            try:
-                other = json.loads(self.store.read(LOCK))
-            except FileNotFoundError:
-                continue
-            except ValueError:
-                other = {}
+            other = self._read(LOCK)
+            if other is None:
+                continue  # released meanwhile
             if self.break_lock or _holder_dead(other):
-                self.store.delete(LOCK)  # the holder was killed (kill -9 leaves its lock behind)
+                # The holder was killed (kill -9 leaves its lock behind). Of several runs that find it dead at
+                # once, only the one that creates lock.broken-<its token> deletes it; a plain check-then-delete
+                # would let a slower run delete the lock the faster one has just taken.
+                mark = f"{LOCK}.broken-{str(other.get('token'))[:64]}"
+                if self.store.put_if_absent(mark, json.dumps(me).encode()):
+                    self.store.delete(LOCK)
+                    continue
+                breaker = self._read(mark)
+                if breaker is not None and _holder_dead(breaker):
+                    self.store.delete(mark)  # the breaker died mid-break; let the next try break again
+                time.sleep(0.02)
                 continue
             raise ShuffleLockedError(
                 f"{self.store.url}: another shuffle is writing here (lock {self.store.url_of(LOCK)}: host "
@@ -375,6 +382,16 @@ class _Lock:
                 "finish. If that process is dead on another machine, re-run with --break-lock"
             )
         raise ShuffleLockedError(f"{self.store.url}: could not take {LOCK}: other shuffles keep racing for it")
+
+    def _read(self, name: str) -> dict | None:
+        """A lock-like JSON object; None if absent, {} if unreadable (a holder we know nothing about)."""
+        try:
+            v = json.loads(self.store.read(name))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
+        return v if isinstance(v, dict) else {}
 
     def release(self) -> None:
         with contextlib.suppress(FileNotFoundError, ValueError):

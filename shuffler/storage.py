@@ -185,12 +185,27 @@ class Storage:
         with _explain(self.url_of(name), "writing"):
             if self.is_local:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                # Whole or not at all, as every object: write a temporary file, then link(2) it to the name,
+                # which fails if the name exists. (An O_EXCL create followed by a write leaves an empty lock
+                # behind when killed in between, and an empty lock names no holder to check.)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
                 try:
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    return False
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                    except OSError:  # no hard links on this filesystem (some FUSE/SMB mounts): O_EXCL
+                        try:
+                            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                        except FileExistsError:
+                            return False
+                        with os.fdopen(fd, "wb") as f:
+                            f.write(data)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
                 return True
             if "s3" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
                 try:

@@ -75,6 +75,8 @@ class ShardWriter:
         self.metadata = dict(metadata or {})
         self.allow_nonfinite = allow_nonfinite
         manifest_name = MANIFEST if producer is None else part_manifest_name(producer)
+        if producer is not None and self.store.exists(MANIFEST):
+            raise FileExistsError(f"{self.url} is already sealed ({MANIFEST}): a part written now would not be in it")
         self._replaced: Manifest | None = None
         if self.store.exists(manifest_name):
             if not overwrite:
@@ -89,6 +91,18 @@ class ShardWriter:
         prefix = f"{producer}/" if producer else ""
         if self._replaced is not None:
             prefix += f"v{uuid.uuid4().hex[:8]}-"
+        if producer is not None:
+            # Marks the part as started: `seal` refuses while a started part has no part manifest. First writer
+            # wins, so two producers of one name can never mix their shards into one part.
+            marker = json.dumps({"started": time.time()}).encode()
+            if not self.store.put_if_absent(part_marker_name(producer), marker):
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{self.url}: producer {producer!r} already started a part ({part_marker_name(producer)}) "
+                        "that is not finished: another producer of that name is writing, or one died; pass "
+                        "overwrite=True to replace it"
+                    )
+                self.store.write(part_marker_name(producer), marker)
         if scatter is not None:
             # Pass-1 intermediates instead of shards (shuffler/scattered.py), in a folder per producer (and
             # per overwrite), since run names are map-NNNNNN.shard as pass 2 expects.
@@ -108,9 +122,6 @@ class ShardWriter:
                 level=level,
                 threads=threads,
             )
-        if producer is not None:
-            # Marks the part as started: `seal` refuses while a started part has no part manifest.
-            self.store.write(part_marker_name(producer), json.dumps({"started": time.time()}).encode())
         self._done = False
         self.rows_written = 0
 
@@ -168,6 +179,13 @@ class ShardWriter:
                     self.store.delete(sh.name)
                     if sh.name.endswith(".shard") and sh.name.rpartition("/")[2].startswith("map-"):
                         self.store.delete(sh.name[: -len(".shard")] + ".idx")  # a scattered run's marker
+        if self.producer is not None and self.store.exists(MANIFEST):
+            if self.producer not in read_manifest(self.store).metadata.get("producers", []):
+                raise FileExistsError(
+                    f"{self.url} was sealed while producer {self.producer!r} wrote its part: the part "
+                    f"({part_manifest_name(self.producer)}) is complete but not in the dataset; delete {MANIFEST} "
+                    "and run `shuffler seal` again to include it"
+                )
         return manifest
 
     def abort(self) -> None:
