@@ -11,6 +11,7 @@ not the generator (whose time is also printed, and a ratio that includes it in b
 
 (a) ShardWriter -> shuffler.shuffle (pass 1 scatter + pass 2 permute, default workers) -> ActivationStream
 (b) ShardWriter(scatter=ScatterSpec.sized(...)) -> ActivationStream(permute_buckets=True)
+(c) for reference, (b)'s data -> shuffler shuffle --from-scatter (pass 2 only) -> ActivationStream
 
 Bytes are object sizes on local disk: what each step writes, and what it reads (a shuffle pass reads whole
 objects; a stream counts the compressed chunk bytes it fetched, stats.bytes_read). Targets: (b)/(a) <= 0.55
@@ -34,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.common import adjacency, fmt_bytes, load_note  # noqa: E402
 from readers import ActivationStream  # noqa: E402
 from shuffler import Dataset  # noqa: E402
+from shuffler.from_scatter import shuffle_from_scatter  # noqa: E402
 from shuffler.scattered import ScatterSpec  # noqa: E402
 from shuffler.shuffle import shuffle  # noqa: E402
 from writers.shard_writer import ShardWriter  # noqa: E402
@@ -135,6 +137,17 @@ def main() -> None:
         scat_b = tree_bytes(scat)
         b_steps = [("write scattered", t1 - t0, 0, scat_b), ("read permuted", t2 - t1, s.stats.bytes_read, 0)]
         wall_b = t2 - t0
+
+        # ---- (c) for reference: the same scattered data, pass 2 only (shuffle --from-scatter), then read --
+        out_c = os.path.join(base, "from-scatter")
+        t3 = time.perf_counter()
+        shuffle_from_scatter(scat, out_c, memory=memory, progress=False)
+        t4 = time.perf_counter()
+        s = ActivationStream(out_c, batch_size=args.batch_size, columns=COLUMNS)
+        order_c = read_all(s, row_of)
+        t5 = time.perf_counter()
+        out_c_b = Dataset.open(out_c).manifest.stored_bytes
+        c_steps = [b_steps[0], ("pass 2 only", t4 - t3, scat_b, out_c_b), ("read shuffled", t5 - t4, s.stats.bytes_read, 0)]
     finally:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
@@ -151,6 +164,7 @@ def main() -> None:
     moved_a = table(f"(a) write + two-pass shuffle ({st['plan']['buckets']} buckets, {st['workers']} workers) + read",
                     a_steps)
     moved_b = table(f"(b) scatter on write ({spec.buckets} buckets) + permute on read", b_steps)
+    moved_c = table("(c) scatter on write + shuffle --from-scatter (pass 2 only) + read", c_steps)
     qa, qb = adjacency(order_a, doc), adjacency(order_b, doc)
     perm = lambda o: bool(len(o) == rows and np.array_equal(np.sort(o), np.arange(rows)))  # noqa: E731
     print(f"\nquality: (a) permutation {perm(order_a)}, same-document adjacent pairs {qa['observed']:.2e} "
@@ -159,6 +173,9 @@ def main() -> None:
     print(f"\nbytes moved (b)/(a): {moved_b / moved_a:.3f}   (target <= 0.55)")
     print(f"wall time   (b)/(a): {wall_b / wall_a:.3f}   ({wall_b:.1f} s / {wall_a:.1f} s; target <= 0.6)")
     print(f"wall time with the producer's generation in both arms: {(wall_b + t_gen) / (wall_a + t_gen):.3f}")
+    wall_c = sum(w for _, w, _, _ in c_steps)
+    print(f"(c)/(a): bytes moved {moved_c / moved_a:.3f}, wall {wall_c / wall_a:.3f}; (c) output is a permutation: "
+          f"{perm(order_c)}")
     print(f"after: {load_note()}")
 
 
