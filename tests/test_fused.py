@@ -286,3 +286,18 @@ def test_cli_subprocess(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
     r = run("shuffle", "--from-scatter", dst, str(tmp_path / "again"))
     assert r.returncode == 1 and "is not a scattered dataset" in r.stderr
+
+
+def test_every_backend_producers_scatter_seal_from_scatter_and_permuted_read(any_url, tmp_path):
+    """Producer folders, markers and pass 2 on local disk, memory:// and S3 (moto on 127.0.0.1)."""
+    from readers import ActivationStream
+
+    for p, rows in enumerate([range(0, 70), range(70, 150)]):
+        write_scattered(any_url, rows, seed=8, buckets=3, producer=f"gpu{p}", run_rows=40, chunk_rows=9)
+    seal(any_url)
+    dst = str(tmp_path / "out")
+    shuffle_from_scatter(any_url, dst, workers=1)
+    assert np.array_equal(np.sort(row_ids(dst)), np.arange(150))
+    got = [b.columns["row_id"] for b in ActivationStream(any_url, batch_size=32, columns=("row_id",),
+                                                          permute_buckets=True)]
+    assert np.array_equal(np.sort(np.concatenate(got)), np.arange(150))
