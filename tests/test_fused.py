@@ -153,7 +153,7 @@ def test_rerun_returns_the_finished_output(tmp_path):
 def _fused_orders(n: int, seeds, buckets: int, producers: int) -> np.ndarray:
     out = []
     for s in seeds:
-        src = scattered_source(n, seed=s, buckets=buckets, producers=producers, run_rows=3, chunk_rows=2)
+        src = scattered_source(n, seed=s, buckets=buckets, producers=producers, run_rows=n, chunk_rows=4)
         dst = f"memory://fused-out-{uuid.uuid4().hex[:10]}"
         shuffle_from_scatter(src, dst, workers=1, chunk_bytes=2 * ROW, shard_bytes=4 * ROW)
         out.append(row_ids(dst))

@@ -170,7 +170,7 @@ def _read_orders(n: int, seeds, buckets: int, epochs: int) -> np.ndarray:
     """[len(seeds), epochs, n] output row order of each epoch."""
     out = []
     for s in seeds:
-        url = scattered_source(n, seed=s, buckets=buckets, producers=2, run_rows=3, chunk_rows=2)
+        url = scattered_source(n, seed=s, buckets=buckets, run_rows=n, chunk_rows=4)  # (2 producers: test_fused.py)
         bs = [b for b in ActivationStream(url, batch_size=n, columns=("row_id",), permute_buckets=True,
                                           epochs=epochs, seed=s)]
         out.append([b.columns["row_id"] for b in bs])
