@@ -33,11 +33,16 @@ from shuffler.verify import verify
 from .test_reliability_shuffle import OPTS, ROOT, drive
 from .test_shuffle import make_dataset, output_bytes
 
-SHARD_FLIPS = 150
-INTERMEDIATE_FLIPS = 12
-MARKER_FLIPS = 12
-MANIFEST_FLIPS = 150
+# Flips per test by default, and with --slow.
+SHARD_FLIPS = (150, 3000)
+INTERMEDIATE_FLIPS = (12, 150)
+MARKER_FLIPS = (12, 150)
+MANIFEST_FLIPS = (150, 3000)
 SEED = 20261127
+
+
+def count(request, which: tuple[int, int]) -> int:
+    return which[1] if request.config.getoption("--slow") else which[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +83,14 @@ def region(ds: Dataset, i: int, pos: int) -> tuple[str, int | None]:
     return "index", None
 
 
-def test_flipped_byte_anywhere_in_a_shard_is_caught_or_harmless(data):
+def test_flipped_byte_anywhere_in_a_shard_is_caught_or_harmless(data, request):
     """SHARD_FLIPS single-byte flips at uniform positions of uniformly chosen shards, one at a time."""
     _, dst, chunks = data
+    n = count(request, SHARD_FLIPS)
     ref = Dataset.open(dst)
     rng = np.random.default_rng(SEED)
     tally: Counter = Counter()
-    for _ in range(SHARD_FLIPS):
+    for _ in range(n):
         i = int(rng.integers(len(ref.shards)))
         name = ref.shards[i].name
         pos, x = int(rng.integers(ref.shards[i].bytes)), int(rng.integers(1, 256))
@@ -117,9 +123,9 @@ def test_flipped_byte_anywhere_in_a_shard_is_caught_or_harmless(data):
                 tally["header: check names the shard" if damage else "header: byte unused (flags, level)"] += 1
         finally:
             flip(os.path.join(dst, name), pos, x)
-    print(f"\n{SHARD_FLIPS} shard flips: {dict(tally)}")
+    print(f"\n{n} shard flips: {dict(tally)}")
     assert Dataset.open(dst).check()[0] == []
-    assert tally["chunk: read fails naming shard and chunk"] >= SHARD_FLIPS // 2
+    assert tally["chunk: read fails naming shard and chunk"] >= n // 2
 
 
 def damage_chunks(dst: str, picks: list[tuple[int, int]], rng) -> list[tuple[str, int]]:
@@ -204,13 +210,13 @@ def finish_after_damage(src: str, dst: str, reference: dict) -> str:
 
 
 @pytest.mark.parametrize("what", ["shard", "idx"])
-def test_flipped_byte_in_an_intermediate_is_caught_and_healed_by_rerun(between_passes, tmp_path, what):
+def test_flipped_byte_in_an_intermediate_is_caught_and_healed_by_rerun(between_passes, tmp_path, what, request):
     src, pristine, reference = between_passes
     rng = np.random.default_rng(SEED + (what == "idx"))
     files = sorted(glob.glob(f"{pristine}/.shuffle/scratch/run-*/map-*.{what}"))
     assert len(files) == 5
     tally: Counter = Counter()
-    n = INTERMEDIATE_FLIPS if what == "shard" else MARKER_FLIPS
+    n = count(request, INTERMEDIATE_FLIPS if what == "shard" else MARKER_FLIPS)
     for t in range(n):
         dst = str(tmp_path / f"t{t}")
         shutil.copytree(pristine, dst)
@@ -292,7 +298,7 @@ def test_run_state_cannot_make_overwrite_delete_elsewhere(between_passes, tmp_pa
 # -- manifests ------------------------------------------------------------------------------------------
 
 
-def test_flipped_byte_in_a_manifest_is_refused_or_harmless(data, tmp_path):
+def test_flipped_byte_in_a_manifest_is_refused_or_harmless(data, tmp_path, request):
     """MANIFEST_FLIPS flips in manifest.json: opening fails with a format error naming it, or the manifest still
     parses, and then any change that matters (a size, a row count, a name) fails reads naming the shard,
     or check/verify report it (a changed fingerprint). Reads never return rows other than the shards'."""
@@ -304,7 +310,8 @@ def test_flipped_byte_in_a_manifest_is_refused_or_harmless(data, tmp_path):
     ref = Dataset.open(ref_dst)
     rng = np.random.default_rng(SEED)
     tally: Counter = Counter()
-    for _ in range(MANIFEST_FLIPS):
+    n = count(request, MANIFEST_FLIPS)
+    for _ in range(n):
         bad = bytearray(original)
         bad[int(rng.integers(len(bad)))] ^= int(rng.integers(1, 256))
         open(path, "wb").write(bytes(bad))
@@ -341,4 +348,4 @@ def test_flipped_byte_in_a_manifest_is_refused_or_harmless(data, tmp_path):
         else:
             tally["opens; only metadata changed, data intact"] += 1
     open(path, "wb").write(original)
-    print(f"\n{MANIFEST_FLIPS} manifest flips: {dict(tally)}")
+    print(f"\n{n} manifest flips: {dict(tally)}")
