@@ -301,3 +301,27 @@ def test_every_backend_producers_scatter_seal_from_scatter_and_permuted_read(any
     got = [b.columns["row_id"] for b in ActivationStream(any_url, batch_size=32, columns=("row_id",),
                                                           permute_buckets=True)]
     assert np.array_equal(np.sort(np.concatenate(got)), np.arange(150))
+
+
+def test_cli_capture_scatter_sizes_buckets_from_the_layer_width(tmp_path):
+    from shuffler.plan import PlanRequest, make_plan
+    from shuffler.schema import Schema, standard_columns
+
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("Activations are captured in document order, so they must be shuffled. " * 40)
+    out, dst = str(tmp_path / "cap"), str(tmp_path / "out")
+    schema = Schema(dtype="float32", d_model=384, columns=standard_columns())  # MiniLM's width, known after loading
+    memory = fixed_overhead(8 << 20) + 150 * (schema.row_bytes + 12)  # room for 150 of the 200 rows
+    r = CliRunner().invoke(main, ["capture", out, "--layer", "1", "--max-tokens", "200", "--context", "48",
+                                  "--text", str(text), "--device", "cpu", "--scatter", "--seed", "3",
+                                  "--memory", str(memory)])
+    assert r.exit_code == 0, r.output
+    ds = Dataset.open(out)
+    want = make_plan(PlanRequest(rows=200, schema=schema, memory=memory)).buckets
+    assert ds.metadata["scatter"] == {"format": 1, "seed": 3, "buckets": want} and want > 1
+    assert ds.num_rows == 200 and all(s.name.startswith("map-") for s in ds.shards)
+    assert shuffle_from_scatter(out, dst, workers=1).num_rows == 200
+    assert verify([out], dst, full=True).ok
+    r = CliRunner().invoke(main, ["capture", out, "--layer", "1", "--max-tokens", "10", "--buckets", "4"])
+    assert r.exit_code == 2 and "--buckets needs --scatter" in r.output
