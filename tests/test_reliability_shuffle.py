@@ -244,3 +244,67 @@ def test_killed_again_while_resuming(case, tmp_path):
     n = len(case.events)
     for k in range(5, n, 9):
         case.kill_and_resume(str(tmp_path / f"out-{k}"), [k, max(2, (n - k) // 2)], str(tmp_path / "log.json"))
+
+
+# -- the trainer: kill -9 at a step, and inside a checkpoint's commits ---------------------------------------
+
+TRAIN_DRIVER = r"""
+import os, signal, sys
+import trainer.checkpoint as ck
+from trainer import TrainConfig, train
+url, out, kill_replace, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+n = [0]
+real = os.replace
+
+def replace(a, b):  # every checkpoint file (weights, reader state, meta, latest.json) commits by a rename
+    real(a, b)
+    n[0] += 1
+    if n[0] == kill_replace:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ck.os.replace = replace
+
+def on_step(step):
+    if step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(url, out, TrainConfig(n_latents=32, k=4, batch_size=256, tokens=12 * 256, lr=4e-3, checkpoint_every=4,
+                            log_every=2, seed=0), device="cpu", progress=False, on_step=on_step)
+"""
+TRAIN_CFG = dict(n_latents=32, k=4, batch_size=256, tokens=12 * 256, lr=4e-3, checkpoint_every=4, log_every=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    import torch
+
+    from trainer import TrainConfig, train
+    from writers.synth import SynthConfig, synth
+
+    base = tmp_path_factory.mktemp("train")
+    url = str(base / "ds")
+    synth(url, SynthConfig(rows=4096, d_model=16, docs=4096, seed=1, k=3, features=48))
+    whole = train(url, base / "whole", TrainConfig(**TRAIN_CFG), device="cpu", progress=False)
+    return url, {k: v.clone() for k, v in whole.sae.state_dict().items()}, torch
+
+
+# (kill at the n-th checkpoint file commit, kill at step): the step-4 checkpoint's four commits are renames
+# 1-4 (weights, reader state, meta.json, latest.json), step 8's are 5-8; and plain kills between steps.
+TRAIN_KILLS = [(7, 0), (0, 6)] + [pytest.param(*k, marks=pytest.mark.slow) for k in [(1, 0), (2, 0), (3, 0), (4, 0),
+                                                                                    (5, 0), (0, 11)]]
+
+
+@pytest.mark.parametrize(("kill_replace", "kill_step"), TRAIN_KILLS)
+def test_trainer_killed_then_resumed_equals_uninterrupted(train_data, tmp_path, kill_replace, kill_step):
+    from trainer import TrainConfig, train
+
+    url, whole, torch = train_data
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", TRAIN_DRIVER, url, str(out), str(kill_replace), str(kill_step)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    resumed = train(url, out, TrainConfig(**TRAIN_CFG), device="cpu", progress=False,
+                    resume=(out / "latest.json").exists())
+    assert resumed.steps == 12
+    for name, t in resumed.sae.state_dict().items():
+        assert torch.equal(t, whole[name]), name
