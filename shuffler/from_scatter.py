@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 
+from .errors import FormatError
 from .manifest import Manifest
 from .permute import Intermediates
 from .plan import DEFAULT_MEMORY
 from .rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from .scatter import MapOutput
 from .scattered import ScatteredDataset
-from .shuffle import ShuffleConfig, _Pool, _Run, _size
+from .shuffle import ShuffleConfig, _Run, _size
 
 
 class _FromScatterRun(_Run):
@@ -35,8 +36,11 @@ class _FromScatterRun(_Run):
         self.scratch = f"{self.scratch_base}/run-{self.run_id}"  # only recursion into oversize buckets uses it
         self.stats["from_scatter"] = True
 
-    def _pass1(self, pool: _Pool, map_rows: int) -> list[MapOutput]:
+    def _pass1(self, pool, map_rows: int) -> list[MapOutput]:
         return []  # the producers wrote pass 1's output while they captured
+
+    def _uncommit_damaged(self, e: FormatError) -> FormatError:
+        return e  # the runs are the producers' data: a damaged one is named, never deleted to be redone
 
     def _intermediates(self, maps: list[MapOutput]) -> Intermediates | ScatteredDataset:
         return self.scattered  # .table(b): bucket b's chunks from every producer's runs
