@@ -325,3 +325,18 @@ def test_cli_capture_scatter_sizes_buckets_from_the_layer_width(tmp_path):
     assert verify([out], dst, full=True).ok
     r = CliRunner().invoke(main, ["capture", out, "--layer", "1", "--max-tokens", "10", "--buckets", "4"])
     assert r.exit_code == 2 and "--buckets needs --scatter" in r.output
+
+
+def test_a_damaged_run_is_named_and_kept(tmp_path):
+    src = str(tmp_path / "s")
+    write_scattered(src, range(60), seed=0, buckets=3, run_rows=20, chunk_rows=4)
+    ds = Dataset.open(src)
+    e = ds.index(1).entries[2]
+    path = tmp_path / "s" / ds.shards[1].name
+    data = bytearray(path.read_bytes())
+    data[int(e["offset"]) + int(e["comp_len"]) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="map-000001.shard"):
+        shuffle_from_scatter(src, str(tmp_path / "out"), workers=1)
+    assert (tmp_path / "s" / "map-000001.idx").exists()  # the producer's data: reported, never deleted
+    assert not (tmp_path / "out" / "manifest.json").exists()
