@@ -162,6 +162,12 @@ class ActivationStream:
         self._batch = 0
         self._finished = False  # set when an iteration ran to the end; the next one starts over
 
+    def __repr__(self) -> str:
+        c = self.config
+        w, n = self._split()
+        return (f"ActivationStream({self.url!r}, batch_size={c.batch_size}, rank={c.rank}/{c.world_size}, "
+                f"worker={w}/{n}, epoch={self._epoch}, batch={self._batch})")
+
     # -- pickling and fork: each process opens its own storage client (never share sockets across fork) ---
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

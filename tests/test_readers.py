@@ -102,6 +102,20 @@ def test_batches_ending_on_chunk_boundaries(local_ds, batch_size, prefetch):
     assert np.array_equal(got, np.arange(ROWS))
 
 
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(world_size=st.integers(1, 8), workers=st.integers(1, 4), batch_size=st.integers(1, 700),
+       drop_last=st.booleans(), seed=st.integers(0, 2**63), buffer_shuffle=st.sampled_from([0, 0, 50, 999]))
+def test_every_row_exactly_once_long(local_ds, world_size, workers, batch_size, drop_last, seed, buffer_shuffle):
+    url, _ = local_ds
+    streams = consumers(url, world_size=world_size, workers=workers, batch_size=batch_size, drop_last=drop_last,
+                        seed=seed, buffer_shuffle=buffer_shuffle)
+    got = rids(b for s in streams for b in s)
+    assert len(np.unique(got)) == len(got)
+    if not drop_last:
+        assert len(got) == ROWS
+
+
 def test_last_batch_short_unless_drop_last(local_ds):
     url, _ = local_ds
     sizes = [len(b) for b in ActivationStream(url, batch_size=128)]
