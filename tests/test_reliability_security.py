@@ -10,14 +10,14 @@ import json
 import logging
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from shuffler import FormatError, Manifest
+from shuffler.cli import main
 from shuffler.scatter import MapOutput
 from shuffler.storage import Storage
 
@@ -171,7 +171,7 @@ def all_bytes_under(store: Storage) -> dict[str, bytes]:
 
 
 def test_credentials_are_never_written_or_logged(s3_endpoint, tmp_path, monkeypatch, caplog, capfd):
-    """A shuffle, a refused shuffle and a training run (in this process) and verify (a real process) on S3,
+    """A shuffle, a refused shuffle, verify (the CLI) and a training run, on S3 from this process,
     with distinctive credentials in the environment: they appear in no object written to S3, no local file
     written (checkpoints, log.jsonl), no output or log line, and no error message."""
     for k, v in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_SESSION_TOKEN": TOKEN}.items():
@@ -190,10 +190,9 @@ def test_credentials_are_never_written_or_logged(s3_endpoint, tmp_path, monkeypa
     with pytest.raises(FileExistsError) as info:  # an error message, too
         shuffle(src, dst, seed=4, workers=1)
     texts.append(str(info.value))
-    p = subprocess.run([sys.executable, "-m", "shuffler", "verify", src, dst, "--full"], cwd=ROOT, env=os.environ,
-                       capture_output=True, text=True, timeout=300)
-    texts += [p.stdout, p.stderr]
-    assert p.stdout.startswith("OK:"), p.stderr
+    r = CliRunner().invoke(main, ["verify", src, dst, "--full"])
+    texts.append(r.output)
+    assert r.exit_code == 0 and r.output.startswith("OK:"), r.output
     out = tmp_path / "run"
     train(dst, out, TrainConfig(n_latents=16, k=2, batch_size=256, tokens=1024, seed=0), device="cpu", progress=False)
     captured = capfd.readouterr()

@@ -7,7 +7,7 @@ byte is in the temporary object, nothing renamed yet; `commit`: the object is vi
 point names a storage state: "map-000002.idx written, not committed". An uninterrupted traced run lists
 every event (about 100 on the small dataset here); the default run kills at 26 of them chosen to cover each
 kind of object in each pass and each commit, plus the existing coordinator and worker hooks of
-SHUFFLER_TEST_FAULT on a process pool; `--slow` kills at every event of two configurations (one with
+SHUFFLER_TEST_FAULT on a process pool (2, and 2 more with --slow); `--slow` kills at every event of two configurations (one with
 recursive re-shuffles of oversize buckets) and twice in a row at some.
 
 After each kill: no manifest (no dataset), the re-run succeeds, its shards are byte-identical to an
@@ -179,8 +179,9 @@ def test_points_cover_both_passes_and_every_commit(case):
 
 # The existing hooks of shuffler.shuffle (SHUFFLER_TEST_FAULT): the coordinator killed after N tasks of a pass
 # commit, on a process pool; a worker killed inside its reduce task (the coordinator sees it die and stops).
-HOOKS = [("kill-after-map=2", -signal.SIGKILL), ("kill-after-reduce=1", -signal.SIGKILL),
-         ("kill-after-reduce=3", -signal.SIGKILL), ("kill-in-reduce=1", 1)]
+HOOKS = [("kill-after-map=2", -signal.SIGKILL), ("kill-in-reduce=1", 1),
+         pytest.param("kill-after-reduce=1", -signal.SIGKILL, marks=pytest.mark.slow),
+         pytest.param("kill-after-reduce=3", -signal.SIGKILL, marks=pytest.mark.slow)]
 
 
 def shuffle_cli(src: str, dst: str, fault: str, workers: int) -> subprocess.CompletedProcess:
@@ -290,8 +291,8 @@ def train_data(tmp_path_factory):
 
 # (kill at the n-th checkpoint file commit, kill at step): the step-4 checkpoint's four commits are renames
 # 1-4 (weights, reader state, meta.json, latest.json), step 8's are 5-8; and plain kills between steps.
-TRAIN_KILLS = [(7, 0), (0, 6)] + [pytest.param(*k, marks=pytest.mark.slow) for k in [(1, 0), (2, 0), (3, 0), (4, 0),
-                                                                                    (5, 0), (0, 11)]]
+TRAIN_KILLS = [(7, 0)] + [pytest.param(*k, marks=pytest.mark.slow) for k in [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0),
+                                                                             (0, 6), (0, 11)]]
 
 
 @pytest.mark.parametrize(("kill_replace", "kill_step"), TRAIN_KILLS)
