@@ -28,8 +28,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Quick versions of every benchmark (a few minutes); the full runs and their results are in docs/benchmarks.md.
+BENCHES := codec read shuffle fused train capture interop storage peers scaling
 bench: $(STAMP)
-	$(BIN)/python benchmarks/codec.py --quick
+	@for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
