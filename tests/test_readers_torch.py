@@ -170,12 +170,12 @@ def test_staged_pinned_buffers_are_reused_after_their_copy(local_ds, monkeypatch
 
 
 def test_docs_examples_run(tmp_path):
-    """Every python block of docs/readers.md, in order, against a fresh folder."""
+    """Every python block of docs/readers.md, in order, with its /tmp paths moved into a fresh folder."""
     import pathlib
     import re
 
     text = (pathlib.Path(__file__).parent.parent / "docs" / "readers.md").read_text()
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S)).replace("/tmp/acts", str(tmp_path / "acts"))
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S)).replace('"/tmp/', f'"{tmp_path}/')
     exec(compile(code, "docs/readers.md", "exec"), {"__name__": "docs_example"})
 
 
