@@ -11,6 +11,10 @@ Layout under DST while a run is in progress (docs/shuffle.md, "Resume and safety
     shard-000012-0000.shard       output shards, bucket by bucket
     manifest.json                 written last: until it exists there is no dataset here
 
+Where the tasks run is shuffler/executor.py (process pool or Ray); the state and markers are
+shuffler/markers.py; array-job stages (plan, scatter, permute, finalize as separate commands) are
+shuffler/stages.py. This module holds the configuration, the lock and one run's orchestration.
+
 Every task commits with a marker written after its objects, so a re-run after kill -9 skips committed tasks;
 tasks are deterministic, so redoing a half-done one rewrites the same bytes and the output is identical.
 """
@@ -18,40 +22,40 @@ tasks are deterministic, so redoing a half-done one rewrites the same bytes and 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
-import multiprocessing
 import os
-import queue
-import re
-import signal
 import socket
-import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
-from . import env
 from .dataset import Dataset
 from .errors import FormatError, SchemaError
-from .manifest import MANIFEST, Fingerprint, Manifest, ShardInfo, read_manifest, write_manifest
-from .permute import Intermediates, ReduceTask, run_reduce
+from .executor import EXECUTORS, LocalExecutor, _die, _faults, _map_worker, _reduce_worker, make_executor
+from .manifest import Fingerprint, Manifest, ShardInfo, write_manifest
+from .markers import (  # noqa: F401  (REDUCE_DONE, reduce_marker: re-exported, tests and tools use them from here)
+    DEFAULT_SCRATCH,
+    LOCK,
+    REDUCE_DONE,
+    RUN,
+    STATE,
+    committed_reduces,
+    crc,
+    read_reduce_marker,
+    reduce_marker,
+)
+from .permute import Intermediates, ReduceTask
 from .plan import DEFAULT_MEMORY, ENCODE_THREADS, Plan, PlanRequest, make_plan, read_batch_bytes
 from .progress import Progress
 from .rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
-from .scatter import ChunkTable, MapOutput, MapTask, release_buffers, run_map, storage, stream_key
+from .runstate import RunState
+from .scatter import ChunkTable, MapOutput, MapTask, storage, stream_key
 from .storage import Storage
 
-STATE = ".shuffle"
-LOCK = f"{STATE}/lock"
-RUN = f"{STATE}/run.json"
-REDUCE_DONE = f"{STATE}/reduce"
-DEFAULT_SCRATCH = f"{STATE}/scratch"
+_Pool = LocalExecutor  # the name from_scatter.py and older code use
+_crc, _read_marker = crc, read_reduce_marker
 
 
 class ShuffleLockedError(RuntimeError):
@@ -88,8 +92,16 @@ class ShuffleConfig:
     """Uncompressed bytes per output shard (each bucket starts a new shard)."""
     map_rows: int | None = None
     """Rows per map task; None splits the input for the workers. Never changes the output."""
+    executor: str = "local"
+    """Where tasks run: "local" (this process or a process pool) or "ray" (Ray tasks). Never changes the output."""
+    ray_address: str | None = None
+    """Ray cluster to join with executor="ray" (None: the one this process joined, RAY_ADDRESS, or a new local one)."""
 
     def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor={self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError(f"ray_address={self.ray_address!r} needs executor='ray', not {self.executor!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^64)")
         if self.workers is not None and self.workers < 1:
@@ -113,6 +125,8 @@ def shuffle(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     map_rows: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
     progress: bool | None = None,
     stats: dict | None = None,
 ) -> Manifest:
@@ -126,7 +140,7 @@ def shuffle(
         seed=seed, memory=_size(memory) if memory is not None else DEFAULT_MEMORY, buckets=buckets,
         workers=workers, scratch=scratch, scratch_level=scratch_level, keep_intermediate=keep_intermediate,
         overwrite=overwrite, break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        map_rows=map_rows,
+        map_rows=map_rows, executor=executor, ray_address=ray_address,
     )
     run = _Run([src] if isinstance(src, str) else list(src), dst, cfg, progress)
     try:
@@ -175,149 +189,6 @@ def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scrat
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
         map_rows=cfg.map_rows,
     ))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fault injection for the resume tests (env.shuffle_fault)
-
-
-def _faults() -> dict[str, float]:
-    out = {}
-    for part in filter(None, env.shuffle_fault().split(",")):
-        k, _, v = part.partition("=")
-        out[k.strip()] = float(v)
-    return out
-
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running tasks: in this process, or on a pool of spawned processes
-
-
-_report: Callable[[int, int], None] | None = None
-
-
-def _init_worker(q, parent: int) -> None:
-    global _report
-    _report = lambda rows, nbytes: q.put((rows, nbytes))  # noqa: E731
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops the pool
-    # A coordinator killed with SIGKILL cannot stop its pool, and workers left running would go on writing
-    # intermediates after a re-run has cleaned up. Linux kills us with our parent (PR_SET_PDEATHSIG);
-    # elsewhere a watcher exits once we are reparented. Either way the re-run redoes our task.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        os._exit(70)  # the parent died before the line above took effect
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(70)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _map_worker(task: MapTask) -> MapOutput:
-    return run_map(task, _report)
-
-
-def _reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[ShardInfo], Fingerprint]:
-    hook = (lambda k: _die() if k >= kill_in else None) if kill_in else None
-    shards, fp = run_reduce(task, _report, hook)
-    marker = {"bucket": list(task.path), "shards": [s.__dict__ for s in shards], "fingerprint": fp.to_json()}
-    marker["crc"] = _crc(marker)
-    storage(state_url).write(reduce_marker(task.path[0]), json.dumps(marker).encode())  # the commit, last
-    return shards, fp
-
-
-def _crc(obj: dict) -> int:
-    return zlib.crc32(json.dumps({k: v for k, v in obj.items() if k != "crc"}, sort_keys=True).encode())
-
-
-def _read_marker(data: bytes, b: int) -> tuple[list[ShardInfo], Fingerprint] | None:
-    """Bucket b's commit marker, or None if it is damaged (then the bucket is redone, rewriting the same bytes)."""
-    try:
-        m = json.loads(data)
-        if m["crc"] != _crc(m) or m["bucket"] != [b]:
-            return None
-        return [ShardInfo(**s) for s in m["shards"]], Fingerprint.from_json(m["fingerprint"], where="marker")
-    except (ValueError, TypeError, KeyError, FormatError):
-        return None
-
-
-def reduce_marker(b: int) -> str:
-    return f"{REDUCE_DONE}/b-{b:06d}.json"
-
-
-class _Pool:
-    """Runs tasks in this process (workers == 1, or memory:// URLs that other processes cannot see) or on
-    a pool of spawned processes; the first task error stops the rest and is re-raised."""
-
-    def __init__(self, workers: int, in_process: bool):
-        self.workers, self.in_process = workers, in_process
-        self.executor: ProcessPoolExecutor | None = None
-        self.queue = None
-
-    def __enter__(self) -> _Pool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def _start(self) -> ProcessPoolExecutor:
-        if self.executor is None:
-            # spawn, not fork: the coordinator may hold s3fs/aiohttp threads, which do not survive fork.
-            ctx = multiprocessing.get_context("spawn")
-            self.queue = ctx.Queue()
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(self.queue, os.getpid()))
-        return self.executor
-
-    def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
-        """fn(*call) for every call; on_done(count_done) after each commit. Results in call order."""
-        global _report
-        if self.in_process or len(calls) <= 1 and self.executor is None:
-            _report = bar.update
-            try:
-                out = []
-                for args in calls:
-                    out.append(fn(*args))
-                    on_done(len(out))
-                return out
-            finally:
-                _report = None
-                release_buffers()  # the coordinator keeps no bucket-sized buffer while workers run
-        ex = self._start()
-        futures = [ex.submit(fn, *args) for args in calls]
-        pending, done_count = set(futures), 0
-        try:
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-                self._drain(bar)
-                for f in done:
-                    f.result()  # the first error stops here and is re-raised
-                    done_count += 1
-                    on_done(done_count)
-        except BrokenProcessPool:
-            raise RuntimeError(
-                "a worker process died (killed, or out of memory): lower --memory or --workers, then re-run the "
-                "same command to resume"
-            ) from None
-        except BaseException:
-            for f in pending:
-                f.cancel()
-            raise
-        self._drain(bar)
-        return [f.result() for f in futures]
-
-    def _drain(self, bar: Progress) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                bar.update(*self.queue.get_nowait())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +274,7 @@ class _Lock:
 # One run
 
 
-class _Run:
+class _Run(RunState):
     def __init__(self, srcs: list[str], dst: str, cfg: ShuffleConfig, progress: bool | None):
         self.cfg, self.progress = cfg, progress
         self.datasets = open_sources(srcs)
@@ -435,7 +306,14 @@ class _Run:
         self.scratch = f"{self.scratch_base}/run-{self.run_id}"
         urls = [self.dst.url, self.scratch] + [d.url for d in self.datasets]
         self.in_process = self.workers == 1 or any(u.startswith("memory://") for u in urls)
+        if cfg.executor == "ray":
+            if any(u.startswith("memory://") for u in urls):
+                raise ValueError(f"executor='ray' cannot reach memory:// URLs ({', '.join(urls)}): Ray workers are "
+                                 "other processes; use local paths or object storage")
+            self.in_process = False
         self.faults = _faults()
+        self.only: Callable[[int], bool] | None = None
+        """Array-job stages (stages.py) run only the map and reduce tasks this selects; None runs all."""
         self.stats: dict = {"plan": self.plan.to_json(), "workers": self.workers, "in_process": self.in_process}
 
     # -- the whole run ---------------------------------------------------------------------------------
@@ -450,7 +328,7 @@ class _Run:
                 self._cleanup()
                 return finished
             map_rows = self._start_or_resume()
-            with _Pool(self.workers, self.in_process) as pool:
+            with self._executor() as pool:
                 self.stats["pass1_start"] = time.time()
                 maps = self._pass1(pool, map_rows)
                 self.stats["pass2_start"] = time.time()
@@ -459,123 +337,37 @@ class _Run:
                 except FormatError as e:
                     raise self._uncommit_damaged(e) from None
                 self.stats["pass2_end"] = time.time()
-            shards = [s for r in results for s in r[0]]
-            fp = sum((r[1] for r in results), Fingerprint())
-            expected = sum((d.manifest.fingerprint for d in self.datasets), Fingerprint())
-            if fp != expected:
-                raise RuntimeError(
-                    f"{self.dst.url}: shuffled rows fingerprint {fp} differs from the sources' {expected}; "
-                    "nothing was committed (re-run with --overwrite; report this as a bug)"
-                )
-            meta = {
-                "producer": "shuffler shuffle",
-                "shuffle": {
-                    "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
-                    "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
-                },
-                "source_metadata": [d.metadata for d in self.datasets],
-            }
-            manifest = Manifest(schema=self.schema, shards=tuple(shards), fingerprint=fp, metadata=meta)
-            write_manifest(self.dst, manifest)  # the dataset exists from here on, and not before
-            self._cleanup()
-            return manifest
+            return self._commit(results)
         finally:
             lock.release()
             self._remove_empty_dirs()
 
-    def _uncommit_damaged(self, e: FormatError) -> FormatError:
-        """An intermediate found damaged in pass 2 loses its commit marker, so the next run redoes its map task
-        (without this, every re-run would stop at the same damaged chunk)."""
-        m = re.search(re.escape(self.scratch) + r"/(map-\d+)\.shard", str(e))
-        if m is None:
-            return e
-        storage(self.scratch).delete(m.group(1) + ".idx")
-        return type(e)(f"{e}; that intermediate is now uncommitted: re-run the same command to redo it and finish")
+    def _commit(self, results: list[tuple[list[ShardInfo], Fingerprint]]) -> Manifest:
+        """Check every bucket's rows against the sources, write the manifest (last), clean up."""
+        shards = [s for r in results for s in r[0]]
+        fp = sum((r[1] for r in results), Fingerprint())
+        expected = sum((d.manifest.fingerprint for d in self.datasets), Fingerprint())
+        if fp != expected:
+            raise RuntimeError(
+                f"{self.dst.url}: shuffled rows fingerprint {fp} differs from the sources' {expected}; "
+                "nothing was committed (re-run with --overwrite; report this as a bug)"
+            )
+        meta = {
+            "producer": "shuffler shuffle",
+            "shuffle": {
+                "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
+                "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
+            },
+            "source_metadata": [d.metadata for d in self.datasets],
+        }
+        manifest = Manifest(schema=self.schema, shards=tuple(shards), fingerprint=fp, metadata=meta)
+        write_manifest(self.dst, manifest)  # the dataset exists from here on, and not before
+        self._cleanup()
+        return manifest
 
-    def _check_dst(self) -> Manifest | None:
-        """A finished run of this very shuffle returns its manifest; anything else at DST is refused or cleared."""
-        if self.dst.exists(MANIFEST):
-            try:
-                old = read_manifest(self.dst)
-            except (FormatError, SchemaError):
-                old = None
-            if old is not None and old.metadata.get("shuffle", {}).get("run_id") == self.run_id:
-                return old
-            if not self.cfg.overwrite:
-                raise FileExistsError(
-                    f"{self.dst.url} already holds a dataset ({MANIFEST}) that is not this shuffle's output; "
-                    "pass --overwrite to replace it"
-                )
-            self.dst.delete(MANIFEST)  # first: from here on DST is no dataset, never a half-replaced one
-            for s in old.shards if old is not None else ():
-                self.dst.delete(s.name)
-            self._clear_state()
-        if self.dst.exists(RUN):
-            other = self._read_state()
-            if other.get("identity") != self.identity:
-                if not self.cfg.overwrite:
-                    raise FileExistsError(
-                        f"{self.dst.url} holds the unfinished state of another shuffle "
-                        f"({_difference(other.get('identity') or {}, self.identity)}); re-run that command to "
-                        "finish it, or pass --overwrite to discard it"
-                    )
-                self._clear_state(other)
-        return None
-
-    def _read_state(self) -> dict:
-        """run.json, or {} if it is damaged (then it is no run's state: refused, or cleared by --overwrite)."""
-        try:
-            state = json.loads(self.dst.read(RUN))
-        except (ValueError, FileNotFoundError):
-            return {}
-        return state if isinstance(state, dict) else {}
-
-    def _clear_state(self, other: dict | None = None) -> None:
-        if other is None and self.dst.exists(RUN):
-            other = self._read_state()
-        scratch = other.get("scratch") if other else None
-        if isinstance(scratch, str) and scratch != self.scratch and re.search(r"/run-[0-9a-f]{16}$", scratch):
-            # Only objects an intermediate can be named: run.json is data at DST, and must not be able to
-            # make --overwrite delete anything else wherever it points.
-            store = storage(scratch)
-            for name in store.list(""):
-                if re.fullmatch(r"(sub-[0-9.]+/)*map-\d+\.(shard|idx)(\.tmp-[0-9a-f]+)?", name):
-                    store.delete(name)
-        for name in self.dst.list(""):
-            if name.startswith("shard-") or (name.startswith(STATE + "/") and name != LOCK):
-                self.dst.delete(name)
-
-    def _start_or_resume(self) -> int:
-        """Write run.json for a new run; for a resumed one keep its map split (it fixes the intermediates)."""
-        if self.dst.exists(RUN):
-            map_rows = self._read_state().get("map_rows")
-            # A damaged value only changes the split, and the split never changes the output.
-            return map_rows if isinstance(map_rows, int) and map_rows >= 1 else self.plan.map_rows
-        state = {"identity": self.identity, "run_id": self.run_id, "map_rows": self.plan.map_rows,
-                 "scratch": self.scratch}
-        self.dst.write(RUN, json.dumps(state, indent=1).encode())
-        return self.plan.map_rows
-
-    def _cleanup(self) -> None:
-        if not self.cfg.keep_intermediate:
-            storage(self.scratch).delete_prefix("")
-        for name in self.dst.list(""):
-            if (name.startswith("shard-") or name.startswith(MANIFEST + ".")) and ".tmp-" in name:
-                self.dst.delete(name)  # left by a task killed mid-write; we hold the lock, so none is live
-            elif name.startswith(STATE + "/") and name != LOCK:
-                if not (self.cfg.keep_intermediate and name.startswith(DEFAULT_SCRATCH + "/")):
-                    self.dst.delete(name)
-        if not self.cfg.keep_intermediate:
-            self.dst.delete_prefix(DEFAULT_SCRATCH)
-
-    def _remove_empty_dirs(self) -> None:
-        """Local disk keeps empty folders where objects were; remove the state folder's, if empty."""
-        if not self.dst.is_local:
-            return
-        base = self.dst.path(STATE)
-        for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -len(t[0])):
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)  # fails, harmlessly, while anything (a lock, a marker) is inside
+    def _executor(self):
+        return make_executor(self.cfg.executor, workers=self.workers, in_process=self.in_process,
+                             ray_address=self.cfg.ray_address)
 
     # -- pass 1 ----------------------------------------------------------------------------------------
     def _pass1(self, pool: _Pool, map_rows: int) -> list[MapOutput]:
@@ -598,6 +390,8 @@ class _Run:
             if m in done and done[m].rows == hi - lo:
                 continue
             done.pop(m, None)
+            if self.only is not None and not self.only(m):
+                continue
             sel, skip = table.select(lo, hi)
             calls.append((MapTask(
                 index=m, table=sel, skip=skip, rows=hi - lo, row_start=lo, key=key, buckets=B, scratch=self.scratch,
@@ -619,15 +413,8 @@ class _Run:
 
     def _pass2(self, pool: _Pool, maps: list[MapOutput]) -> list[tuple[list[ShardInfo], Fingerprint]]:
         B = self.plan.buckets
-        present = set(self.dst.list(""))
-        results: dict[int, tuple[list[ShardInfo], Fingerprint]] = {}
-        for name in present:
-            if name.startswith(REDUCE_DONE + "/b-") and name.endswith(".json") and name[len(REDUCE_DONE) + 3 : -5].isdigit():
-                b = int(name[len(REDUCE_DONE) + 3 : -5])
-                got = _read_marker(self.dst.read(name), b)
-                if got is not None and b < B and all(s.name in present for s in got[0]):
-                    results[b] = got
-        todo = [b for b in range(B) if b not in results]
+        results = committed_reduces(self.dst, B)
+        todo = [b for b in range(B) if b not in results and (self.only is None or self.only(b))]
         calls = []
         if todo:
             inter = self._intermediates(maps)
@@ -645,12 +432,4 @@ class _Run:
             outs = pool.run(_reduce_worker, calls, bar, lambda k: _die() if kill and k >= kill else None)
         for (task, *_), out in zip(calls, outs, strict=True):
             results[task.path[0]] = out
-        return [results[b] for b in range(B)]
-
-
-def _difference(a: dict, b: dict) -> str:
-    keys = sorted(set(a) | set(b))
-    parts = [f"{k}: {json.dumps(a.get(k))[:120]} there, {json.dumps(b.get(k))[:120]} now" for k in keys if a.get(k) != b.get(k)]
-    return "; ".join(parts) or "no recorded identity"
-
-
+        return [results[b] for b in range(B) if b in results]  # all B of them, unless self.only chose some
