@@ -39,8 +39,19 @@ _MEM_HELP = ("Memory budget per task (per worker process), e.g. 4GiB. Sizes the 
 @click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB", help="Uncompressed bytes per chunk.")
 @click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB", help="Uncompressed bytes per output shard.")
 @click.option("--map-rows", type=click.IntRange(1), help="Rows per map task (default: split for the workers).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run map and reduce tasks on this machine's processes, or as Ray tasks (extra `ray`).")
+@click.option("--ray-address", help="Ray cluster to join with --executor ray [default: RAY_ADDRESS, else a local Ray].")
+@click.option("--stage", type=click.Choice(["plan", "scatter", "permute", "finalize"]),
+              help="Run one stage of an array job (docs/cluster.md): plan once, scatter and permute on every task, "
+              "finalize once.")
+@click.option("--task-index", type=click.IntRange(0), help="This array task's index [default: from SLURM, "
+              "JOB_COMPLETION_INDEX or AWS Batch].")
+@click.option("--num-tasks", type=click.IntRange(1), help="How many array tasks share a stage [default: from the "
+              "scheduler; required with JOB_COMPLETION_INDEX].")
 def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, scratch_level, keep_intermediate,
-                overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows):
+                overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address, stage,
+                task_index, num_tasks):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
 
     Pass 1 sends every row to a uniformly random bucket; pass 2 permutes each bucket in memory and writes it.
@@ -59,6 +70,18 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
     if len(paths) < 2:
         raise click.UsageError("give at least one SRC and a DST: shuffler shuffle SRC... DST --seed S")
     *srcs, dst = paths
+    if stage is not None:
+        if from_scatter:
+            raise click.UsageError("--stage does not apply to --from-scatter")
+        if seed is None:
+            raise click.UsageError("Missing option '--seed' (every stage needs the same one)")
+        _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
+               dict(memory=memory, buckets=buckets, scratch=scratch, scratch_level=scratch_level,
+                    keep_intermediate=keep_intermediate, level=level, chunk_bytes=chunk_bytes,
+                    shard_bytes=shard_bytes, map_rows=map_rows))
+        return
+    if task_index is not None or num_tasks is not None:
+        raise click.UsageError("--task-index/--num-tasks need --stage scatter or --stage permute")
     if from_scatter:
         _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate,
                       overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows)
@@ -70,7 +93,7 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
     m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
                 scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
                 break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
-                stats=stats)
+                executor=executor, ray_address=ray_address, stats=stats)
     info = m.metadata["shuffle"]
     passes = ""
     if "pass2_end" in stats:
@@ -78,6 +101,29 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
     click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
+
+
+def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
+           planned: dict) -> None:
+    from .stages import resolve_slot, run_stage
+
+    t0 = time.perf_counter()
+    ctx = click.get_current_context()
+    if stage == "plan":
+        config = planned
+        if num_tasks is not None and workers is None:
+            workers = num_tasks  # split the input into at least one map task per array task
+    else:
+        # Later stages read the planned options from the plan; only those given on this command line are
+        # checked against it (so the same command line for every stage works, and a different one is refused).
+        config = {k: v for k, v in planned.items()
+                  if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+    slot = resolve_slot(task_index, num_tasks) if stage in ("scatter", "permute") else None
+    out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, executor=executor,
+                    ray_address=ray_address, overwrite=overwrite, break_lock=break_lock)
+    who = f" task {slot.index}/{slot.count}" if slot else ""
+    facts = ", ".join(f"{k} {v}" for k, v in out.items() if k not in ("stage", "did"))
+    click.echo(f"stage {stage}{who} of {dst}: done ({facts}), {time.perf_counter() - t0:.1f} s")
 
 
 def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,

@@ -46,3 +46,33 @@ def s3_max_attempts() -> int:
     if n < 1:
         raise ValueError(f"SHUFFLER_S3_MAX_ATTEMPTS={n} must be >= 1")
     return n
+
+
+def _int_var(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def array_task() -> tuple[int | None, int | None, str | None]:
+    """(task index, task count, which scheduler) of an array job, from the scheduler's variables.
+
+    SLURM: SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN (arrays may start at any index, e.g. --array=1-64),
+    count SLURM_ARRAY_TASK_COUNT. Kubernetes Indexed Job: JOB_COMPLETION_INDEX (0-based; the count is the Job's
+    spec.completions, which is not in the environment, so None). AWS Batch: AWS_BATCH_JOB_ARRAY_INDEX and
+    AWS_BATCH_JOB_ARRAY_SIZE. (None, None, None) outside an array job.
+    """
+    sid = _int_var("SLURM_ARRAY_TASK_ID")
+    if sid is not None:
+        return sid - (_int_var("SLURM_ARRAY_TASK_MIN") or 0), _int_var("SLURM_ARRAY_TASK_COUNT"), "SLURM"
+    k8s = _int_var("JOB_COMPLETION_INDEX")
+    if k8s is not None:
+        return k8s, None, "Kubernetes (JOB_COMPLETION_INDEX)"
+    aws = _int_var("AWS_BATCH_JOB_ARRAY_INDEX")
+    if aws is not None:
+        return aws, _int_var("AWS_BATCH_JOB_ARRAY_SIZE"), "AWS Batch"
+    return None, None, None
