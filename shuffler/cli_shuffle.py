@@ -163,9 +163,25 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB")
 @click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--cluster", "cluster_file", type=click.Path(exists=True, dir_okay=False),
+              help="Cluster description, JSON: {nodes, cores, memory, network, disk} (bandwidths in bytes/s). "
+              "Any cluster option adds the cost estimate: wall time, requests and dollars per pass.")
+@click.option("--nodes", type=click.IntRange(1), help="Cluster: machines.")
+@click.option("--cores", type=click.IntRange(1), help="Cluster: CPU cores per node.")
+@click.option("--node-memory", type=SIZE, help="Cluster: RAM per node, e.g. 256GiB.")
+@click.option("--network", type=SIZE, help="Cluster: bytes/s per node to object storage, e.g. 1.25GB (10 Gbit/s).")
+@click.option("--disk", type=SIZE, help="Cluster: bytes/s per node of local scratch disk, e.g. 2GB.")
+@click.option("--put-price", type=click.FloatRange(0), help="Dollars per 1,000 PUT/COPY/POST/LIST [default: 0.005, "
+              "S3 Standard us-east-1, check current prices].")
+@click.option("--get-price", type=click.FloatRange(0), help="Dollars per 1,000 GET [default: 0.0004].")
+@click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
+              help="Per-core codec rates, JSON (fields of shuffler.costmodel.Rates; benchmarks/costmodel.py "
+              "measures them).")
 def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, dst, scratch, scratch_level,
-             level, chunk_bytes, shard_bytes, as_json):
-    """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory.
+             level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
+             put_price, get_price, rates_file):
+    """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory;
+    with a cluster description, also its cost there: time, requests and dollars per pass (docs/scale.md).
 
     Plans existing datasets (SRC...) or ones that do not exist yet, from --rows, --d-model and --dtype.
     Warns when pass 2's ranged reads would be too small to be efficient (about 8 MiB on S3) and says what
@@ -175,8 +191,11 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
     Examples:
       shuffler plan data/raw --memory 4GiB
       shuffler plan --rows 1e12 --d-model 8192 --dtype bfloat16 --memory 64GiB --dst s3://bucket/out
+      shuffler plan --rows 6.1e10 --d-model 8192 --dtype bfloat16 --memory 48GiB --dst s3://b/out \
+          --nodes 256 --cores 64 --node-memory 512GiB --network 5GB --disk 4GB
     """
-    workers = workers or os.cpu_count() or 1
+    cluster = _cluster(cluster_file, nodes, cores, node_memory, network, disk)
+    workers = workers or (cluster.cores if cluster else None) or os.cpu_count() or 1
     if src:
         if rows is not None or d_model is not None or dtype is not None:
             raise click.UsageError("give either SRC datasets or --rows/--d-model/--dtype, not both")
@@ -202,10 +221,42 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
     ))
+    est = None
+    if cluster is not None or put_price is not None or get_price is not None or rates_file:
+        from .costmodel import Cluster, Prices, Rates, estimate
+
+        prices = Prices(**{k: v for k, v in (("put", put_price), ("get", get_price)) if v is not None})
+        rates = Rates.from_json(open(rates_file).read()) if rates_file else Rates()
+        est = estimate(plan, cluster or Cluster(cores=workers), prices, rates,
+                       src_remote=not _is_local(src[0]) if src else None)
     if as_json:
-        click.echo(json.dumps(plan.to_json(), indent=1))
+        doc = plan.to_json()
+        if est is not None:
+            doc["cost"] = est.to_json()
+        click.echo(json.dumps(doc, indent=1))
     else:
         click.echo(plan.report())
+        if est is not None:
+            click.echo(est.report())
+
+
+def _cluster(path, nodes, cores, memory, network, disk):
+    """The cluster from --cluster FILE, with any single option overriding it; None if none was given."""
+    given = {k: v for k, v in (("nodes", nodes), ("cores", cores), ("memory", memory), ("network", network),
+                               ("disk", disk)) if v is not None}
+    if path is None and not given:
+        return None
+    from .costmodel import Cluster
+
+    doc = {}
+    if path is not None:
+        try:
+            doc = json.loads(open(path).read())
+        except ValueError as e:
+            raise click.BadParameter(f"{path} is not JSON ({e})", param_hint="--cluster") from None
+        if not isinstance(doc, dict):
+            raise click.BadParameter(f"{path} must hold a JSON object", param_hint="--cluster")
+    return Cluster.from_json({**doc, **given}, where=path or "cluster options")
 
 
 def _is_local(url: str) -> bool:

@@ -1,0 +1,198 @@
+"""Check the cost model (shuffler/costmodel.py) against measured shuffles on this machine.
+
+    .venv/bin/python benchmarks/costmodel.py            # shuffles of 128, 384 and 768 MiB (bfloat16, d_model 1024)
+    .venv/bin/python benchmarks/costmodel.py --quick    # 64 and 192 MiB
+
+1. Calibrates the model's per-core rates here, single-threaded, on 32 MiB of the same data: source decode,
+   pass-1 scatter work (bucket draws, stable sort, gather), intermediate encode/decode at the scratch level,
+   pass-2 permute work, output encode at level 1; the local disk's write+read bandwidth; the fixed start-up
+   per pass (from a 1 MiB shuffle).
+2. Runs shuffles of several sizes (local disk, --workers 1 and 2) and prints the model's predicted wall time
+   per pass and in all, the measured time, and predicted / measured (target 0.7 to 1.4).
+The model is told this machine: 1 node, the worker count as cores, its RAM, the measured disk bandwidth.
+The machine may be shared: the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from shuffler import Dataset  # noqa: E402
+from shuffler.codec import decode_chunk, encode_chunk  # noqa: E402
+from shuffler.convert import float32_to_bfloat16_bits  # noqa: E402
+from shuffler.costmodel import Cluster, Rates, estimate  # noqa: E402
+from shuffler.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
+from shuffler.scatter import bucket_ids, stream_key  # noqa: E402
+from shuffler.schema import standard_columns  # noqa: E402
+from shuffler.shuffle import shuffle  # noqa: E402
+from shuffler.storage import Storage  # noqa: E402
+from writers.shard_writer import ShardWriter  # noqa: E402
+
+MiB, GiB = 1 << 20, 1 << 30
+D_MODEL = 1024
+
+
+def make_data(url: str, mib: int, seed: int = 7) -> None:
+    """bfloat16 activations in document order (256-row documents with their own means), standard columns."""
+    rng = np.random.default_rng(seed)
+    row_bytes = 2 * D_MODEL + 20
+    rows = mib * MiB // row_bytes
+    with ShardWriter(url, d_model=D_MODEL, dtype="bfloat16", columns=standard_columns()) as w:
+        for s in range(0, rows, 4096):
+            n = min(4096, rows - s)
+            row = np.arange(s, s + n)
+            doc = row // 256
+            x = rng.standard_normal((n, D_MODEL), dtype=np.float32) + (doc % 17)[:, None].astype(np.float32)
+            w.write(float32_to_bfloat16_bits(x), token_id=(row % 50000).astype(np.int32), doc_id=doc,
+                    position=(row % 256).astype(np.int32))
+
+
+def _rate(fn, nbytes: int, repeat: int = 3) -> float:
+    best = min(_timed(fn) for _ in range(repeat))
+    return nbytes / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _import_task(_: int) -> int:
+    import shuffler.executor  # noqa: F401  (what a worker imports before its first task)
+
+    time.sleep(0.05)  # both workers hold one task at once, so both have started
+    return os.getpid()
+
+
+def calibrate(work: str) -> tuple[Rates, float]:
+    """Per-core rates of each CPU stage, the disk's bandwidth, and the fixed start-up per pass."""
+    src = os.path.join(work, "cal")
+    make_data(src, 32)
+    ds = Dataset.open(src)
+    schema = ds.schema
+    parts = [ds.read_shard(i) for i in range(len(ds.shards))]
+    acts = np.concatenate([p.acts for p in parts])
+    cols = [np.concatenate([p.columns[n] for p in parts]) for n, _ in schema.columns]
+    n = len(acts)
+    raw = n * schema.row_bytes
+    chunk = 8 * MiB // schema.row_bytes
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+
+    def enc(level):
+        return [encode_chunk(schema, acts[a:b], [c[a:b] for c in cols], level) for a, b in spans]
+
+    l1, fast = enc(1), enc(LOCAL_SCRATCH_LEVEL)
+
+    def dec(frames):
+        for (a, b), (f, cs) in zip(spans, frames, strict=True):
+            decode_chunk(schema, f, b - a, cs, where="cal")
+
+    key = stream_key(1)
+
+    def scatter():
+        ids = bucket_ids(key, 0, n, 64)
+        order = np.argsort(ids, kind="stable")
+        np.take(acts, order, axis=0)
+        for c in cols:
+            np.take(c, order)
+
+    def permute():
+        p = np.random.default_rng(1).permutation(n)
+        np.take(acts, p, axis=0)
+        for c in cols:
+            np.take(c, p)
+
+    rates = Rates(
+        decode_input=_rate(lambda: dec(l1), raw), scatter=_rate(scatter, raw),
+        encode_scratch=_rate(lambda: enc(LOCAL_SCRATCH_LEVEL), raw), decode_scratch=_rate(lambda: dec(fast), raw),
+        permute=_rate(permute, raw), encode_output=_rate(lambda: enc(1), raw),
+    )
+    # Disk: write then read back 256 MiB through Storage (what the shuffle's objects go through).
+    store = Storage(os.path.join(work, "disk"))
+    blob = os.urandom(64 * MiB)
+    t = time.perf_counter()
+    for i in range(4):
+        store.write(f"b{i}", blob)
+    for i in range(4):
+        store.read(f"b{i}")
+    disk = 512 * MiB / (time.perf_counter() - t)
+    store.delete_prefix("")
+    # Start-up per pass: a shuffle of ~1 MiB is nothing but fixed costs.
+    tiny = os.path.join(work, "tiny")
+    make_data(tiny, 1)
+    t = time.perf_counter()
+    shuffle(tiny, os.path.join(work, "tiny-out"), seed=0, workers=1)
+    startup = (time.perf_counter() - t) / 2
+    # Worker start: spawn a pool of 2 like the shuffle's executor and wait until both have imported the
+    # task code (one trivial task each).
+    ctx = multiprocessing.get_context("spawn")
+    t = time.perf_counter()
+    with ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        list(pool.map(_import_task, range(2)))
+    rates = dataclasses.replace(rates, startup_s=startup, process_start_s=time.perf_counter() - t)
+    shutil.rmtree(src)
+    return rates, disk
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="64 and 192 MiB only")
+    ap.add_argument("--dir", help="work folder (default: a temporary one, deleted at the end)")
+    args = ap.parse_args()
+    sizes = [64, 192] if args.quick else [128, 384, 768]
+    work = tempfile.mkdtemp(prefix="costmodel-", dir=args.dir)
+    try:
+        rates, disk = calibrate(work)
+        print(f"calibrated here (per core, uncompressed MB/s): decode source {rates.decode_input / 1e6:.0f}, "
+              f"scatter {rates.scatter / 1e6:.0f}, encode scratch {rates.encode_scratch / 1e6:.0f}, decode "
+              f"scratch {rates.decode_scratch / 1e6:.0f}, permute {rates.permute / 1e6:.0f}, encode output "
+              f"{rates.encode_output / 1e6:.0f}; disk {disk / 1e6:.0f} MB/s; start-up {rates.startup_s:.2f} s/pass, "
+              f"worker processes {rates.process_start_s:.2f} s")
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        print(f"{'data':>8} {'workers':>7} {'pass1 pred/meas':>17} {'pass2 pred/meas':>17} {'total pred':>10} "
+              f"{'measured':>9} {'ratio':>6}")
+        ratios = []
+        for mib in sizes:
+            src = os.path.join(work, f"src-{mib}")
+            make_data(src, mib)
+            for workers in (1, 2):
+                dst = os.path.join(work, f"dst-{mib}-{workers}")
+                stats: dict = {}
+                t = time.perf_counter()
+                m = shuffle(src, dst, seed=1, workers=workers, memory=384 * MiB, stats=stats)
+                measured = time.perf_counter() - t
+                from shuffler.shuffle import plan_for, open_sources, ShuffleConfig  # noqa: I001
+
+                plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=384 * MiB), workers=workers,
+                                scratch_url=dst, dst_url=dst)
+                assert plan.buckets == m.metadata["shuffle"]["buckets"]
+                est = estimate(plan, Cluster(nodes=1, cores=workers, memory=ram, disk=disk), rates=rates)
+                p1 = stats["pass2_start"] - stats["pass1_start"]
+                p2 = stats["pass2_end"] - stats["pass2_start"]
+                ratio = est.wall_s / measured
+                ratios.append(ratio)
+                print(f"{mib:>5}MiB {workers:>7} {est.passes[0].wall_s:>7.1f}/{p1:<7.1f}s  "
+                      f"{est.passes[1].wall_s:>7.1f}/{p2:<7.1f}s  {est.wall_s:>9.1f}s {measured:>8.1f}s {ratio:>6.2f}")
+                shutil.rmtree(dst)
+            shutil.rmtree(src)
+        print(f"predicted / measured: min {min(ratios):.2f}, max {max(ratios):.2f} (target 0.7 to 1.4); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The cost model (shuffler/costmodel.py) and `shuffler plan` with a cluster: bounds, request counts and
+prices follow the plan; object counts match what a real run leaves; bad descriptions get clear errors.
+(Predicted against measured wall time is checked by benchmarks/costmodel.py, not here: no timed asserts.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from shuffler.cli import main
+from shuffler.costmodel import PRICE_SOURCE, Cluster, Prices, Rates, estimate
+from shuffler.plan import GiB, PlanRequest, make_plan
+from shuffler.schema import Schema, standard_columns
+from shuffler.shuffle import shuffle
+from tests.test_cluster import MEMORY
+from tests.test_shuffle import SMALL, make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PB_ROWS = 10**15 // (8192 * 2)  # 1 PB of bfloat16 activations at d_model 8192
+
+
+def pb_plan(*, scratch_remote=True, memory=64 * GiB, workers=16):
+    schema = Schema(dtype="bfloat16", d_model=8192, columns=standard_columns())
+    return make_plan(PlanRequest(rows=PB_ROWS, schema=schema, memory=memory, workers=workers,
+                                 scratch_remote=scratch_remote, dst_remote=True))
+
+
+def test_defaults_are_the_documented_s3_prices():
+    p = Prices()
+    assert (p.put, p.get) == (0.005, 0.0004) and p.source == PRICE_SOURCE and "check current prices" in p.source
+
+
+def test_each_pass_is_bounded_by_its_slowest_resource():
+    plan = pb_plan()
+    slow_net = estimate(plan, Cluster(nodes=100, cores=64, memory=1024 * GiB, network=1e8, disk=1e10))
+    fast_net = estimate(plan, Cluster(nodes=100, cores=64, memory=1024 * GiB, network=1e11, disk=1e10))
+    for p in slow_net.passes:
+        assert p.bound == "network" and p.wall_s >= max(p.network_s, p.disk_s, p.cpu_s)
+    assert all(p.bound == "cpu" for p in fast_net.passes)
+    # network-bound: twice the nodes, about half the time; the requests (and dollars) do not change
+    twice = estimate(plan, Cluster(nodes=200, cores=64, memory=1024 * GiB, network=1e8, disk=1e10))
+    assert 0.45 < twice.wall_s / slow_net.wall_s < 0.55
+    assert twice.dollars == pytest.approx(slow_net.dollars)
+
+
+def test_requests_and_dollars_follow_the_plan():
+    plan = pb_plan()
+    est = estimate(plan, Cluster(nodes=64, cores=32, memory=512 * GiB), Prices(put=0.01, get=0.001))
+    p1, p2 = est.passes
+    assert p2.gets == plan.ranged_reads + plan.map_tasks  # a GET per non-empty piece, plus each footer
+    assert p1.puts >= 2 * plan.map_tasks  # each intermediate (1 PUT or a multipart upload) and its marker
+    for p in est.passes:
+        assert p.dollars == pytest.approx(p.gets / 1000 * 0.001 + p.puts / 1000 * 0.01)
+    assert est.dollars == pytest.approx(p1.dollars + p2.dollars)
+    assert est.intermediate_objects == 2 * plan.map_tasks and est.scratch_bytes == plan.pass1_write_bytes
+    # scratch on local disk: no requests for intermediates, and the bytes go to disk instead of the network
+    local = estimate(pb_plan(scratch_remote=False), Cluster(nodes=64, cores=32, memory=512 * GiB))
+    assert local.passes[0].puts == 0 and local.passes[1].gets == 0
+    assert local.passes[0].disk_s > 0 and local.passes[1].disk_s > 0
+
+
+def test_memory_bounds_workers_per_node():
+    plan = pb_plan(memory=64 * GiB)
+    est = estimate(plan, Cluster(nodes=8, cores=64, memory=256 * GiB))
+    assert plan.peak_task_bytes <= 64 * GiB and est.workers_per_node == 256 * GiB // plan.peak_task_bytes == 4
+    assert any("fewer than the 64 cores" in w for w in est.warnings)
+
+
+def test_object_counts_match_a_real_run(tmp_path):
+    src, dst = str(tmp_path / "raw"), str(tmp_path / "out")
+    make_dataset(src, 6000)
+    stats: dict = {}
+    shuffle(src, dst, seed=1, workers=2, memory=MEMORY, map_rows=1000, keep_intermediate=True, stats=stats, **SMALL)
+    from shuffler.shuffle import ShuffleConfig, open_sources, plan_for
+
+    plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=MEMORY, map_rows=1000, **SMALL), workers=2,
+                    scratch_url=dst, dst_url=dst)
+    est = estimate(plan, Cluster(cores=2))
+    scratch = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(dst, ".shuffle", "scratch")) for f in fs]
+    assert len(scratch) == est.intermediate_objects == 12
+    size = sum(os.path.getsize(f) for f in scratch if f.endswith(".shard"))
+    assert 0.5 < size / est.scratch_bytes < 2.0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(nodes=0), "nodes=0 must be an integer >= 1"),
+    (dict(cores=2.5), "cores=2.5 must be an integer"),
+    (dict(network=0), "network=0 must be a bandwidth > 0"),
+])
+def test_bad_cluster_is_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Cluster(**bad)
+
+
+def test_cluster_from_json():
+    c = Cluster.from_json('{"nodes": 4, "cores": 8, "memory": "64GiB", "network": 1.25e9, "disk": 2e9}')
+    assert (c.nodes, c.cores, c.memory) == (4, 8, 64 * GiB)
+    with pytest.raises(ValueError, match="unknown field.*'gpus'.*allowed: nodes"):
+        Cluster.from_json({"gpus": 8}, where="c.json")
+    with pytest.raises(ValueError, match="rate scatter=0 must be > 0"):
+        Rates(scatter=0)
+
+
+def test_cli_plan_with_cluster(tmp_path):
+    base = ["plan", "--rows", str(PB_ROWS), "--d-model", "8192", "--dtype", "bfloat16", "--memory", "64GiB",
+            "--dst", "s3://b/out"]
+    r = CliRunner().invoke(main, [*base, "--nodes", "128", "--cores", "64", "--node-memory", "512GiB",
+                                  "--network", "3GB", "--disk", "4GB"])
+    assert r.exit_code == 0, r.output
+    assert "pass 1 scatter" in r.output and "pass 2 permute" in r.output and "check current prices" in r.output
+    f = tmp_path / "cluster.json"
+    f.write_text(json.dumps({"nodes": 128, "cores": 64, "memory": "512GiB", "network": 3e9, "disk": 4e9}))
+    r = CliRunner().invoke(main, [*base, "--cluster", str(f), "--put-price", "0.01", "--json"])
+    assert r.exit_code == 0, r.output
+    cost = json.loads(r.output)["cost"]
+    assert cost["cluster"]["nodes"] == 128 and cost["prices"]["put"] == 0.01
+    assert cost["dollars"] == pytest.approx(sum(p["dollars"] for p in cost["passes"]))
+    f.write_text('{"nodes": 2, "gpus": 1}')
+    r = CliRunner().invoke(main, [*base, "--cluster", str(f)])
+    assert r.exit_code != 0 and "gpus" in r.output and str(f) in r.output
+    p = subprocess.run([sys.executable, "-m", "shuffler", *base, "--nodes", "16"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "16 node(s)" in p.stdout, p.stderr
