@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from shuffler import Dataset  # noqa: E402
-from shuffler.codec import decode_chunk, encode_chunk  # noqa: E402
+from shuffler.codec import decode_chunk, encode_chunk, fingerprint_sum, row_hashes  # noqa: E402
 from shuffler.convert import float32_to_bfloat16_bits  # noqa: E402
 from shuffler.costmodel import Cluster, Rates, estimate  # noqa: E402
 from shuffler.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
@@ -77,10 +77,8 @@ def _import_task(_: int) -> int:
     return os.getpid()
 
 
-def calibrate(work: str) -> tuple[Rates, float]:
-    """Per-core rates of each CPU stage, the disk's bandwidth, and the fixed start-up per pass."""
-    src = os.path.join(work, "cal")
-    make_data(src, 32)
+def codec_rates(src: str) -> dict[str, float]:
+    """Per-core rates of each CPU stage, measured single-threaded in this process on the dataset `src`."""
     ds = Dataset.open(src)
     schema = ds.schema
     parts = [ds.read_shard(i) for i in range(len(ds.shards))]
@@ -102,6 +100,10 @@ def calibrate(work: str) -> tuple[Rates, float]:
 
     key = stream_key(1)
 
+    def hashes():  # output shards carry a fingerprint: RollingShardWriter hashes every row it encodes
+        for a, b in spans:
+            fingerprint_sum(row_hashes(schema, acts[a:b], [c[a:b] for c in cols]))
+
     def scatter():
         ids = bucket_ids(key, 0, n, 64)
         order = np.argsort(ids, kind="stable")
@@ -115,20 +117,37 @@ def calibrate(work: str) -> tuple[Rates, float]:
         for c in cols:
             np.take(c, p)
 
-    rates = Rates(
+    return dict(
         decode_input=_rate(lambda: dec(l1), raw), scatter=_rate(scatter, raw),
         encode_scratch=_rate(lambda: enc(LOCAL_SCRATCH_LEVEL), raw), decode_scratch=_rate(lambda: dec(fast), raw),
-        permute=_rate(permute, raw), encode_output=_rate(lambda: enc(1), raw),
+        permute=_rate(permute, raw), encode_output=_rate(lambda: (enc(1), hashes()), raw),
     )
-    # Disk: write then read back 256 MiB through Storage (what the shuffle's objects go through).
+
+
+def rates_with(src: str, processes: int, base: Rates) -> Rates:
+    """Per-core rates when `processes` processes work at once (each measures its own; the mean is taken):
+    on a machine shared with other work, two processes do not get two whole cores, and this sees it."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        runs = list(pool.map(codec_rates, [src] * processes))
+    return dataclasses.replace(base, **{k: sum(r[k] for r in runs) / processes for k in runs[0]})
+
+
+def calibrate(work: str) -> tuple[Rates, float, str]:
+    """Per-core rates of each CPU stage, the disk's bandwidth, and the fixed start-up per pass."""
+    src = os.path.join(work, "cal")
+    make_data(src, 32)
+    rates = Rates(**codec_rates(src))
+    # Disk: write then read back 1 GiB through Storage (what the shuffle's objects go through): as much as the
+    # larger shuffles write, so the page cache's write-back throttling is in the measure too.
     store = Storage(os.path.join(work, "disk"))
-    blob = os.urandom(64 * MiB)
+    blob = np.random.default_rng(0).integers(0, 255, 64 * MiB, dtype=np.uint8).tobytes()
     t = time.perf_counter()
-    for i in range(4):
+    for i in range(16):
         store.write(f"b{i}", blob)
-    for i in range(4):
+    for i in range(16):
         store.read(f"b{i}")
-    disk = 512 * MiB / (time.perf_counter() - t)
+    disk = 2 * GiB / (time.perf_counter() - t)
     store.delete_prefix("")
     # Start-up per pass: a shuffle of ~1 MiB is nothing but fixed costs.
     tiny = os.path.join(work, "tiny")
@@ -143,8 +162,7 @@ def calibrate(work: str) -> tuple[Rates, float]:
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:
         list(pool.map(_import_task, range(2)))
     rates = dataclasses.replace(rates, startup_s=startup, process_start_s=time.perf_counter() - t)
-    shutil.rmtree(src)
-    return rates, disk
+    return rates, disk, src
 
 
 def main() -> None:
@@ -155,7 +173,7 @@ def main() -> None:
     sizes = [64, 192] if args.quick else [128, 384, 768]
     work = tempfile.mkdtemp(prefix="costmodel-", dir=args.dir)
     try:
-        rates, disk = calibrate(work)
+        rates, disk, cal = calibrate(work)
         print(f"calibrated here (per core, uncompressed MB/s): decode source {rates.decode_input / 1e6:.0f}, "
               f"scatter {rates.scatter / 1e6:.0f}, encode scratch {rates.encode_scratch / 1e6:.0f}, decode "
               f"scratch {rates.decode_scratch / 1e6:.0f}, permute {rates.permute / 1e6:.0f}, encode output "
@@ -169,6 +187,8 @@ def main() -> None:
             src = os.path.join(work, f"src-{mib}")
             make_data(src, mib)
             for workers in (1, 2):
+                # calibrated right before each run, with as many processes as the run uses
+                wrates = rates_with(cal, workers, rates)
                 dst = os.path.join(work, f"dst-{mib}-{workers}")
                 stats: dict = {}
                 t = time.perf_counter()
@@ -179,11 +199,13 @@ def main() -> None:
                 plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=384 * MiB), workers=workers,
                                 scratch_url=dst, dst_url=dst)
                 assert plan.buckets == m.metadata["shuffle"]["buckets"]
-                est = estimate(plan, Cluster(nodes=1, cores=workers, memory=ram, disk=disk), rates=rates)
+                est = estimate(plan, Cluster(nodes=1, cores=workers, memory=ram, disk=disk), rates=wrates)
                 p1 = stats["pass2_start"] - stats["pass1_start"]
                 p2 = stats["pass2_end"] - stats["pass2_start"]
                 ratio = est.wall_s / measured
                 ratios.append(ratio)
+                print(f"{'':>8} {workers:>7} calibrated with {workers} process(es): decode source "
+                      f"{wrates.decode_input / 1e6:.0f}, encode output {wrates.encode_output / 1e6:.0f} MB/s per core")
                 print(f"{mib:>5}MiB {workers:>7} {est.passes[0].wall_s:>7.1f}/{p1:<7.1f}s  "
                       f"{est.passes[1].wall_s:>7.1f}/{p2:<7.1f}s  {est.wall_s:>9.1f}s {measured:>8.1f}s {ratio:>6.2f}")
                 shutil.rmtree(dst)

@@ -96,20 +96,22 @@ class Prices:
 class Rates:
     """Per-core throughput of the CPU work, uncompressed bytes/s; calibrate with benchmarks/costmodel.py."""
 
-    decode_input: float = 600e6
-    """Decoding the source (zstd level of the dataset, byte-plane merge, checksum)."""
-    scatter: float = 500e6
+    # Defaults: benchmarks/costmodel.py on the project's 2-core machine (docs/scale.md), rounded.
+    decode_input: float = 800e6
+    """Decoding the source (zstd level 1, byte-plane merge, checksum)."""
+    scatter: float = 6e9
     """Pass 1 in-memory work: bucket draws, stable sort by bucket, gather."""
-    encode_scratch: float = 400e6
-    """Encoding intermediates (at the plan's scratch level)."""
-    decode_scratch: float = 900e6
-    """Decoding intermediates."""
-    permute: float = 700e6
+    encode_scratch: float = 700e6
+    """Encoding intermediates at a negative (fast) level; at level >= 1 encode_output applies."""
+    decode_scratch: float = 1.1e9
+    """Decoding intermediates of a negative level; at level >= 1 decode_input applies."""
+    permute: float = 7e9
     """Pass 2 in-memory work: permutation draw and gather."""
-    encode_output: float = 250e6
-    """Encoding output shards (level 1)."""
-    threads_per_task: float = 1.0
-    """Cores one task keeps busy (codec threads overlap with I/O; measured, not the thread count)."""
+    encode_output: float = 530e6
+    """Encoding at zstd level 1 (output shards, and intermediates on object stores); for output shards this
+    includes the per-row hashes of the fingerprint (calibrated so)."""
+    threads_per_task: float = 1.5
+    """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O (1.3-1.8 measured)."""
     startup_s: float = 0.1
     """Fixed seconds per pass (listing, footers, markers)."""
     process_start_s: float = 1.0
@@ -245,7 +247,10 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     src_gets = math.ceil(plan.pass1_read_bytes / batch) + tasks  # + one footer read per task (order of)
     p1_net = (plan.pass1_read_bytes if src_remote else 0) + (plan.pass1_write_bytes if scratch_remote else 0)
     p1_disk = (0 if src_remote else plan.pass1_read_bytes) + (0 if scratch_remote else plan.pass1_write_bytes)
-    p1_cpu = raw / rates.decode_input + raw / rates.scatter + raw / rates.encode_scratch
+    fast = plan.scratch_level <= 0  # negative levels: near-raw frames, faster codec
+    enc_s = rates.encode_scratch if fast else rates.encode_output
+    dec_s = rates.decode_scratch if fast else rates.decode_input
+    p1_cpu = raw / rates.decode_input + raw / rates.scatter + raw / enc_s
     p1_puts = (_objects_puts(plan.pass1_write_bytes, plan.map_tasks) + plan.map_tasks) if scratch_remote else 0
     # The local executor runs a single task in-process; more start a pool (shuffler/executor.py).
     spawn1 = rates.process_start_s if plan.map_tasks > 1 and workers > 1 else 0.0
@@ -256,7 +261,7 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     out_shards = math.ceil(raw / req.shard_bytes) + plan.reduce_tasks  # shard_bytes is uncompressed; buckets split
     p2_net = (plan.pass2_read_bytes if scratch_remote else 0) + (plan.pass2_write_bytes if req.dst_remote else 0)
     p2_disk = (0 if scratch_remote else plan.pass2_read_bytes) + (0 if req.dst_remote else plan.pass2_write_bytes)
-    p2_cpu = raw / rates.decode_scratch + raw / rates.permute + raw / rates.encode_output
+    p2_cpu = raw / dec_s + raw / rates.permute + raw / rates.encode_output
     p2_gets = (plan.ranged_reads + plan.map_tasks) if scratch_remote else 0  # pieces + intermediate footers
     p2_puts = (_objects_puts(plan.pass2_write_bytes, out_shards) + plan.reduce_tasks + 1) if req.dst_remote else 0
     p2 = bound("pass 2 permute", plan.reduce_tasks, p2_net, p2_disk, p2_cpu, p2_gets, p2_puts,

@@ -76,3 +76,8 @@ def array_task() -> tuple[int | None, int | None, str | None]:
     if aws is not None:
         return aws, _int_var("AWS_BATCH_JOB_ARRAY_SIZE"), "AWS Batch"
     return None, None, None
+
+
+def ray_address() -> str | None:
+    """RAY_ADDRESS: the Ray cluster a driver joins when none is given (Ray's own convention)."""
+    return os.environ.get("RAY_ADDRESS") or None

@@ -158,8 +158,6 @@ class LocalExecutor:
                 bar.update(*self.queue.get_nowait())
 
 
-
-
 def _rows_of(result) -> int:
     """Rows a finished task handled: a MapOutput, or a reduce's (shards, fingerprint)."""
     if isinstance(result, MapOutput):
@@ -190,8 +188,10 @@ class RayExecutor:
         except ImportError:
             raise RuntimeError("--executor ray needs the `ray` extra: pip install 'activation-shuffler[ray]'") from None
         if not ray.is_initialized():
-            kw = {"num_cpus": self.workers} if self.address is None and self.workers else {}
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, **kw)
+            address = self.address or env.ray_address()
+            # A new local Ray gets one CPU per worker; an existing cluster refuses resource arguments.
+            kw = {"num_cpus": self.workers} if address is None and self.workers else {}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **kw)
             self.owned = True
         return self
 
