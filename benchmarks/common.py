@@ -389,13 +389,20 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
     th.join()
     for r in readers:
         r.join()
+    # Helpers such as multiprocessing's resource tracker exit on their own just after their parent: give the
+    # tree 3 s, then count (and end, TERM then KILL) what is still running.
+    others = [q for pid_, q in seen.items() if pid_ != p.pid]
+    _, alive = psutil.wait_procs(others, timeout=3) if others else ([], [])
     leftover = []
-    for pid_, q in seen.items():
-        if pid_ != p.pid and q.is_running() and q.status() != psutil.STATUS_ZOMBIE:
-            leftover.append(pid_)
-            q.terminate()
+    for q in alive:
+        try:
+            if q.status() != psutil.STATUS_ZOMBIE:
+                leftover.append(q.pid)
+                q.terminate()
+        except psutil.Error:
+            pass
     if leftover:
-        _, alive = psutil.wait_procs([seen[x] for x in leftover], timeout=5)
+        _, alive = psutil.wait_procs([q for q in alive if q.pid in leftover], timeout=5)
         for q in alive:
             q.kill()
     stdout = "".join(out_chunks)
