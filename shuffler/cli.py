@@ -26,12 +26,32 @@ COMMANDS: dict[str, str] = {
     "export": "shuffler.cli_interop:export_cmd",
 }
 
+# One line per command for `shuffler --help`, so listing them imports nothing (train and capture pull in
+# torch, 4-7 s here). tests/test_cli_data.py checks that every command has a line and loads.
+SHORT_HELP: dict[str, str] = {
+    "synth": "Write synthetic activations built from a planted dictionary of sparse features.",
+    "inspect": "Describe the dataset at URL; with --check, prove every chunk intact.",
+    "seal": "Join the part manifests of several producers at URL into the dataset manifest.",
+    "shuffle": "Globally shuffle SRC datasets into DST: exact, deterministic, resumable.",
+    "plan": "Print the shuffle plan (buckets, tasks, reads, memory, cost) for a dataset or a size.",
+    "verify": "Check that DST is a permutation of the SRC datasets.",
+    "train": "Train a TopK sparse autoencoder on a (shuffled) dataset.",
+    "capture": "Capture a model layer's activations over text into a dataset.",
+    "import": "Import activations from a SAELens cache, Parquet, Arrow IPC or .npy files.",
+    "export": "Export a dataset as Arrow IPC, Parquet or a SAELens activation cache.",
+}
+
 
 class LazyGroup(click.Group):
     """click's documented lazy-loading pattern: import a command's module only when it is used."""
 
     def list_commands(self, ctx):
-        return sorted(n for n in COMMANDS if self._load(n, quiet=True) is not None)
+        return sorted(COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SHORT_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx, name):
         return self._load(name, quiet=False) if name in COMMANDS else None
@@ -41,8 +61,6 @@ class LazyGroup(click.Group):
         try:
             return getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as e:
-            if quiet and e.name in (module, module.rsplit(".", 1)[0]):
-                return None  # not built yet, or an optional extra missing: hide from --help
             if quiet:
                 return None
             raise click.ClickException(

@@ -98,3 +98,15 @@ def test_real_subprocess(tmp_path):
     assert out.returncode == 1 and "no manifest.json" in out.stderr
     help_out = subprocess.run(exe + ["--help"], capture_output=True, text=True, env=env, timeout=120)
     assert "synth" in help_out.stdout and "inspect" in help_out.stdout
+
+
+def test_every_command_has_help_and_loads():
+    from shuffler.cli import COMMANDS, SHORT_HELP, LazyGroup
+
+    assert set(SHORT_HELP) == set(COMMANDS)
+    group = LazyGroup()
+    for name in COMMANDS:
+        cmd = group.get_command(None, name)
+        assert cmd is not None and cmd.help, name
+        r = CliRunner().invoke(main, [name, "--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output, (name, r.output)
