@@ -64,6 +64,8 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
       shuffler shuffle data/raw data/shuffled --seed 0
       shuffler shuffle s3://b/raw-0 s3://b/raw-1 s3://b/shuffled --seed 7 --memory 16GiB --scratch /nvme/tmp
       shuffler shuffle --from-scatter data/scattered data/shuffled    # pass 2 only (docs/shuffle.md)
+      shuffler shuffle s3://b/raw s3://b/shuffled --seed 0 --executor ray --ray-address auto
+      shuffler shuffle s3://b/raw s3://b/shuffled --seed 0 --stage scatter   # in a SLURM array (docs/cluster.md)
     """
     from .shuffle import shuffle
 
