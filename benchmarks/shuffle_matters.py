@@ -188,9 +188,9 @@ def run_dataset(data: Data, args, work: str) -> list[dict]:
                                          seed=seed, passes=args.passes)]
         glob = np.tile(global_order(data.keys, shuf, train_rows), args.passes)
         shutil.rmtree(shuf, ignore_errors=True)
-        k = args.synth_k if data.planted is not None else args.k
+        k, lr = (args.synth_k, args.synth_lr) if data.planted is not None else (args.k, args.lr)
         tokens = len(train_rows) * args.passes // args.batch * args.batch
-        cfg = TrainConfig(n_latents=args.latents, k=k, batch_size=args.batch, tokens=tokens, seed=seed,
+        cfg = TrainConfig(n_latents=args.latents, k=k, lr=lr, batch_size=args.batch, tokens=tokens, seed=seed,
                           dead_tokens=args.dead_tokens, init_tokens=min(32_768, len(train_rows)), checkpoint_every=0)
         held_x = data.x[torch.from_numpy(held)]
         for name, order in zip(ORDERS, (capture, mixing, glob), strict=True):
@@ -266,14 +266,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small data, 1 seed (~1-2 min)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--real-tokens", type=int, default=200_000)
-    p.add_argument("--synth-rows", type=int, default=200_000)
-    p.add_argument("--synth-docs", type=int, default=400)
-    p.add_argument("--synth-d", type=int, default=384)
-    p.add_argument("--synth-features", type=int, default=1536)
-    p.add_argument("--synth-k", type=int, default=8, help="planted active features per row, and the SAE's k on synth")
+    p.add_argument("--synth-rows", type=int, default=300_000)
+    p.add_argument("--synth-docs", type=int, default=600)
+    p.add_argument("--synth-d", type=int, default=64)
+    p.add_argument("--synth-features", type=int, default=256)
+    p.add_argument("--synth-k", type=int, default=4, help="planted active features per row, and the SAE's k on synth")
     p.add_argument("--heldout", type=int, default=16_384)
     p.add_argument("--latents", type=int, default=1536)
     p.add_argument("--k", type=int, default=32, help="SAE k on the real capture")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr on the real capture (default: trainer's 2e-4 / "
+                   "sqrt(latents / 2**14))")
+    p.add_argument("--synth-lr", type=float, default=4e-3,
+                   help="Adam lr on synth (the default lr leaves the planted features unlearned in ~140 steps)")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--passes", type=int, default=1)
     p.add_argument("--buffer", type=int, default=SAELENS_BUFFER, help="mixing-buffer rows (SAELens default 40,960)")
@@ -285,7 +289,7 @@ def main() -> None:
     p.add_argument("--json", help="also write every run's numbers here")
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.real_tokens, args.synth_rows, args.synth_docs = 1, 40_000, 40_000, 100
+        args.seeds, args.real_tokens, args.synth_rows, args.synth_docs = 1, 40_000, 60_000, 120
         args.heldout, args.latents, args.batch, args.buffer, args.dead_tokens = 4096, 768, 1024, 8192, 20_000
     torch.set_num_threads(args.threads)
     print(f"# shuffle_matters: {args.seeds} seed(s), SAE {args.latents} latents, batch {args.batch}, "
