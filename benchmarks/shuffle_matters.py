@@ -9,7 +9,7 @@ Orders (every one serves each training row exactly `passes` times; same tokens, 
            add one training batch of consecutive rows at a time until the buffer holds `buffer_rows` (default
            40,960: SAELens's fill, peers-sae-tooling.md 1.2), permute the whole buffer, serve the front half in
            whole batches, keep the rest to mix with the next fill. SAELens drops a last partial batch; here the
-           final flush serves it too, so every row is served (the tail is < 1 batch of ~100 steps);
+           final flush serves it too, so every row is served and all three orders hold the same rows;
 - global:  `shuffler.shuffle` of the whole capture (a fresh seed per run), read in its stored order.
 
 Rows are identified by their provenance key (doc_id, position): the held-out rows (a uniform random sample,
