@@ -208,29 +208,45 @@ class Dataset:
                 yield i, j, self.read_chunk(i, j)
 
     # -- checking --------------------------------------------------------------------------------------
-    def check(self, *, fingerprint: bool = True, progress=None) -> tuple[list[Damage], Fingerprint]:
+    def check_shard(
+        self, i: int, *, keep_hashes: bool = False, progress=None
+    ) -> tuple[list[Damage], Fingerprint, list[np.ndarray]]:
+        """Read every chunk of shard i: (damage found, fingerprint of the readable rows, row hashes if kept).
+
+        The header must agree with the manifest's schema; a shard whose header or index is unreadable is one
+        Damage with chunk None, and each damaged chunk is one Damage naming it.
+        """
+        info = self.shards[i]
+        try:
+            head = self.store.read_range(info.name, 0, min(info.bytes, 1 << 16))
+            schema, _, _ = decode_header(head, where=self._where(i))
+            if schema != self.schema:
+                raise SchemaError(f"header schema differs from manifest: {schema.describe_difference(self.schema)}")
+            idx = self.index(i)
+        except (FormatError, SchemaError, FileNotFoundError) as e:
+            return [Damage(info.name, None, str(e))], Fingerprint(), []
+        damage: list[Damage] = []
+        fp, kept = Fingerprint(), []
+        for j in range(idx.n_chunks):
+            try:
+                b = self.read_chunk(i, j)
+            except (ChecksumError, FormatError) as e:
+                damage.append(Damage(info.name, j, str(e)))
+                continue
+            h = row_hashes(self.schema, b.acts, [b.columns[n] for n in self.schema.column_names])
+            fp = fp + Fingerprint(len(b), fingerprint_sum(h))
+            if keep_hashes:
+                kept.append(h)
+            if progress is not None:
+                progress(len(b), int(idx.entries[j]["raw_len"]))
+        return damage, fp, kept
+
+    def check(self, *, progress=None) -> tuple[list[Damage], Fingerprint]:
         """Read every chunk; return every damaged shard or chunk found and the fingerprint of what was readable."""
         damage: list[Damage] = []
         fp = Fingerprint()
-        for i, info in enumerate(self.shards):
-            try:
-                head = self.store.read_range(info.name, 0, min(info.bytes, 1 << 16))
-                schema, _, _ = decode_header(head, where=self._where(i))
-                if schema != self.schema:
-                    raise SchemaError(f"header schema differs from manifest: {schema.describe_difference(self.schema)}")
-                idx = self.index(i)
-            except (FormatError, SchemaError, FileNotFoundError) as e:
-                damage.append(Damage(info.name, None, str(e)))
-                continue
-            for j in range(idx.n_chunks):
-                try:
-                    b = self.read_chunk(i, j)
-                except (ChecksumError, FormatError) as e:
-                    damage.append(Damage(info.name, j, str(e)))
-                    continue
-                if fingerprint:
-                    h = row_hashes(self.schema, b.acts, [b.columns[n] for n in self.schema.column_names])
-                    fp = fp + Fingerprint(len(b), fingerprint_sum(h))
-                if progress is not None:
-                    progress(len(b), int(idx.entries[j]["raw_len"]))
+        for i in range(len(self.shards)):
+            d, f, _ = self.check_shard(i, progress=progress)
+            damage.extend(d)
+            fp = fp + f
         return damage, fp

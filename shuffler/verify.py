@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codec import fingerprint_sum, row_hashes
 from .dataset import Damage, Dataset
-from .errors import ChecksumError, FormatError, SchemaError
 from .manifest import Fingerprint
-from .shard import decode_header
 
 
 @dataclass(frozen=True)
@@ -74,32 +71,8 @@ class VerifyReport:
 def scan(ds: Dataset, *, hashes: bool = False, threads: int = 4,
          progress: Callable[[int, int], None] | None = None) -> Scan:
     """Read every chunk of `ds` (shards on `threads` threads): damage found, fingerprint, optional row hashes."""
-    schema, names = ds.schema, ds.schema.column_names
-
     def one(i: int) -> tuple[list[Damage], Fingerprint, list[np.ndarray]]:
-        info = ds.shards[i]
-        try:
-            head = ds.store.read_range(info.name, 0, min(info.bytes, 1 << 16))
-            sh, _, _ = decode_header(head, where=ds.store.url_of(info.name))
-            if sh != schema:
-                raise SchemaError(f"header schema differs from the manifest's: {sh.describe_difference(schema)}")
-            idx = ds.index(i)
-        except (FormatError, SchemaError, FileNotFoundError) as e:
-            return [Damage(info.name, None, str(e))], Fingerprint(), []
-        damage, fp, hs = [], Fingerprint(), []
-        for j in range(idx.n_chunks):
-            try:
-                b = ds.read_chunk(i, j)
-            except (ChecksumError, FormatError) as e:
-                damage.append(Damage(info.name, j, str(e)))
-                continue
-            h = row_hashes(schema, b.acts, [b.columns[n] for n in names])
-            fp = fp + Fingerprint(len(b), fingerprint_sum(h))
-            if hashes:
-                hs.append(h)
-            if progress is not None:
-                progress(len(b), int(idx.entries[j]["raw_len"]))
-        return damage, fp, hs
+        return ds.check_shard(i, keep_hashes=hashes, progress=progress)
 
     damage: list[Damage] = []
     fp = Fingerprint()
