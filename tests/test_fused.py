@@ -7,7 +7,6 @@ so each outcome is fixed too, yet each would fail for a biased path.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from shuffler.scatter import bucket_ids, iter_decoded
 from shuffler.scattered import NotScatteredError, ScatteredDataset, producer_key
 from shuffler.seal import seal
 from shuffler.verify import verify
-from tests.test_shuffle_stats import CHI2_999, chi2
+from tests.test_shuffle_stats import assert_adjacent_distances_uniform, assert_positions_uniform
 from writers import ScatterSpec, ShardWriter
 
 ROW = 16  # bytes per row: a float32 activation (d_model 1), row_id int64, pad int32
@@ -164,21 +163,12 @@ def test_fused_each_rows_position_is_uniform():
     # Two producers hold rows 0-3 and 4-7: their draws come from different keyed streams, and still every row
     # lands in every position equally often.
     n, seeds = 8, 200
-    orders = _fused_orders(n, range(3000, 3000 + seeds), buckets=3, producers=2)
-    counts = np.zeros((n, n))
-    for o in orders:
-        counts[o, np.arange(n)] += 1  # counts[row, position]
-    assert chi2(counts, np.full((n, n), seeds / n)) < CHI2_999[49], counts
+    assert_positions_uniform(_fused_orders(n, range(3000, 3000 + seeds), buckets=3, producers=2))
 
 
 def test_fused_adjacent_output_rows_independent_of_input_neighbours():
     n, seeds = 64, 60
-    orders = _fused_orders(n, range(4000, 4000 + seeds), buckets=4, producers=1)
-    d = np.abs(np.diff(orders, axis=1)).ravel()
-    edges = [1, 3, 6, 10, 16, 24, 36, 64]
-    observed = np.histogram(d, bins=edges)[0]
-    p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
-    assert chi2(observed, p * len(d)) < CHI2_999[6], observed
+    d = assert_adjacent_distances_uniform(_fused_orders(n, range(4000, 4000 + seeds), buckets=4, producers=1))
     assert 70 < int(np.sum(d == 1)) < 170  # 2/n of 3,780 pairs: about 118
 
 

@@ -7,8 +7,6 @@ pieces), and the chi-square tests of the shuffle issue over many seeds.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +19,7 @@ from shuffler.rolling import DEFAULT_CHUNK_BYTES
 from shuffler.scatter import bucket_ids
 from shuffler.scattered import NotScatteredError, producer_key
 from tests.test_fused import COLS, ROW, scattered_source
-from tests.test_shuffle_stats import CHI2_999, chi2
+from tests.test_shuffle_stats import assert_adjacent_distances_uniform, assert_positions_uniform
 from writers import ShardWriter
 
 # memory that leaves room for `rows` rows per piece (two pieces, 32 B of index per row: readers/buckets.py)
@@ -181,20 +179,12 @@ def test_read_each_rows_position_is_uniform_in_every_epoch():
     n, seeds = 8, 200
     orders = _read_orders(n, range(5000, 5000 + seeds), buckets=3, epochs=2)
     for e in range(2):
-        counts = np.zeros((n, n))
-        for o in orders[:, e]:
-            counts[o, np.arange(n)] += 1
-        assert chi2(counts, np.full((n, n), seeds / n)) < CHI2_999[49], (e, counts)
+        assert_positions_uniform(orders[:, e], note=f"epoch {e}")
 
 
 def test_read_adjacent_rows_independent_of_input_neighbours():
     n, seeds = 64, 60
-    orders = _read_orders(n, range(6000, 6000 + seeds), buckets=4, epochs=1)[:, 0]
-    d = np.abs(np.diff(orders, axis=1)).ravel()
-    edges = [1, 3, 6, 10, 16, 24, 36, 64]
-    observed = np.histogram(d, bins=edges)[0]
-    p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
-    assert chi2(observed, p * len(d)) < CHI2_999[6], observed
+    d = assert_adjacent_distances_uniform(_read_orders(n, range(6000, 6000 + seeds), buckets=4, epochs=1)[:, 0])
     assert 70 < int(np.sum(d == 1)) < 170
 
 

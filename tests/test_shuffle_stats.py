@@ -45,6 +45,34 @@ def chi2(observed: np.ndarray, expected: np.ndarray) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
+def assert_positions_uniform(orders: np.ndarray, note=None) -> None:
+    """Every row lands in every output position equally often: chi-square over [row, position] counts.
+
+    orders: [seeds, n] input row index of each output position.
+    """
+    seeds, n = orders.shape
+    counts = np.zeros((n, n))
+    for o in orders:
+        counts[o, np.arange(n)] += 1  # counts[row, position]
+    assert chi2(counts, np.full((n, n), seeds / n)) < CHI2_999[49], (note, counts)
+
+
+def assert_adjacent_distances_uniform(orders: np.ndarray) -> np.ndarray:
+    """Adjacent output rows are as far apart in the input as under a uniform permutation; returns the distances.
+
+    Under a uniform permutation of n rows, two adjacent output rows are d apart in the input with
+    probability 2 (n - d) / (n (n - 1)). A local or windowed shuffle piles up mass at small d.
+    """
+    n = orders.shape[1]
+    d = np.abs(np.diff(orders, axis=1)).ravel()
+    edges = [1, 3, 6, 10, 16, 24, 36, 64]
+    observed = np.histogram(d, bins=edges)[0]
+    p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
+    assert abs(p.sum() - 1) < 1e-12
+    assert chi2(observed, p * len(d)) < CHI2_999[6], observed
+    return d
+
+
 def _all_permutations_equally_likely(n_seeds: int) -> None:
     orders = _orders(4, range(n_seeds), buckets=2)
     index = {p: k for k, p in enumerate(itertools.permutations(range(4)))}
@@ -64,23 +92,11 @@ def test_all_permutations_equally_likely_long():
 
 def test_each_rows_position_is_uniform():
     n, seeds = 8, 320
-    orders = _orders(n, range(1000, 1000 + seeds), buckets=3)
-    counts = np.zeros((n, n))
-    for o in orders:
-        counts[o, np.arange(n)] += 1  # counts[row, position]
-    assert chi2(counts, np.full((n, n), seeds / n)) < CHI2_999[49], counts
+    assert_positions_uniform(_orders(n, range(1000, 1000 + seeds), buckets=3))
 
 
 def test_adjacent_output_rows_independent_of_input_neighbours():
-    # Under a uniform permutation of n rows, two adjacent output rows are d apart in the input with
-    # probability 2 (n - d) / (n (n - 1)). A local or windowed shuffle piles up mass at small d.
     n, seeds = 64, 100
-    orders = _orders(n, range(2000, 2000 + seeds), buckets=4)
-    d = np.abs(np.diff(orders, axis=1)).ravel()
-    edges = [1, 3, 6, 10, 16, 24, 36, 64]
-    observed = np.histogram(d, bins=edges)[0]
-    p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
-    assert abs(p.sum() - 1) < 1e-12
-    assert chi2(observed, p * len(d)) < CHI2_999[6], observed
+    d = assert_adjacent_distances_uniform(_orders(n, range(2000, 2000 + seeds), buckets=4))
     # and the input neighbours specifically: 2/n of adjacent pairs, about 197 of 6,300 here
     assert 140 < int(np.sum(d == 1)) < 260
