@@ -157,7 +157,8 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @click.option("--compression", type=float, help="...its compression ratio (default: measured zstd-1 ratio of the dtype).")
 @click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
 @click.option("--buckets", type=click.IntRange(1), help="Force a bucket count.")
-@click.option("--workers", type=click.IntRange(1), help="Worker processes [default: this machine's cores].")
+@click.option("--workers", type=click.IntRange(1), help="Worker processes [default: this machine's cores]; with a cluster, per node "
+              "[default: as many as a node's cores and memory allow].")
 @click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
 @click.option("--scratch", help="Where intermediates would go [default: beside --dst, else local].")
 @click.option("--scratch-level", type=click.IntRange(-100, 22), help="zstd level of intermediates.")
@@ -197,6 +198,9 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
           --nodes 256 --cores 64 --node-memory 512GiB --network 5GB --disk 4GB
     """
     cluster = _cluster(cluster_file, nodes, cores, node_memory, network, disk)
+    # On a cluster, --workers is per node; the RAM to check it against is a node's. Without --workers the
+    # cost model fits as many workers as a node's memory holds, so there is nothing to check here.
+    machine_memory = (cluster.memory if workers else 0) if cluster else None
     workers = workers or (cluster.cores if cluster else None) or os.cpu_count() or 1
     if src:
         if rows is not None or d_model is not None or dtype is not None:
@@ -222,6 +226,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers, stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+        machine_memory=machine_memory,
     ))
     est = None
     if cluster is not None or put_price is not None or get_price is not None or rates_file:

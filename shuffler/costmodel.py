@@ -6,9 +6,17 @@
 Wall time of a pass is the largest of what bounds it (a pass streams, so its stages overlap):
     network   bytes to and from object storage / (nodes x network bandwidth)
     disk      bytes to and from local scratch / (nodes x disk bandwidth)
-    CPU       codec and in-memory work, at calibrated per-core rates / (nodes x usable cores)
-plus a fixed start-up per pass (processes, listing, footers). Usable cores are min(cores, the workers that
-fit in a node's memory at the plan's peak per task), times the threads one task keeps busy.
+    CPU       core-seconds of codec and in-memory work, at calibrated per-core rates, plus the kernel's work
+              of moving the local-disk bytes (copies, page faults: Rates.local_io), / (nodes x usable cores)
+plus a fixed start-up per pass (processes, listing, footers). Workers per node are the fewest of the plan's
+--workers, the cores, and the tasks that fit in a node's memory at the plan's peak per task. Usable cores per
+node are min(cores, workers x the threads one task keeps busy): each task runs 2 codec threads plus a reader,
+so one worker alone already keeps 1.6-1.75 of this machine's 2 cores busy (docs/scale.md). Local-disk I/O
+counts on the CPU too because, below the page cache's size, it is kernel work on the same cores (sys time
+was 0.6-2.3 s of a 4.5 s shuffle of 768 MiB here); counting it only as a separate disk bound under-predicts
+a machine whose cores are already full. So does a fresh worker's first touch of its memory
+(Rates.first_touch): two pool workers took 250,000 page faults in that shuffle (1.3x their peak), one
+in-process worker 48,000-102,000.
 
 Request counts follow what the code does (shuffler/scatter.py, permute.py, storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
@@ -110,8 +118,14 @@ class Rates:
     encode_output: float = 530e6
     """Encoding at zstd level 1 (output shards, and intermediates on object stores); for output shards this
     includes the per-row hashes of the fingerprint (calibrated so)."""
-    threads_per_task: float = 1.5
-    """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O (1.3-1.8 measured)."""
+    local_io: float = 1.5e9
+    """Moving bytes to or from a local filesystem (kernel copies and page faults): bytes per core-second."""
+    first_touch: float = 1.2e9
+    """A fresh worker process's first touch of its memory, in 4 KiB page faults: bytes per core-second. Each
+    worker of a pool faults in its peak once (1.2-1.3 GB/s on this VM; bare metal is several times faster)."""
+    threads_per_task: float = 1.6
+    """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O ((user + sys) / wall of
+    a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.75)."""
     startup_s: float = 0.1
     """Fixed seconds per pass (listing, footers, markers)."""
     process_start_s: float = 1.0
@@ -218,7 +232,7 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     req = plan.request
     src_remote = req.dst_remote if src_remote is None else src_remote
     fit = max(1, cluster.memory // max(plan.peak_task_bytes, 1))
-    workers = max(1, min(cluster.cores, fit))
+    workers = max(1, min(cluster.cores, fit, req.workers))
     usable = cluster.nodes * min(cluster.cores, workers * rates.threads_per_task)
     raw = plan.raw_bytes
     warnings = []
@@ -235,6 +249,7 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
         nodes = max(1, min(cluster.nodes, ntasks))
         net = net_bytes / (nodes * cluster.network)
         dsk = disk_bytes / (nodes * cluster.disk)
+        cpu_core_s += disk_bytes / rates.local_io
         cpu = cpu_core_s / max(1.0, min(usable, ntasks * rates.threads_per_task))
         which = max((net, "network"), (dsk, "disk"), (cpu, "cpu"))
         dollars = gets / 1000 * prices.get + puts / 1000 * prices.put
@@ -253,15 +268,20 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     p1_cpu = raw / rates.decode_input + raw / rates.scatter + raw / enc_s
     p1_puts = (_objects_puts(plan.pass1_write_bytes, plan.map_tasks) + plan.map_tasks) if scratch_remote else 0
     # The local executor runs a single task in-process; more start a pool (shuffler/executor.py).
-    spawn1 = rates.process_start_s if plan.map_tasks > 1 and workers > 1 else 0.0
-    spawn2 = rates.process_start_s if not spawn1 and plan.reduce_tasks > 1 and workers > 1 else 0.0
+    pool1 = plan.map_tasks > 1 and workers > 1
+    pool2 = not pool1 and plan.reduce_tasks > 1 and workers > 1
+    spawn1, spawn2 = (rates.process_start_s if pool else 0.0 for pool in (pool1, pool2))
+    # Fresh worker processes fault in their memory (up to the plan's peak) once, in the pass that starts them;
+    # a task run in-process reuses the coordinator's warm heap.
+    touch = cluster.nodes * workers * plan.peak_task_bytes / rates.first_touch
+    p1_cpu += touch if pool1 else 0.0
     p1 = bound("pass 1 scatter", plan.map_tasks, p1_net, p1_disk, p1_cpu, src_gets if src_remote else 0, p1_puts,
                spawn1)
     # pass 2: read intermediates piece by piece, write output shards
     out_shards = math.ceil(raw / req.shard_bytes) + plan.reduce_tasks  # shard_bytes is uncompressed; buckets split
     p2_net = (plan.pass2_read_bytes if scratch_remote else 0) + (plan.pass2_write_bytes if req.dst_remote else 0)
     p2_disk = (0 if scratch_remote else plan.pass2_read_bytes) + (0 if req.dst_remote else plan.pass2_write_bytes)
-    p2_cpu = raw / dec_s + raw / rates.permute + raw / rates.encode_output
+    p2_cpu = raw / dec_s + raw / rates.permute + raw / rates.encode_output + (touch if pool2 else 0.0)
     p2_gets = (plan.ranged_reads + plan.map_tasks) if scratch_remote else 0  # pieces + intermediate footers
     p2_puts = (_objects_puts(plan.pass2_write_bytes, out_shards) + plan.reduce_tasks + 1) if req.dst_remote else 0
     p2 = bound("pass 2 permute", plan.reduce_tasks, p2_net, p2_disk, p2_cpu, p2_gets, p2_puts,

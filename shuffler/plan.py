@@ -115,6 +115,9 @@ class PlanRequest:
     """Uncompressed bytes per output shard."""
     map_rows: int | None = None
     """Rows per map task; None splits for `workers` within the budget. Never changes the output."""
+    machine_memory: int | None = None
+    """RAM the `workers` share, bytes, checked against workers x peak; None: this machine's; 0: no check (a
+    plan for a cluster, where the cost model fits the workers to a node's memory)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rows, int) or self.rows < 0:
@@ -123,6 +126,8 @@ class PlanRequest:
             raise ValueError(f"buckets={self.buckets} must be between 1 and {MAX_BUCKETS}")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.machine_memory is not None and self.machine_memory < 0:
+            raise ValueError(f"machine_memory={self.machine_memory} must be >= 0 bytes (0: no check)")
         if self.stored_bytes is not None and self.stored_bytes < 0:
             raise ValueError(f"stored_bytes={self.stored_bytes} must be >= 0")
         for name, lv in (("scratch_level", self.scratch_level), ("level", self.level)):
@@ -291,12 +296,13 @@ def make_plan(req: PlanRequest) -> Plan:
             "task holds in memory: they will be re-shuffled recursively (exact, but one more pass over them); "
             f"use --buckets {buckets_for(n, capacity)} or more, or more --memory"
         )
-    ram = _machine_ram()
+    ram = _machine_ram() if req.machine_memory is None else req.machine_memory
     total = max(peak_map, peak_reduce) * req.workers
     if ram and total > ram:
+        where = "a node's" if req.machine_memory else "this machine's"
         warnings.append(
-            f"{req.workers} worker(s) x {human_bytes(max(peak_map, peak_reduce))} = {human_bytes(total)} exceeds this "
-            f"machine's {human_bytes(ram)} of RAM; lower --workers or --memory"
+            f"{req.workers} worker(s) x {human_bytes(max(peak_map, peak_reduce))} = {human_bytes(total)} exceeds "
+            f"{where} {human_bytes(ram)} of RAM; lower --workers or --memory"
         )
     driver = inter_chunks * 24
     if driver > 4 * GiB:

@@ -126,3 +126,69 @@ def test_cli_plan_with_cluster(tmp_path):
     p = subprocess.run([sys.executable, "-m", "shuffler", *base, "--nodes", "16"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 0 and "16 node(s)" in p.stdout, p.stderr
+
+
+def local_plan(workers):
+    """768 MiB of bfloat16 at d_model 1024 on local disk, as benchmarks/costmodel.py shuffles it."""
+    schema = Schema(dtype="bfloat16", d_model=1024, columns=standard_columns())
+    return make_plan(PlanRequest(rows=768 * 2**20 // schema.row_bytes, schema=schema, memory=384 * 2**20,
+                                 workers=workers, scratch_remote=False, dst_remote=False))
+
+
+NO_TOUCH = dict(first_touch=1e30, startup_s=0.0, process_start_s=0.0)
+
+
+def test_the_plans_workers_and_their_threads_set_the_usable_cores():
+    # One worker on a 2-core machine keeps threads_per_task cores busy, not one and not two; a second worker
+    # fills the rest. (The old model took the worker count as the cores: it under-used one worker and so
+    # promised 2 workers twice the speed; measured here, they were no faster.)
+    rates = Rates(threads_per_task=1.6, **NO_TOUCH)
+    one, two = (estimate(local_plan(w), Cluster(cores=2, disk=1e12), rates=rates) for w in (1, 2))
+    assert (one.workers_per_node, two.workers_per_node) == (1, 2)
+    for a, b in zip(one.passes, two.passes, strict=True):
+        assert a.bound == b.bound == "cpu"
+        assert a.cpu_s / b.cpu_s == pytest.approx(2 / 1.6, rel=0.02)  # same work, 1.6 cores against 2
+    # more cores than workers x threads do not help; the cores cap them
+    wide = estimate(local_plan(1), Cluster(cores=64, disk=1e12), rates=rates)
+    assert wide.passes[0].cpu_s == pytest.approx(one.passes[0].cpu_s)
+    assert estimate(local_plan(8), Cluster(cores=2, disk=1e12), rates=rates).workers_per_node == 2
+
+
+def test_local_disk_bytes_cost_cpu_time():
+    # Below the page cache's size, local I/O is kernel work on the same cores: it adds core-seconds.
+    plan = local_plan(1)
+    slow, fast = (estimate(plan, Cluster(cores=2, disk=1e12), rates=Rates(local_io=io, **NO_TOUCH)) for io in (1e9, 2e9))
+    disk_bytes = (plan.pass1_read_bytes + plan.pass1_write_bytes, plan.pass2_read_bytes + plan.pass2_write_bytes)
+    for s, f, nbytes in zip(slow.passes, fast.passes, disk_bytes, strict=True):
+        assert s.cpu_s - f.cpu_s == pytest.approx((nbytes / 1e9 - nbytes / 2e9) / 1.6, rel=1e-6)
+    # on object storage those bytes cost network time instead, and no local I/O
+    remote = pb_plan()
+    a, b = (estimate(remote, Cluster(nodes=64, cores=32, memory=512 * GiB), rates=Rates(local_io=io)) for io in (1e9, 2e9))
+    assert [p.cpu_s for p in a.passes] == [p.cpu_s for p in b.passes]
+
+
+def test_each_pool_worker_faults_in_its_memory_once_in_pass_1():
+    plan = local_plan(2)
+    rates = dict(startup_s=0.0, process_start_s=0.0)
+    cold, warm = (estimate(plan, Cluster(cores=2, disk=1e12), rates=Rates(first_touch=t, **rates)) for t in (1e9, 1e30))
+    extra = 2 * plan.peak_task_bytes / 1e9 / 2  # two workers' peaks, core-seconds over 2 usable cores
+    assert cold.passes[0].cpu_s - warm.passes[0].cpu_s == pytest.approx(extra, rel=1e-6)
+    assert cold.passes[1].cpu_s == pytest.approx(warm.passes[1].cpu_s)
+    # one worker runs its tasks in the coordinator's process, whose heap is warm: no charge
+    one = local_plan(1)
+    cold, warm = (estimate(one, Cluster(cores=2, disk=1e12), rates=Rates(first_touch=t, **rates)) for t in (1e9, 1e30))
+    assert [p.cpu_s for p in cold.passes] == [p.cpu_s for p in warm.passes]
+
+
+def test_cli_plan_for_a_cluster_checks_a_nodes_memory_not_this_machines():
+    base = ["plan", "--rows", str(PB_ROWS), "--d-model", "8192", "--dtype", "bfloat16", "--memory", "128GiB",
+            "--dst", "s3://b/out", "--nodes", "128", "--cores", "64", "--node-memory", "1TiB"]
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code == 0, r.output
+    assert "this machine's" not in r.output and "8 worker(s) per node" in r.output  # fitted to a node's memory
+    r = CliRunner().invoke(main, [*base, "--workers", "16"])
+    assert r.exit_code == 0 and "16 worker(s) x 128.0 GiB = 2.0 TiB exceeds a node's 1.0 TiB" in r.output, r.output
+    # without a cluster the check is against this machine, as before
+    r = CliRunner().invoke(main, ["plan", "--rows", str(PB_ROWS), "--d-model", "8192", "--dtype", "bfloat16",
+                                  "--memory", "128GiB", "--workers", "4096"])
+    assert "exceeds this machine's" in r.output, r.output
