@@ -5,11 +5,13 @@
 
 1. Calibrates the model's per-core rates here, single-threaded, on 32 MiB of the same data: source decode,
    pass-1 scatter work (bucket draws, stable sort, gather), intermediate encode/decode at the scratch level,
-   pass-2 permute work, output encode at level 1; the local disk's write+read bandwidth; the fixed start-up
-   per pass (from a 1 MiB shuffle).
+   pass-2 permute work, output encode at level 1; the local disk's write+read bandwidth (wall) and its cost in
+   CPU time (Rates.local_io), each the median of three; how fast a fresh process faults in new memory
+   (Rates.first_touch, median of three processes); the fixed start-up per pass (from a 1 MiB shuffle).
 2. Runs shuffles of several sizes (local disk, --workers 1 and 2) and prints the model's predicted wall time
    per pass and in all, the measured time, and predicted / measured (target 0.7 to 1.4).
-The model is told this machine: 1 node, the worker count as cores, its RAM, the measured disk bandwidth.
+The model is told this machine: 1 node, all its cores, its RAM, the measured disk bandwidth; the plan carries
+the run's worker count. Each row also prints the cores the run kept busy ((user + sys) / wall).
 The machine may be shared: the load average is printed with the results.
 """
 
@@ -19,7 +21,9 @@ import argparse
 import dataclasses
 import multiprocessing
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +72,29 @@ def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+# An anonymous mmap, not np.empty: numpy asks for huge pages on large arrays (2 MiB faults, 4-12 GB/s here),
+# while the shuffle's bytes objects and buffers fault 4 KiB at a time (1.2-1.3 GB/s here).
+_TOUCH = """
+import mmap, time, numpy as np
+t = time.perf_counter(); a = np.frombuffer(mmap.mmap(-1, 256 << 20), np.uint8); a[::4096] = 1
+print(a.nbytes / (time.perf_counter() - t))
+"""
+
+
+def first_touch() -> float:
+    """Bytes/s at which a fresh process faults in new memory, 4 KiB pages: the median of three new processes
+    touching 256 MiB each (what each shuffle worker does with its buffers)."""
+    runs = [float(subprocess.run([sys.executable, "-c", _TOUCH], capture_output=True, text=True, check=True).stdout)
+            for _ in range(3)]
+    return float(np.median(runs))
+
+
+def _cpu_s() -> float:
+    """User + sys seconds of this process and its finished children (the shuffle's worker pool)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _import_task(_: int) -> int:
@@ -125,12 +152,16 @@ def codec_rates(src: str) -> dict[str, float]:
 
 
 def rates_with(src: str, processes: int, base: Rates) -> Rates:
-    """Per-core rates when `processes` processes work at once (each measures its own; the mean is taken):
-    on a machine shared with other work, two processes do not get two whole cores, and this sees it."""
+    """Per-core rates when `processes` processes work at once (each measures its own; the mean is taken).
+    Called with one process per core: a shuffle keeps all of this machine's cores busy (one worker 1.7 of 2,
+    two workers 1.9), so on a machine shared with other work its threads get only a share of each core, and
+    this sees that share. The rates not measured here (local I/O, first touch) are scaled by the same share."""
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
         runs = list(pool.map(codec_rates, [src] * processes))
-    return dataclasses.replace(base, **{k: sum(r[k] for r in runs) / processes for k in runs[0]})
+    now = {k: sum(r[k] for r in runs) / processes for k in runs[0]}
+    share = float(np.mean([now[k] / getattr(base, k) for k in now]))
+    return dataclasses.replace(base, **now, local_io=base.local_io * share, first_touch=base.first_touch * share)
 
 
 def calibrate(work: str) -> tuple[Rates, float, str]:
@@ -138,17 +169,25 @@ def calibrate(work: str) -> tuple[Rates, float, str]:
     src = os.path.join(work, "cal")
     make_data(src, 32)
     rates = Rates(**codec_rates(src))
-    # Disk: write then read back 1 GiB through Storage (what the shuffle's objects go through): as much as the
-    # larger shuffles write, so the page cache's write-back throttling is in the measure too.
+    # Disk: write then read back 1 GiB through Storage, as the shuffle's objects go (no fsync: below the page
+    # cache's size the bytes never wait for the device). Its wall time gives the disk bound; its CPU time (user
+    # + sys: the kernel's copies and page faults) gives Rates.local_io, the core-seconds local I/O takes from
+    # the codec. One pass swings 2x here (519 vs 1,313 MB/s seconds apart, docs/scale.md), so take the median
+    # of three.
     store = Storage(os.path.join(work, "disk"))
     blob = np.random.default_rng(0).integers(0, 255, 64 * MiB, dtype=np.uint8).tobytes()
-    t = time.perf_counter()
-    for i in range(16):
-        store.write(f"b{i}", blob)
-    for i in range(16):
-        store.read(f"b{i}")
-    disk = 2 * GiB / (time.perf_counter() - t)
-    store.delete_prefix("")
+    walls, cpus = [], []
+    for _ in range(3):
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(16):
+            store.write(f"b{i}", blob)
+        for i in range(16):
+            store.read(f"b{i}")
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+        store.delete_prefix("")
+    disk = 2 * GiB / float(np.median(walls))
+    local_io = 2 * GiB / float(np.median(cpus))
     # Start-up per pass: a shuffle of ~1 MiB is nothing but fixed costs.
     tiny = os.path.join(work, "tiny")
     make_data(tiny, 1)
@@ -161,7 +200,8 @@ def calibrate(work: str) -> tuple[Rates, float, str]:
     t = time.perf_counter()
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:
         list(pool.map(_import_task, range(2)))
-    rates = dataclasses.replace(rates, startup_s=startup, process_start_s=time.perf_counter() - t)
+    rates = dataclasses.replace(rates, startup_s=startup, process_start_s=time.perf_counter() - t, local_io=local_io,
+                                first_touch=first_touch())
     return rates, disk, src
 
 
@@ -177,9 +217,11 @@ def main() -> None:
         print(f"calibrated here (per core, uncompressed MB/s): decode source {rates.decode_input / 1e6:.0f}, "
               f"scatter {rates.scatter / 1e6:.0f}, encode scratch {rates.encode_scratch / 1e6:.0f}, decode "
               f"scratch {rates.decode_scratch / 1e6:.0f}, permute {rates.permute / 1e6:.0f}, encode output "
-              f"{rates.encode_output / 1e6:.0f}; disk {disk / 1e6:.0f} MB/s; start-up {rates.startup_s:.2f} s/pass, "
+              f"{rates.encode_output / 1e6:.0f}, local I/O {rates.local_io / 1e6:.0f}, first touch "
+              f"{rates.first_touch / 1e6:.0f}; disk {disk / 1e6:.0f} MB/s; start-up {rates.startup_s:.2f} s/pass, "
               f"worker processes {rates.process_start_s:.2f} s")
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cores = os.cpu_count() or 1
         print(f"{'data':>8} {'workers':>7} {'pass1 pred/meas':>17} {'pass2 pred/meas':>17} {'total pred':>10} "
               f"{'measured':>9} {'ratio':>6}")
         ratios = []
@@ -187,25 +229,29 @@ def main() -> None:
             src = os.path.join(work, f"src-{mib}")
             make_data(src, mib)
             for workers in (1, 2):
-                # calibrated right before each run, with as many processes as the run uses
-                wrates = rates_with(cal, workers, rates)
+                # calibrated right before each run, with all cores busy, as the run keeps them
+                wrates = rates_with(cal, cores, rates)
                 dst = os.path.join(work, f"dst-{mib}-{workers}")
                 stats: dict = {}
-                t = time.perf_counter()
+                t, used = time.perf_counter(), _cpu_s()
                 m = shuffle(src, dst, seed=1, workers=workers, memory=384 * MiB, stats=stats)
                 measured = time.perf_counter() - t
+                cores_used = (_cpu_s() - used) / measured
                 from shuffler.shuffle import plan_for, open_sources, ShuffleConfig  # noqa: I001
 
                 plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=384 * MiB), workers=workers,
                                 scratch_url=dst, dst_url=dst)
                 assert plan.buckets == m.metadata["shuffle"]["buckets"]
-                est = estimate(plan, Cluster(nodes=1, cores=workers, memory=ram, disk=disk), rates=wrates)
+                # The machine as it is: all its cores; the plan carries the worker count.
+                est = estimate(plan, Cluster(nodes=1, cores=cores, memory=ram, disk=disk), rates=wrates)
                 p1 = stats["pass2_start"] - stats["pass1_start"]
                 p2 = stats["pass2_end"] - stats["pass2_start"]
                 ratio = est.wall_s / measured
                 ratios.append(ratio)
-                print(f"{'':>8} {workers:>7} calibrated with {workers} process(es): decode source "
-                      f"{wrates.decode_input / 1e6:.0f}, encode output {wrates.encode_output / 1e6:.0f} MB/s per core")
+                print(f"{'':>8} {workers:>7} calibrated with {cores} process(es): decode source "
+                      f"{wrates.decode_input / 1e6:.0f}, encode output {wrates.encode_output / 1e6:.0f} MB/s per core; "
+                      f"predicted {est.passes[0].bound}/{est.passes[1].bound}-bound; the run kept {cores_used:.2f} "
+                      "cores busy")
                 print(f"{mib:>5}MiB {workers:>7} {est.passes[0].wall_s:>7.1f}/{p1:<7.1f}s  "
                       f"{est.passes[1].wall_s:>7.1f}/{p2:<7.1f}s  {est.wall_s:>9.1f}s {measured:>8.1f}s {ratio:>6.2f}")
                 shutil.rmtree(dst)
