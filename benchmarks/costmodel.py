@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/costmodel.py            # shuffles of 128, 384 and 768 MiB (bfloat16, d_model 1024)
     .venv/bin/python benchmarks/costmodel.py --quick    # 64 and 192 MiB
+    .venv/bin/python benchmarks/costmodel.py --quick --save-rates rates.json   # then: shuffler plan ... --rates rates.json
 
 1. Calibrates the model's per-core rates here, single-threaded, on 32 MiB of the same data: source decode,
    pass-1 scatter work (bucket draws, stable sort, gather), intermediate encode/decode at the scratch level,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import multiprocessing
 import os
 import resource
@@ -209,6 +211,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 and 192 MiB only")
     ap.add_argument("--dir", help="work folder (default: a temporary one, deleted at the end)")
+    ap.add_argument("--save-rates", metavar="FILE",
+                    help="write the calibrated rates as JSON for `shuffler plan --rates FILE` (on a cluster: run "
+                         "this on one idle node)")
     args = ap.parse_args()
     sizes = [64, 192] if args.quick else [128, 384, 768]
     work = tempfile.mkdtemp(prefix="costmodel-", dir=args.dir)
@@ -220,6 +225,10 @@ def main() -> None:
               f"{rates.encode_output / 1e6:.0f}, local I/O {rates.local_io / 1e6:.0f}, first touch "
               f"{rates.first_touch / 1e6:.0f}; disk {disk / 1e6:.0f} MB/s; start-up {rates.startup_s:.2f} s/pass, "
               f"worker processes {rates.process_start_s:.2f} s")
+        if args.save_rates:
+            with open(args.save_rates, "w") as f:
+                json.dump(dataclasses.asdict(rates), f, indent=1)
+            print(f"rates written to {args.save_rates}; use: shuffler plan ... --rates {args.save_rates}")
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         cores = os.cpu_count() or 1
         print(f"{'data':>8} {'workers':>7} {'pass1 pred/meas':>17} {'pass2 pred/meas':>17} {'total pred':>10} "

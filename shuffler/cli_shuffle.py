@@ -178,8 +178,8 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
               "S3 Standard us-east-1, check current prices].")
 @click.option("--get-price", type=click.FloatRange(0), help="Dollars per 1,000 GET [default: 0.0004].")
 @click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
-              help="Per-core codec rates, JSON (fields of shuffler.costmodel.Rates; benchmarks/costmodel.py "
-              "measures them).")
+              help="Per-core codec rates, JSON (fields of shuffler.costmodel.Rates; `python benchmarks/costmodel.py "
+              "--save-rates FILE` measures them on the machine it runs on).")
 def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, dst, scratch, scratch_level,
              level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
              put_price, get_price, rates_file):
@@ -233,7 +233,10 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         from .costmodel import Cluster, Prices, Rates, estimate
 
         prices = Prices(**{k: v for k, v in (("put", put_price), ("get", get_price)) if v is not None})
-        rates = Rates.from_json(open(rates_file).read()) if rates_file else Rates()
+        try:
+            rates = Rates.from_json(open(rates_file).read(), where=rates_file) if rates_file else Rates()
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--rates") from None
         est = estimate(plan, cluster or Cluster(cores=workers), prices, rates,
                        src_remote=not _is_local(src[0]) if src else None)
     if as_json:

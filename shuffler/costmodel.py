@@ -139,8 +139,25 @@ class Rates:
                 raise ValueError(f"rate {k}={v} must be {'>= 0' if fixed else '> 0'}")
 
     @classmethod
-    def from_json(cls, doc: dict | str) -> Rates:
-        return cls(**(json.loads(doc) if isinstance(doc, str) else doc))
+    def from_json(cls, doc: dict | str, *, where: str = "rates") -> Rates:
+        """From a dict or JSON text with some fields of Rates (the rest keep their defaults)."""
+        try:
+            doc = json.loads(doc) if isinstance(doc, str) else doc
+        except ValueError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: expected a JSON object with fields of Rates")
+        unknown = set(doc) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        bad = {k: v for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if bad:
+            raise ValueError(f"{where}: {bad} must be numbers (bytes/s per core, or seconds)")
+        try:
+            return cls(**doc)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

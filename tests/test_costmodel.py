@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -192,3 +193,18 @@ def test_cli_plan_for_a_cluster_checks_a_nodes_memory_not_this_machines():
     r = CliRunner().invoke(main, ["plan", "--rows", str(PB_ROWS), "--d-model", "8192", "--dtype", "bfloat16",
                                   "--memory", "128GiB", "--workers", "4096"])
     assert "exceeds this machine's" in r.output, r.output
+
+
+def test_rates_file_errors_name_the_file_and_the_field(tmp_path):
+    base = ["plan", "--rows", "1000000", "--d-model", "1024", "--dtype", "bfloat16", "--nodes", "2"]
+    f = tmp_path / "rates.json"
+    f.write_text(json.dumps({"decode_input": 9e8, "threads_per_task": 2.0}))
+    r = CliRunner().invoke(main, [*base, "--rates", str(f), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["cost"]["rates"]["threads_per_task"] == 2.0
+    for text, match in [('{"decode_inptu": 1e9}', "unknown field.*decode_inptu"), ("{oops", "not JSON"),
+                        ('{"scatter": "fast"}', "must be numbers"), ('{"scatter": 0}', "scatter=0 must be > 0")]:
+        f.write_text(text)
+        r = CliRunner().invoke(main, [*base, "--rates", str(f)])
+        assert r.exit_code == 2 and str(f) in r.output and "--rates" in r.output, r.output
+        assert re.search(match, r.output), (match, r.output)
