@@ -86,7 +86,7 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
         raise click.UsageError("--task-index/--num-tasks need --stage scatter or --stage permute")
     if from_scatter:
         _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate,
-                      overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows)
+                      overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address)
         return
     if seed is None:
         raise click.UsageError("Missing option '--seed' (every shuffle needs one, except --from-scatter)")
@@ -129,7 +129,7 @@ def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray
 
 
 def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
-                  break_lock, level, chunk_bytes, shard_bytes, map_rows) -> None:
+                  break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address) -> None:
     from .from_scatter import shuffle_from_scatter
 
     if len(srcs) != 1:
@@ -141,7 +141,8 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
     stats: dict = {}
     m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, scratch=scratch,
                              scratch_level=scratch_level, overwrite=overwrite, break_lock=break_lock, level=level,
-                             chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, stats=stats)
+                             chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, executor=executor,
+                             ray_address=ray_address, stats=stats)
     info = m.metadata["shuffle"]
     click.echo(f"shuffled {m.num_rows:,} scattered rows of {srcs[0]} into {dst} (pass 2 only): {info['buckets']} "
                f"bucket(s), {len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")

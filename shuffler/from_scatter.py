@@ -60,6 +60,8 @@ def shuffle_from_scatter(
     level: int = 1,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    executor: str = "local",
+    ray_address: str | None = None,
     progress: bool | None = None,
     stats: dict | None = None,
 ) -> Manifest:
@@ -67,14 +69,17 @@ def shuffle_from_scatter(
 
     `seed` keys the in-bucket permutations; None uses the scatter seed (any seed is as good: the bucket draws
     were made at write time). The bucket count is the one the producers used. Other options are those of
-    shuffler.shuffle; NotScatteredError (a ValueError) if `url` was not written with a ScatterSpec.
+    shuffler.shuffle: executor="ray" runs the reduce tasks as Ray tasks (same bytes as "local"), so `url`,
+    `dst` and `scratch` must be URLs every Ray worker can reach. NotScatteredError (a ValueError) if `url`
+    was not written with a ScatterSpec.
     """
     scattered = ScatteredDataset.open(url)
     spec = scattered.spec
     cfg = ShuffleConfig(
         seed=spec.seed if seed is None else seed, memory=_size(memory) if memory is not None else DEFAULT_MEMORY,
         buckets=spec.buckets, workers=workers, scratch=scratch, scratch_level=scratch_level, overwrite=overwrite,
-        break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+        break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, executor=executor,
+        ray_address=ray_address,
     )
     run = _FromScatterRun(url, dst, cfg, progress, scattered)
     try:

@@ -1,22 +1,29 @@
 """The Ray executor (shuffler/executor.py, extra `ray`): a real local Ray on 127.0.0.1, started once for this
-module. Its output equals the local executor's byte for byte; a task whose worker dies is retried; a task's
-error reaches the caller as itself; every Ray listener is on loopback; no Ray process outlives the module."""
+module. Its output equals the local executor's byte for byte (also for `--from-scatter`, pass 2 only); a
+task whose worker dies is retried; a task's error reaches the caller as itself; every Ray listener is on
+loopback; no Ray process outlives the module."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
 
+import numpy as np
 import psutil
 import pytest
 from click.testing import CliRunner
 
 from shuffler.cli import main
 from shuffler.executor import RayExecutor
+from shuffler.from_scatter import shuffle_from_scatter
+from shuffler.plan import fixed_overhead
+from shuffler.seal import seal
 from shuffler.shuffle import shuffle
 from shuffler.verify import verify
 from tests.test_cluster import MEMORY
+from tests.test_fused import ROW, row_ids, shard_bytes, write_scattered
 from tests.test_shuffle import SMALL, make_dataset, output_bytes
 
 # Loopback only (../shared/reference/infra-check.md 1.3-1.4): without the first variable Ray binds every
@@ -109,3 +116,77 @@ def test_ray_refuses_memory_urls(local_ray, memory_url, tmp_path):
         shuffle(src, memory_url, seed=1, executor="ray")
     with pytest.raises(ValueError, match="needs executor='ray'"):
         shuffle(src, str(tmp_path / "x"), seed=1, ray_address="127.0.0.1:6379")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `shuffle --from-scatter` (pass 2 only) on Ray
+
+
+def test_from_scatter_on_ray_equals_local_byte_for_byte(local_ray, tmp_path):
+    src = str(tmp_path / "scattered")
+    for p, rows in enumerate([range(0, 180), range(180, 300), range(300, 301)]):
+        write_scattered(src, rows, seed=5, buckets=4, producer=f"p{p}")
+    seal(src)
+    opts = dict(chunk_bytes=4 * ROW, shard_bytes=8 * ROW)
+    local = shuffle_from_scatter(src, str(tmp_path / "local"), workers=1, **opts)
+    stats: dict = {}
+    m = shuffle_from_scatter(src, str(tmp_path / "ray"), executor="ray", workers=1, stats=stats, **opts)
+    assert stats["from_scatter"] and not stats["in_process"]  # workers=1 runs in-process, but not on Ray
+    assert m.to_json() == local.to_json()
+    assert shard_bytes(str(tmp_path / "ray")) == shard_bytes(str(tmp_path / "local"))
+    assert np.array_equal(np.sort(row_ids(str(tmp_path / "ray"))), np.arange(301))
+    assert verify([src], str(tmp_path / "ray"), full=True).ok
+    # one bucket 6x the memory: the Ray task recurses through scratch, which it must reach too
+    one = str(tmp_path / "one-bucket")
+    write_scattered(one, range(400), seed=3, buckets=1, run_rows=50, chunk_rows=4)
+    memory = fixed_overhead(4 * ROW) + 64 * (ROW + 12)
+    shuffle_from_scatter(one, str(tmp_path / "one-local"), memory=memory, workers=1, **opts)
+    m = shuffle_from_scatter(one, str(tmp_path / "one-ray"), memory=memory, executor="ray", **opts)
+    assert any("." in s.name.split("-")[1] for s in m.shards), "expected recursed shard names"
+    assert shard_bytes(str(tmp_path / "one-ray")) == shard_bytes(str(tmp_path / "one-local"))
+
+
+def test_cli_from_scatter_executor_ray(local_ray, monkeypatch, tmp_path):
+    run_module = importlib.import_module("shuffler.shuffle")  # `shuffler.shuffle` is also the function
+    kinds = []
+    real = run_module.make_executor
+    monkeypatch.setattr(run_module, "make_executor", lambda kind, **kw: kinds.append(kind) or real(kind, **kw))
+    src, dst, ref = str(tmp_path / "sc"), str(tmp_path / "ray"), str(tmp_path / "local")
+    r = CliRunner().invoke(main, ["synth", src, "--rows", "3000", "--d-model", "8", "--scatter", "--seed", "4",
+                                  "--buckets", "5", "--chunk-bytes", "4KiB"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", src, ref, "--workers", "1", "--chunk-bytes", "4KiB"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", src, dst, "--executor", "ray", "--chunk-bytes", "4KiB"])
+    assert r.exit_code == 0, r.output
+    assert "pass 2 only" in r.output and kinds == ["local", "ray"]
+    assert output_bytes(dst) == output_bytes(ref)
+    assert verify([src], dst).ok
+
+
+def test_cli_from_scatter_passes_executor_and_address_on(monkeypatch, tmp_path):
+    import shuffler.from_scatter
+
+    seen: dict = {}
+
+    def fake(url, dst, **kw):
+        seen.update(kw, url=url, dst=dst)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(shuffler.from_scatter, "shuffle_from_scatter", fake)
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", "a", "b", "--executor", "ray",
+                                  "--ray-address", "127.0.0.1:6379"])
+    assert r.exit_code == 1 and "stop here" in r.output, r.output
+    assert (seen["url"], seen["dst"], seen["executor"], seen["ray_address"]) == ("a", "b", "ray", "127.0.0.1:6379")
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", "a", "b"])
+    assert seen["executor"] == "local" and seen["ray_address"] is None
+    monkeypatch.undo()
+    # errors as before: a bad executor, --stage, and an address without Ray (checked before any Ray starts)
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", "a", "b", "--executor", "dask"])
+    assert r.exit_code == 2 and "'dask' is not one of 'local', 'ray'" in r.output, r.output
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", "a", "b", "--stage", "permute", "--seed", "1"])
+    assert r.exit_code == 2 and "--stage does not apply to --from-scatter" in r.output, r.output
+    src = str(tmp_path / "sc")
+    assert CliRunner().invoke(main, ["synth", src, "--rows", "200", "--d-model", "2", "--scatter"]).exit_code == 0
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", src, str(tmp_path / "o"), "--ray-address", "x:1"])
+    assert r.exit_code == 1 and "needs executor='ray'" in r.output, r.output
