@@ -11,6 +11,7 @@ import numpy as np
 from .codec import decode_chunk, fingerprint_sum, row_hashes
 from .errors import ChecksumError, FormatError, SchemaError
 from .manifest import MANIFEST, Fingerprint, Manifest, ShardInfo, read_manifest
+from .mapped import LocalMaps
 from .schema import Schema
 from .shard import ShardIndex, decode_footer, decode_header, tail_bytes
 from .storage import Storage
@@ -96,6 +97,9 @@ class Dataset:
         self.manifest = manifest
         self._indexes: dict[int, ShardIndex] = {}
         self._lock = threading.Lock()
+        # Local shards are read through memory maps: a pread copy costs 17-20% of the decode time for float16
+        # chunks (benchmarks/codec.py), a mapped read 0-2%.
+        self._maps = LocalMaps(store) if store.is_local else None
 
     @classmethod
     def open(cls, url: str | Storage, *, manifest: str = MANIFEST) -> Dataset:
@@ -180,12 +184,31 @@ class Dataset:
         if not 0 <= j < idx.n_chunks:
             raise IndexError(f"{self._where(i)} has {idx.n_chunks} chunks; chunk {j} does not exist")
         start, end = self.chunk_range(i, j)
-        return self.decode(i, j, self.store.read_range(self.shards[i].name, start, end))
+        frame = self._read(i, start, end)
+        batch = self.decode(i, j, frame)
+        if self._maps is not None:
+            LocalMaps.release(frame, start)
+        return batch
+
+    def _read(self, i: int, start: int, end: int):
+        """Bytes [start, end) of shard i: a view of its memory map if local, else one ranged read."""
+        name = self.shards[i].name
+        if self._maps is None:
+            return self.store.read_range(name, start, end)
+        try:
+            return self._maps.read(name, start, end)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self._where(i)}: shard named in the manifest is missing") from None
+
+    def close(self) -> None:
+        """Unmap the local shards this dataset mapped (they are also unmapped when it is garbage collected)."""
+        if self._maps is not None:
+            self._maps.close()
 
     def read_shard(self, i: int) -> Batch:
         """Every row of shard i, in stored order."""
         info = self.shards[i]
-        blob = self.store.read_range(info.name, 0, info.bytes)
+        blob = self._read(i, 0, info.bytes)
         if len(blob) != info.bytes:
             raise FormatError(f"{self._where(i)}: read {len(blob)} bytes, manifest says {info.bytes} (truncated)")
         idx = self.index(i)
@@ -194,6 +217,8 @@ class Dataset:
             self.decode(i, j, mv[int(e["offset"]) : int(e["offset"] + e["comp_len"])])
             for j, e in enumerate(idx.entries)
         ]
+        if self._maps is not None:
+            LocalMaps.release(blob, 0)
         if not parts:
             return Batch(np.empty((0, self.d_model), self.schema.storage_dtype), self._empty_columns(), self.dtype)
         return Batch.concat(parts)

@@ -1,0 +1,81 @@
+"""Local shards are read through memory maps (shuffler/mapped.py): the bytes are those of a ranged read, a
+shard missing or truncated is named, a shard replaced by rename under an open dataset still reads as the
+dataset's manifest says, and decoded pages are dropped from the mapping."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from shuffler import Dataset
+from shuffler.errors import ChecksumError, FormatError
+from shuffler.schema import standard_columns
+from writers.shard_writer import ShardWriter
+
+
+def write(url: str, rows: int = 3000, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((rows, 24)).astype(np.float16)
+    r = np.arange(rows)
+    with ShardWriter(url, d_model=24, dtype="float16", columns=standard_columns(), chunk_bytes=16 << 10,
+                     shard_bytes=64 << 10) as w:
+        w.write(x, token_id=(r % 97).astype(np.int32), doc_id=r // 50, position=(r % 50).astype(np.int32))
+    return x
+
+
+def test_mapped_reads_equal_ranged_reads(tmp_path):
+    url = str(tmp_path / "d")
+    x = write(url)
+    ds = Dataset.open(url)
+    assert ds._maps is not None and len(ds.shards) > 1
+    got = [ds.read_chunk(i, j) for i in range(len(ds.shards)) for j in range(ds.index(i).n_chunks)]
+    assert ds._maps.maps  # the chunks came from maps
+    # the same bytes through the ranged-read path
+    for i in range(len(ds.shards)):
+        for j in range(ds.index(i).n_chunks):
+            a, b = ds.chunk_range(i, j)
+            ref = ds.decode(i, j, ds.store.read_range(ds.shards[i].name, a, b))
+            batch = got.pop(0)
+            assert np.array_equal(batch.acts, ref.acts)
+            assert all(np.array_equal(batch.columns[k], ref.columns[k]) for k in ref.columns)
+    whole = np.concatenate([ds.read_shard(i).acts for i in range(len(ds.shards))])
+    assert np.array_equal(whole.view(np.uint16), x.view(np.uint16))
+    ds.close()
+    assert not ds._maps.maps
+
+
+def test_missing_and_truncated_shards_are_named(tmp_path):
+    url = str(tmp_path / "d")
+    write(url)
+    ds = Dataset.open(url)
+    ds.index(0), ds.index(1)  # footers cached, files not mapped yet
+    name0, name1 = ds.shards[0].name, ds.shards[1].name
+    os.remove(os.path.join(url, name0))
+    with pytest.raises(FileNotFoundError, match=f"{name0}.*missing"):
+        ds.read_chunk(0, 0)
+    p = os.path.join(url, name1)
+    with open(p, "r+b") as f:
+        f.truncate(os.path.getsize(p) // 2)
+    last = ds.index(1).n_chunks - 1
+    with pytest.raises((FormatError, ChecksumError), match=f"{name1}"):
+        ds.read_chunk(1, last)
+    with pytest.raises(FormatError, match=f"{name1}.*truncated"):
+        ds.read_shard(1)
+
+
+def test_a_shard_replaced_by_rename_reads_as_the_open_manifest_says(tmp_path):
+    url = str(tmp_path / "d")
+    x = write(url)
+    ds = Dataset.open(url)
+    first = ds.read_chunk(0, 0).acts.copy()  # shard 0 is mapped now
+    # another writer replaces the file the way every writer here does: a new file renamed over it
+    p = os.path.join(url, ds.shards[0].name)
+    with open(p + ".tmp", "wb") as f:
+        f.write(os.urandom(os.path.getsize(p)))
+    os.replace(p + ".tmp", p)
+    assert np.array_equal(ds.read_chunk(0, 0).acts, first)  # the mapped inode is the one the index describes
+    assert np.array_equal(ds.read_chunk(0, 1).acts.view(np.uint16), x[len(first): 2 * len(first)].view(np.uint16))
+    ds.close()
+    with pytest.raises(ChecksumError, match="chunk 0"):  # a fresh map sees the new (foreign) bytes, refused
+        ds.read_chunk(0, 0)
