@@ -1,8 +1,9 @@
 """`shuffler import`: activations cached by other tools (SAELens, Parquet, Arrow IPC, .npy) into a dataset.
 
-Every source is read in pieces of at most `batch_bytes` of activations, so memory stays bounded whatever the
-input size: Parquet through `ParquetFile.iter_batches`, Arrow IPC and SAELens files memory-mapped and sliced
-(zero copy), .npy memory-mapped. Each piece is checked (one width, no nulls, numeric columns), converted if
+SRC is a local path or any fsspec URL (s3://, memory://; shuffler/interop_sources.py opens it). Every source
+is read in pieces of at most `batch_bytes` of activations, so memory stays bounded whatever the input size:
+Parquet through `ParquetFile.iter_batches`, Arrow IPC and SAELens files memory-mapped and sliced (zero copy;
+remote: one record batch at a time), .npy memory-mapped (remote: ranged reads of row blocks). Each piece is checked (one width, no nulls, numeric columns), converted if
 `dtype` asks, and appended to a ShardWriter, which removes everything it wrote if any piece fails: a bad row
 in the last file leaves nothing visible at DST. Rows keep their order.
 
@@ -14,7 +15,6 @@ Values beyond the target's range become inf and are refused unless `allow_nonfin
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -25,16 +25,24 @@ import pyarrow as pa
 from .arrow import arrow_to_acts, arrow_to_column, is_list_like, leaf_dtype, looks_like_acts, storage_type
 from .convert import float32_to_bfloat16_bits
 from .errors import SchemaError
+from .interop_sources import (
+    EXTS,
+    FORMATS,
+    NpyArray,
+    Source,
+    exported_dtype,
+    files,
+    read_schema,
+    record_batches,
+)
+from .interop_sources import detect_format as _detect
+from .interop_sources import saelens_files as _saelens_files
 from .rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from .schema import _NAME, COLUMN_DTYPES, STANDARD_COLUMNS, Schema
 
-FORMATS = ("auto", "saelens", "parquet", "arrow", "npy")
 DTYPES = ("float32", "float16", "bfloat16")
 #: Names other tools use for our standard columns (SAELens writes `token_ids`).
 ALIASES = {"token_ids": "token_id", "doc_ids": "doc_id", "positions": "position"}
-_EXTS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc", ".arrows")}
-_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
-             ".arrows": "arrow", ".npy": "npy"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,59 +135,12 @@ def to_dtype(a: np.ndarray, src: str, dst: str) -> np.ndarray:
 # -- finding the format ----------------------------------------------------------------------------------
 def detect_format(src: str) -> str:
     """saelens for a datasets folder, else by suffix of the file (or the files in a folder), else magic bytes."""
-    if os.path.isdir(src):
-        if os.path.exists(os.path.join(src, "state.json")):
-            return "saelens"
-        if os.path.exists(os.path.join(src, "dataset_dict.json")):
-            raise ValueError(
-                f"{src} is a datasets DatasetDict; point at one split's folder (e.g. {src}/train) instead"
-            )
-        kinds = {_SUFFIXES.get(os.path.splitext(n)[1].lower()) for n in os.listdir(src) if not n.startswith(".")}
-        kinds.discard(None)
-        if len(kinds) == 1 and kinds != {"npy"}:
-            return kinds.pop()
-        raise ValueError(
-            f"{src}: cannot tell the format from the folder's files (found {sorted(kinds) or 'none known'}); "
-            "expected a SAELens/datasets folder (state.json) or .parquet / .arrow files; pass --format"
-        )
-    suffix = os.path.splitext(src)[1].lower()
-    if suffix in _SUFFIXES:
-        return _SUFFIXES[suffix]
-    with open(src, "rb") as f:
-        head = f.read(8)
-    for magic, fmt in ((b"PAR1", "parquet"), (b"ARROW1", "arrow"), (b"\x93NUMPY", "npy"), (b"\xff\xff\xff\xff", "arrow")):
-        if head.startswith(magic):
-            return fmt
-    raise ValueError(
-        f"{src}: unknown format (suffix {suffix or 'none'!r}, first bytes {head!r}); expected one of "
-        f"{', '.join(FORMATS[1:])}; pass --format"
-    )
-
-
-def _files(src: str, suffixes: tuple[str, ...]) -> list[str]:
-    if not os.path.isdir(src):
-        if not os.path.exists(src):
-            raise FileNotFoundError(f"{src}: no such file or folder")
-        return [src]
-    out = sorted(os.path.join(src, n) for n in os.listdir(src) if n.lower().endswith(suffixes))
-    if not out:
-        raise FileNotFoundError(f"{src}: folder holds no {' / '.join(suffixes)} files")
-    return out
+    return _detect(Source.of(src))
 
 
 def saelens_files(src: str) -> list[str]:
-    """The Arrow files of a datasets folder, in row order (state.json's `_data_files`)."""
-    where = os.path.join(src, "state.json")
-    try:
-        with open(where) as f:
-            state = json.load(f)
-        names = [d["filename"] for d in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{where}: not a datasets state.json with _data_files ({type(e).__name__}: {e})") from None
-    for n in names:
-        if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
-            raise ValueError(f"{where}: data file name {n!r} is not a plain file name inside the folder")
-    return [os.path.join(src, n) for n in names]
+    """The Arrow files (paths or URLs) of a datasets folder, in row order (state.json's `_data_files`)."""
+    return [f.url for f in _saelens_files(Source.of(src))]
 
 
 # -- Arrow-based sources (parquet, arrow IPC, saelens) ---------------------------------------------------
@@ -268,47 +229,17 @@ def _out_dtype(name: str, t: pa.DataType, *, where: str) -> str:
     return dt
 
 
-def _batches_ipc(path: str, *, stream: bool | None) -> Iterator[pa.RecordBatch]:
-    """Record batches of an Arrow IPC file (random-access or stream format), memory-mapped: no copy."""
-    with pa.memory_map(path, "r") as src:
-        if stream is not True:
-            try:
-                reader = pa.ipc.open_file(src)
-            except pa.ArrowInvalid:
-                if stream is False:
-                    raise
-                src.seek(0)
-            else:
-                for i in range(reader.num_record_batches):
-                    yield reader.get_batch(i)
-                return
-        yield from pa.ipc.open_stream(src)
-
-
-def _schema_of(path: str, fmt: str) -> pa.Schema:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_schema(path)
-    with pa.memory_map(path, "r") as src:
-        try:
-            return pa.ipc.open_file(src).schema
-        except pa.ArrowInvalid:
-            src.seek(0)
-            return pa.ipc.open_stream(src).schema
-
-
-def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportReport) -> Iterator[Piece]:
+def _arrow_pieces(srcs: list[Source], fmt: str, cfg: ImportConfig, report: ImportReport) -> Iterator[Piece]:
     plan: _Plan | None = None
     d_model: int | None = None
     per: int | None = None
     row = 0
-    for path in files:
-        where = path
+    for src in srcs:
+        where = src.url
         try:
-            schema = _schema_of(path, fmt)
+            schema = read_schema(src, fmt)
         except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"{path}: not a readable {fmt} file ({e})") from None
+            raise ValueError(f"{where}: not a readable {fmt} file ({e})") from None
         if plan is None:
             plan = plan_columns(schema, cfg, where=where, saelens=fmt == "saelens")
             out_types = {o: _out_dtype(o, schema.field(i).type, where=where) for i, o in plan.keep}
@@ -321,7 +252,8 @@ def _arrow_pieces(files: list[str], fmt: str, cfg: ImportConfig, report: ImportR
                     f"this: {got.dtype} {got.keep})"
                 )
         nested = _depth(schema.field(plan.act).type) == 2
-        for rb in _guarded(_record_batches(path, fmt, cfg, [plan.act] + [i for i, _ in plan.keep]), path, fmt):
+        batches = record_batches(src, fmt, cfg.batch_bytes, [plan.act] + [i for i, _ in plan.keep])
+        for rb in _guarded(batches, where, fmt):
             if rb.num_rows == 0:
                 continue
             step = max(1, int(cfg.batch_bytes * rb.num_rows // max(rb.nbytes, 1)))
@@ -360,26 +292,13 @@ def _cast_column(c: np.ndarray, dt: str, where: str, name: str) -> np.ndarray:
     return c.astype(t)
 
 
-def _record_batches(path: str, fmt: str, cfg: ImportConfig, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # page-wise reads: memory bounded
-        md = pf.metadata
-        rg_rows = max(md.row_group(0).num_rows, 1) if md.num_row_groups else 1
-        rg_bytes = md.row_group(0).total_byte_size if md.num_row_groups else 1
-        batch = max(1, int(cfg.batch_bytes * rg_rows // max(rg_bytes, 1)))
-        yield from pf.iter_batches(batch_size=batch, columns=columns)
-    else:
-        yield from _batches_ipc(path, stream=True if fmt == "saelens" else None)
-
-
 # -- npy --------------------------------------------------------------------------------------------------
 _NPY_DTYPES = {np.dtype("<f4"): "float32", np.dtype("<f2"): "float16", np.dtype("<f8"): "float64"}
 
 
-def _npy_pieces(src: str, cfg: ImportConfig, report: ImportReport) -> Iterator[Piece]:
-    a = np.load(src, mmap_mode="r")  # [rows, d_model] or [records, context, d_model]
+def _npy_pieces(source: Source, cfg: ImportConfig, report: ImportReport) -> Iterator[Piece]:
+    src = source.url
+    a = NpyArray(source)  # [rows, d_model] or [records, context, d_model]
     if a.ndim not in (2, 3):
         raise SchemaError(f"{src}: array has shape {a.shape}; expected [rows, d_model] or [records, context, d_model]")
     if a.dtype in _NPY_DTYPES:
@@ -395,11 +314,13 @@ def _npy_pieces(src: str, cfg: ImportConfig, report: ImportReport) -> Iterator[P
         )
     per = a.shape[1] if a.ndim == 3 else 1
     rows = a.shape[0] * per
-    flat = a.reshape(rows, a.shape[-1])  # a view: np.save writes C order
-    cols: dict[str, np.ndarray] = {}
+    d = a.shape[-1]
+    read_acts = a.reader((rows, d))
+    cols: dict[str, Callable[[int, int], np.ndarray]] = {}
+    dts: dict[str, str] = {}
     for name, path in cfg.companions:
         out = ALIASES.get(name, name)
-        c = np.load(path, mmap_mode="r")
+        c = NpyArray(Source.of(path))
         if c.dtype.kind not in "iuf":
             raise SchemaError(f"{path} (column {name!r}): dtype {c.dtype} is not numeric")
         if c.shape not in ((rows,), (a.shape[0], per)):
@@ -408,17 +329,14 @@ def _npy_pieces(src: str, cfg: ImportConfig, report: ImportReport) -> Iterator[P
             )
         if not _NAME.match(out) or out in cols:
             raise SchemaError(f"companion column name {name!r} is invalid or given twice")
-        cols[out] = c.reshape(rows)
-    report.column, report.source_dtype = os.path.basename(src), dtype
-    step = max(1, cfg.batch_bytes // (flat.shape[1] * a.dtype.itemsize))
+        cols[out], dts[out] = c.reader((rows,)), STANDARD_COLUMNS.get(out, str(c.dtype))
+    report.column, report.source_dtype = source.basename, dtype
+    step = max(1, cfg.batch_bytes // (d * a.dtype.itemsize))
     if per > 1:
         step = max(per, step - step % per)
     for s in range(0, rows, step):
-        piece_cols = {}
-        for n, c in cols.items():
-            dt = STANDARD_COLUMNS.get(n, str(c.dtype))
-            piece_cols[n] = _cast_column(np.asarray(c[s : s + step]), dt, src, n)
-        yield Piece(np.asarray(flat[s : s + step]), piece_cols, per, a.ndim == 3)
+        piece_cols = {n: _cast_column(read(s, s + step), dts[n], src, n) for n, read in cols.items()}
+        yield Piece(read_acts(s, s + step), piece_cols, per, a.ndim == 3)
 
 
 # -- the import ------------------------------------------------------------------------------------------
@@ -429,29 +347,30 @@ def import_activations(
     from writers.shard_writer import ShardWriter
 
     cfg = cfg or ImportConfig()
-    src = os.fspath(src)
-    if not os.path.exists(src):
+    source = Source.of(src)
+    src = source.url
+    if not source.exists():
         raise FileNotFoundError(f"{src}: no such file or folder")
-    fmt = detect_format(src) if cfg.format == "auto" else cfg.format
+    fmt = _detect(source) if cfg.format == "auto" else cfg.format
     if cfg.companions and fmt != "npy":
         raise ValueError(f"companion arrays are for .npy input; {src} is {fmt}")
     report = ImportReport(url=dst, format=fmt, column=cfg.column or "")
     if fmt == "npy":
-        if os.path.isdir(src):
+        if source.isdir():
             raise ValueError(f"{src}: a folder; npy import takes one .npy file (plus --companion arrays)")
-        pieces = _npy_pieces(src, cfg, report)
+        pieces = _npy_pieces(source, cfg, report)
     elif fmt == "saelens":
-        if not os.path.isdir(src):
+        if not source.isdir():
             raise ValueError(f"{src}: a SAELens cache is a folder (state.json + data-*.arrow), not a file")
-        pieces = _arrow_pieces(saelens_files(src), "saelens", cfg, report)
+        pieces = _arrow_pieces(_saelens_files(source), "saelens", cfg, report)
     else:
-        pieces = _arrow_pieces(_files(src, _EXTS[fmt]), fmt, cfg, report)
+        pieces = _arrow_pieces(files(source, EXTS[fmt]), fmt, cfg, report)
     first = next(pieces, None)
     if first is None:
         raise ValueError(f"{src}: holds no rows to import")
     dtype = cfg.dtype or report.source_dtype
     if cfg.dtype is None and fmt == "saelens":
-        dtype = _exported_dtype(src) or dtype
+        dtype = exported_dtype(source, DTYPES) or dtype
     if dtype == "float64":
         raise SchemaError(f"{src}: activations are float64, which is not stored; pass --dtype float32 (or float16, bfloat16)")
     ctx = first.per
@@ -466,7 +385,7 @@ def import_activations(
     columns = tuple((n, STANDARD_COLUMNS.get(n) or str(first.columns[n].dtype)) for n in order)
     schema = Schema(dtype=dtype, d_model=int(first.acts.shape[1]), columns=columns)
     report.d_model, report.dtype, report.columns, report.context_size = schema.d_model, dtype, list(order), ctx
-    meta = {"imported_from": os.path.abspath(src), "import_format": fmt, "import_column": report.column,
+    meta = {"imported_from": os.path.abspath(src) if source.local else src, "import_format": fmt, "import_column": report.column,
             "source_dtype": report.source_dtype}
     if first.nested:
         meta["context_size"] = ctx
@@ -488,13 +407,3 @@ def import_activations(
             piece = next(pieces, None)
     return report
 
-
-def _exported_dtype(src: str) -> str | None:
-    """The dtype a folder written by `shuffler export --format saelens` came from (bfloat16 was widened to
-    float32 for datasets; narrowing those values back is exact), or None for any other folder."""
-    try:
-        with open(os.path.join(src, "shuffler_export.json")) as f:
-            dt = json.load(f).get("dtype")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return dt if dt in DTYPES else None
