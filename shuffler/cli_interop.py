@@ -29,7 +29,7 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
 @click.option("--source-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
               help="Element type where the input cannot say (fixed-size binary; bfloat16 bits as uint16).")
 @click.option("--companion", "companions", multiple=True, metavar="NAME=PATH",
-              help=".npy input: a .npy with one value per row, stored as column NAME (repeatable).")
+              help=".npy input: a .npy (path or URL) with one value per row, stored as column NAME (repeatable).")
 @click.option("--drop-column", "drop", multiple=True, metavar="NAME", help="Leave an input column out (repeatable).")
 @click.option("--batch-bytes", type=SIZE, default="16MiB", show_default=True,
               help="Activation bytes read per step: bounds memory whatever the input size.")
@@ -41,7 +41,11 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
               help="Replace a dataset already at DST; its shards are overwritten as rows arrive, so a failed import loses it.")
 def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, batch_bytes, chunk_bytes, shard_bytes,
                level, allow_nonfinite, overwrite):
-    """Import activations cached by another tool from SRC into a dataset at DST (any URL).
+    """Import activations cached by another tool from SRC into a dataset at DST.
+
+    SRC and DST are local paths or URLs (s3://bucket/prefix, memory://, any fsspec protocol). Remote
+    sources are streamed like local ones: Parquet page by page, Arrow IPC one record batch at a time,
+    .npy by ranged reads of --batch-bytes.
 
     \b
     SRC may be:
@@ -52,7 +56,7 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
                                    list (one width) or fixed-size-binary column, the numeric columns
                                    become provenance columns (token_ids -> token_id)
       .npy                         [rows, d_model] or [records, context, d_model], memory-mapped;
-                                   --companion NAME=PATH adds provenance columns
+                                   --companion NAME=PATH (a path or URL) adds provenance columns
 
     Rows keep their order. Input is read --batch-bytes at a time. On any error (a ragged list, a wrong
     width, a non-numeric column) nothing is left at DST.
@@ -61,6 +65,7 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
     Examples:
       shuffler import ./saelens_cache data/raw --dtype bfloat16
       shuffler import acts.parquet data/raw --column acts
+      shuffler import s3://bucket/saelens_cache s3://bucket/raw
       shuffler import acts.npy data/raw --companion token_id=tokens.npy --companion doc_id=docs.npy
     """
     from .interop_import import ImportConfig, import_activations

@@ -140,6 +140,8 @@ def test_cli_s3_to_s3(tmp_path, s3_url):
     """Through the CLI: a .npy and its companion on S3 into a dataset on S3, the same as from local disk."""
     src, _ = npy_source(tmp_path)
     run = CliRunner().invoke
+    r = run(main, ["import", "--help"])
+    assert r.exit_code == 0 and "s3://bucket/saelens_cache" in r.output and "(a path or URL)" in r.output
     r = run(main, ["import", src, str(tmp_path / "local"), "--companion", f"token_id={tmp_path / 'tok.npy'}",
                    "--batch-bytes", "100", "--chunk-bytes", "256", "--shard-bytes", "1KiB"])
     assert r.exit_code == 0, r.output
