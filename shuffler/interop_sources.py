@@ -14,6 +14,7 @@ Files are opened with a 4 MiB read-ahead: s3fs's default block is 50 MiB, which 
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -210,9 +211,8 @@ def record_batches(src: Source, fmt: str, batch_bytes: int, columns: list[str]) 
             with src.open() as f:
                 yield from _parquet_batches(f, batch_bytes, columns)
         return
-    stream = True if fmt == "saelens" else None  # datasets writes the stream format
     with src.open() as f:
-        if stream is not True:
+        if fmt != "saelens":  # datasets writes the stream format; other IPC files may be either
             try:
                 reader = pa.ipc.open_file(f)
             except pa.ArrowInvalid:
@@ -284,8 +284,7 @@ class NpyArray:
     def view(self, dtype: np.dtype) -> NpyArray:
         """The same bytes read as `dtype` (of the same item size), like ndarray.view."""
         assert np.dtype(dtype).itemsize == self.dtype.itemsize
-        out = object.__new__(NpyArray)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.dtype = np.dtype(dtype)
         if self._src.local:
             out._mm = self._mm.view(dtype)
