@@ -267,3 +267,27 @@ def test_remote_import_memory_bounded_by_batch(tmp_path):
     assert peak["in.parquet"] < peak["small.parquet"] + 2 * mib, peak
     for r in res[5:]:
         assert r["peak"] > size, r  # the measure does see an input-sized read
+
+
+def test_real_subprocess_from_s3(tmp_path, s3_url):
+    """A real `python -m shuffler import` process reads s3:// (the endpoint comes from the environment)."""
+    import subprocess
+    import sys
+
+    src, _ = parquet_source(tmp_path)
+    url = upload(src, s3_url)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def shuffler(*args):
+        return subprocess.run([sys.executable, "-m", "shuffler", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    p = shuffler("import", url, str(tmp_path / "ds"), "--column", "acts")
+    assert p.returncode == 0, p.stderr
+    assert f"imported 400 rows x 6 float32 from {url} (parquet, column 'acts')" in p.stdout
+    import_activations(src, str(tmp_path / "local"))
+    assert stored(str(tmp_path / "ds")) == stored(str(tmp_path / "local"))
+    p = shuffler("import", f"{s3_url}/nope.parquet", str(tmp_path / "x"))
+    assert p.returncode == 1 and f"{s3_url}/nope.parquet: no such file or folder" in p.stderr, p.stderr
+    assert leaves_nothing(str(tmp_path / "x"))
