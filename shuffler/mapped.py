@@ -38,9 +38,11 @@ class LocalMaps:
                 self.maps[name] = mm
                 while len(self.maps) > self.keep:
                     self._close(self.maps.pop(next(iter(self.maps))))
-        if mm is None:
-            return b""
-        return memoryview(mm)[start : min(end, len(mm))]
+            if mm is None:
+                return b""
+            # The view is taken under the lock: once it exists, another thread evicting this map cannot close
+            # it (close() raises BufferError and the map is unmapped when the last view goes).
+            return memoryview(mm)[start : min(end, len(mm))]
 
     @staticmethod
     def release(frame, start: int) -> None:

@@ -79,3 +79,21 @@ def test_a_shard_replaced_by_rename_reads_as_the_open_manifest_says(tmp_path):
     ds.close()
     with pytest.raises(ChecksumError, match="chunk 0"):  # a fresh map sees the new (foreign) bytes, refused
         ds.read_chunk(0, 0)
+
+
+def test_threads_reading_more_shards_than_stay_mapped(tmp_path):
+    # 4 threads read chunks of more shards than LocalMaps keeps mapped, so maps are evicted while others read.
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = str(tmp_path / "d")
+    write(url, rows=6000)
+    ds = Dataset.open(url)
+    ds._maps.keep = 2
+    assert len(ds.shards) > 4
+    jobs = [(i, j) for i in range(len(ds.shards)) for j in range(ds.index(i).n_chunks)] * 3
+    want = {(i, j): ds.decode(i, j, ds.store.read_range(ds.shards[i].name, *ds.chunk_range(i, j))).acts
+            for i, j in set(jobs)}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda ij: ds.read_chunk(*ij).acts, jobs))
+    assert all(np.array_equal(g, want[ij]) for g, ij in zip(got, jobs, strict=True))
+    assert len(ds._maps.maps) <= 2
