@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -223,19 +224,33 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
             raise click.BadParameter(f"{compression} must be > 0", param_hint="--compression")
         stored = round(n * schema.row_bytes / compression) if compression else None
     scratch_url = scratch or (f"{dst.rstrip('/')}/.shuffle/scratch" if dst else None)
-    plan = make_plan(PlanRequest(
+    request = PlanRequest(
         rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers, stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         machine_memory=machine_memory,
-    ))
+    )
+    plan = make_plan(request)
+    if cluster is not None and machine_memory == 0:
+        # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,
+        # so the plan's own figures (total peak, task split) speak of the workers that will run.
+        fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
+        if fit != workers:
+            workers = fit
+            plan = make_plan(dataclasses.replace(request, workers=fit))
     est = None
     if cluster is not None or put_price is not None or get_price is not None or rates_file:
         from .costmodel import Cluster, Prices, Rates, estimate
 
         prices = Prices(**{k: v for k, v in (("put", put_price), ("get", get_price)) if v is not None})
         try:
-            rates = Rates.from_json(open(rates_file).read(), where=rates_file) if rates_file else Rates()
+            if rates_file:
+                with open(rates_file, encoding="utf-8") as f:
+                    rates = Rates.from_json(f.read(), where=rates_file)
+            else:
+                rates = Rates()
+        except UnicodeDecodeError as e:
+            raise click.BadParameter(f"{rates_file}: not UTF-8 JSON text ({e})", param_hint="--rates") from None
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--rates") from None
         est = estimate(plan, cluster or Cluster(cores=workers), prices, rates,

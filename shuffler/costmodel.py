@@ -122,7 +122,8 @@ class Rates:
     """Moving bytes to or from a local filesystem (kernel copies and page faults): bytes per core-second."""
     first_touch: float = 1.2e9
     """A fresh worker process's first touch of its memory, in 4 KiB page faults: bytes per core-second. Each
-    worker of a pool faults in its peak once (1.2-1.3 GB/s on this VM; bare metal is several times faster)."""
+    worker of a pool that gets a task faults in its peak once, in the pass that starts the pool (1.0-1.3 GB/s
+    on this VM; bare metal is several times faster)."""
     threads_per_task: float = 1.6
     """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O ((user + sys) / wall of
     a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.75)."""
@@ -289,8 +290,9 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     pool2 = not pool1 and plan.reduce_tasks > 1 and workers > 1
     spawn1, spawn2 = (rates.process_start_s if pool else 0.0 for pool in (pool1, pool2))
     # Fresh worker processes fault in their memory (up to the plan's peak) once, in the pass that starts them;
-    # a task run in-process reuses the coordinator's warm heap.
-    touch = cluster.nodes * workers * plan.peak_task_bytes / rates.first_touch
+    # a task run in-process reuses the coordinator's warm heap. Only workers that get a task start.
+    started = min(cluster.nodes * workers, plan.map_tasks if pool1 else plan.reduce_tasks)
+    touch = started * plan.peak_task_bytes / rates.first_touch
     p1_cpu += touch if pool1 else 0.0
     p1 = bound("pass 1 scatter", plan.map_tasks, p1_net, p1_disk, p1_cpu, src_gets if src_remote else 0, p1_puts,
                spawn1)

@@ -208,3 +208,14 @@ def test_rates_file_errors_name_the_file_and_the_field(tmp_path):
         r = CliRunner().invoke(main, [*base, "--rates", str(f)])
         assert r.exit_code == 2 and str(f) in r.output and "--rates" in r.output, r.output
         assert re.search(match, r.output), (match, r.output)
+
+
+def test_more_nodes_than_tasks_never_makes_a_pass_slower():
+    # First touch is paid by the workers that get a task, not by every worker slot of the cluster: 64 map
+    # tasks on 128 nodes cost what they cost on 8 (the review found 128 nodes predicted 10x slower than 1).
+    schema = Schema(dtype="bfloat16", d_model=8192, columns=standard_columns())
+    plan = make_plan(PlanRequest(rows=20_000_000, schema=schema, memory=128 * GiB, workers=64, scratch_remote=True,
+                                 dst_remote=True, machine_memory=0))
+    times = {n: estimate(plan, Cluster(nodes=n, cores=64, memory=1024 * GiB, network=12.5e9, disk=8e9)).passes[0].wall_s
+             for n in (1, 8, 128)}
+    assert times[8] <= times[1] and times[128] <= times[8] * 1.0001, times
