@@ -77,7 +77,7 @@ def _timed(fn) -> float:
 
 
 # An anonymous mmap, not np.empty: numpy asks for huge pages on large arrays (2 MiB faults, 4-12 GB/s here),
-# while the shuffle's bytes objects and buffers fault 4 KiB at a time (1.2-1.3 GB/s here).
+# while the shuffle's bytes objects and buffers fault 4 KiB at a time (1.0-1.3 GB/s here).
 _TOUCH = """
 import mmap, time, numpy as np
 t = time.perf_counter(); a = np.frombuffer(mmap.mmap(-1, 256 << 20), np.uint8); a[::4096] = 1

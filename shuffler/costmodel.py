@@ -126,7 +126,7 @@ class Rates:
     on this VM; bare metal is several times faster)."""
     threads_per_task: float = 1.6
     """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O ((user + sys) / wall of
-    a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.75)."""
+    a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.78)."""
     startup_s: float = 0.1
     """Fixed seconds per pass (listing, footers, markers)."""
     process_start_s: float = 1.0

@@ -201,9 +201,16 @@ class Dataset:
             raise FileNotFoundError(f"{self._where(i)}: shard named in the manifest is missing") from None
 
     def close(self) -> None:
-        """Unmap the local shards this dataset mapped (they are also unmapped when it is garbage collected)."""
+        """Unmap the local shards this dataset mapped (they are also unmapped when it is garbage collected).
+        The dataset stays usable: a later read maps its shard again."""
         if self._maps is not None:
             self._maps.close()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read_shard(self, i: int) -> Batch:
         """Every row of shard i, in stored order."""

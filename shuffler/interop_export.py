@@ -317,11 +317,11 @@ def export_dataset(
     src: str, dst: str, cfg: ExportConfig, *, progress: Callable[[int, int], None] | None = None
 ) -> ExportReport:
     """Write the dataset at URL `src` to `dst` in `cfg.format`, rows in stored order."""
-    ds = Dataset.open(src)
     report = ExportReport(url=dst, format=cfg.format)
-    if cfg.format == "saelens":
-        _saelens(ds, dst, cfg, report, progress)
-    else:
-        _single_file(ds, dst, cfg, report, progress)
+    with Dataset.open(src) as ds:
+        if cfg.format == "saelens":
+            _saelens(ds, dst, cfg, report, progress)
+        else:
+            _single_file(ds, dst, cfg, report, progress)
     return report
 

@@ -276,6 +276,9 @@ def _guarded(batches: Iterator[pa.RecordBatch], path: str, fmt: str) -> Iterator
     """Name the file in errors pyarrow raises mid-file (a corrupt page, a truncated stream)."""
     try:
         yield from batches
+    except (FileNotFoundError, PermissionError) as e:
+        # the source went away or became unreadable mid-read (a remote object deleted): not damage
+        raise type(e)(f"{path}: {fmt} file could not be read to the end ({e})") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
         raise ValueError(f"{path}: {fmt} file is damaged or truncated ({type(e).__name__}: {e})") from None
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .storage import Storage, _explain
+from .storage import Storage, explain
 
 FORMATS = ("auto", "saelens", "parquet", "arrow", "npy")
 EXTS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc", ".arrows")}
@@ -79,14 +79,14 @@ class Source:
     def isdir(self) -> bool:
         if self.store is None:
             return os.path.isdir(self.url)
-        with _explain(self.url, "checking"):
+        with explain(self.url, "checking"):
             return bool(self.store.fs.isdir(self.path))
 
     def names(self) -> list[str]:
         """Names of the entries of this folder, sorted."""
         if self.store is None:
             return sorted(os.listdir(self.url))
-        with _explain(self.url, "listing"):
+        with explain(self.url, "listing"):
             return sorted(posixpath.basename(p.rstrip("/")) for p in self.store.fs.ls(self.path, detail=False))
 
     def read(self) -> bytes:
@@ -112,7 +112,7 @@ class Source:
             with pa.memory_map(self.url, "r") as f:
                 yield f
             return
-        with _explain(self.url, "reading"):
+        with explain(self.url, "reading"):
             f = self.store.fs.open(self.path, "rb", block_size=READ_AHEAD, cache_type="readahead")
         with f:
             yield f
@@ -255,9 +255,11 @@ class NpyArray:
         head = io.BytesIO(src.read_range(0, min(size, _NPY_HEAD)))
         try:
             version = npf.read_magic(head)
-            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0}.get(version)
+            # 3.0 is 2.0 with a UTF-8 header; the headers numeric arrays have are ASCII, so 2.0's reader reads them
+            read_header = {(1, 0): npf.read_array_header_1_0, (2, 0): npf.read_array_header_2_0,
+                           (3, 0): npf.read_array_header_2_0}.get(version)
             if read_header is None:
-                raise ValueError(f"format version {version} is not read here; expected 1.0 or 2.0")
+                raise ValueError(f"format version {version} is not read here; expected 1.0, 2.0 or 3.0")
             shape, fortran, dtype = read_header(head)
         except ValueError as e:
             raise ValueError(f"{src.url}: not a readable .npy file ({e})") from None

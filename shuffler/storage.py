@@ -54,7 +54,7 @@ def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 @contextlib.contextmanager
-def _explain(url: str, what: str) -> Iterator[None]:
+def explain(url: str, what: str) -> Iterator[None]:
     """Turn backend errors that users hit often into messages that name the URL and the fix."""
     try:
         yield
@@ -101,20 +101,20 @@ class Storage:
 
     # -- reads ----------------------------------------------------------------------------------------
     def exists(self, name: str) -> bool:
-        with _explain(self.url_of(name), "checking"):
+        with explain(self.url_of(name), "checking"):
             return self.fs.exists(self.path(name))
 
     def size(self, name: str) -> int:
-        with _explain(self.url_of(name), "sizing"):
+        with explain(self.url_of(name), "sizing"):
             return int(self.fs.size(self.path(name)))
 
     def read(self, name: str) -> bytes:
-        with _explain(self.url_of(name), "reading"):
+        with explain(self.url_of(name), "reading"):
             return self.fs.cat_file(self.path(name))
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object, in one request."""
-        with _explain(self.url_of(name), "reading"):
+        with explain(self.url_of(name), "reading"):
             if self.is_local:
                 with open(self.path(name), "rb") as f:
                     return os.pread(f.fileno(), end - start, start)
@@ -124,13 +124,13 @@ class Storage:
         """Many ranged reads at once; concurrent on object stores (s3fs gathers them)."""
         if self.is_local:
             return [self.read_range(n, s, e) for n, s, e in zip(names, starts, ends, strict=True)]
-        with _explain(self.url, "reading"):
+        with explain(self.url, "reading"):
             return self.fs.cat_ranges([self.path(n) for n in names], starts, ends, on_error="raise")
 
     def list(self, prefix: str = "") -> list[str]:
         """Object names under `prefix` (relative to this storage), sorted; [] if none."""
         base = self.path(prefix)
-        with _explain(self.url_of(prefix), "listing"):
+        with explain(self.url_of(prefix), "listing"):
             try:
                 found = self.fs.find(base)
             except FileNotFoundError:
@@ -152,7 +152,7 @@ class Storage:
     def open_atomic(self, name: str) -> Iterator[io.RawIOBase]:
         """A binary file whose content becomes visible under `name` only when the block exits cleanly."""
         path = self.path(name)
-        with _explain(self.url_of(name), "writing"):
+        with explain(self.url_of(name), "writing"):
             if self.is_local:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
@@ -182,7 +182,7 @@ class Storage:
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create `name` with `data` unless it exists. True if this call created it (first writer wins)."""
         path = self.path(name)
-        with _explain(self.url_of(name), "writing"):
+        with explain(self.url_of(name), "writing"):
             if self.is_local:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 # Whole or not at all, as every object: write a temporary file, then link(2) it to the name,
@@ -221,7 +221,7 @@ class Storage:
                 return True
 
     def delete(self, name: str) -> None:
-        with _explain(self.url_of(name), "deleting"), contextlib.suppress(FileNotFoundError):
+        with explain(self.url_of(name), "deleting"), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(name))
 
     def delete_prefix(self, prefix: str) -> None:

@@ -103,6 +103,14 @@ def verify(src: str | Sequence[str], dst: str, *, full: bool = False,
     if not srcs:
         raise ValueError("verify needs at least one SRC dataset")
     out = Dataset.open(dst)
+    try:
+        return _verify(srcs, out, full, progress)
+    finally:
+        for d in (*srcs, out):
+            d.close()  # unmap the local shards now, not when garbage collected
+
+
+def _verify(srcs: list[Dataset], out: Dataset, full: bool, progress) -> VerifyReport:
     problems = []
     for s in srcs:
         if s.schema != out.schema:

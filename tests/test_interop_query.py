@@ -19,7 +19,9 @@ import os
 import subprocess
 import sys
 
+import duckdb  # in the dev extra: a missing install fails here, it does not skip
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,9 +31,6 @@ from shuffler.cli import main
 from shuffler.dataset import Batch, Dataset
 from shuffler.schema import standard_columns
 from writers.shard_writer import ShardWriter
-
-duckdb = pytest.importorskip("duckdb")
-pl = pytest.importorskip("polars")
 
 DTYPES = ["float32", "float16", "bfloat16"]
 ROWS, D = 700, 16

@@ -291,3 +291,17 @@ def test_real_subprocess_from_s3(tmp_path, s3_url):
     p = shuffler("import", f"{s3_url}/nope.parquet", str(tmp_path / "x"))
     assert p.returncode == 1 and f"{s3_url}/nope.parquet: no such file or folder" in p.stderr, p.stderr
     assert leaves_nothing(str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_remote_npy_every_format_version(tmp_path, memory_url, version):
+    # numpy writes 3.0 when a header needs UTF-8; a local import reads it through np.load, a remote one must too
+    x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float16)
+    local = str(tmp_path / f"v{version[0]}.npy")
+    with open(local, "wb") as f:
+        np.lib.format.write_array(f, x, version=version)
+    import_activations(local, str(tmp_path / "local"), ImportConfig(**SMALL))
+    url = upload(local, memory_url)
+    import_activations(url, str(tmp_path / "remote"), ImportConfig(**SMALL))
+    assert stored(str(tmp_path / "remote")) == stored(str(tmp_path / "local"))
+    assert np.array_equal(read_all(str(tmp_path / "remote")).acts.view(np.uint16), x.view(np.uint16))
