@@ -187,6 +187,7 @@ def test_cli_plan_for_a_cluster_checks_a_nodes_memory_not_this_machines():
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
     assert "this machine's" not in r.output and "8 worker(s) per node" in r.output  # fitted to a node's memory
+    assert "with 8 worker(s)" in r.output and "64 worker(s)" not in r.output  # the plan speaks of the same 8
     r = CliRunner().invoke(main, [*base, "--workers", "16"])
     assert r.exit_code == 0 and "16 worker(s) x 128.0 GiB = 2.0 TiB exceeds a node's 1.0 TiB" in r.output, r.output
     # without a cluster the check is against this machine, as before
