@@ -40,6 +40,21 @@ PART_BYTES = 16 << 20
 PRICE_SOURCE = "AWS S3 pricing page, us-east-1, as documented defaults, check current prices"
 
 
+def _fields_of(cls, doc: dict | str, where: str) -> dict:
+    """A copy of `doc` (a dict or JSON text) whose keys are all fields of the dataclass `cls`."""
+    try:
+        doc = json.loads(doc) if isinstance(doc, str) else doc
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
+    allowed = ", ".join(cls.__dataclass_fields__)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: expected a JSON object with fields of {cls.__name__} ({allowed})")
+    unknown = set(doc) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {allowed}")
+    return dict(doc)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Cluster:
     """The machines a shuffle runs on (all nodes alike)."""
@@ -68,15 +83,7 @@ class Cluster:
     @classmethod
     def from_json(cls, doc: dict | str, *, where: str = "cluster description") -> Cluster:
         """From a dict or JSON text with the fields of Cluster (memory may be "256GiB")."""
-        if isinstance(doc, str):
-            doc = json.loads(doc)
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: expected a JSON object with {', '.join(cls.__dataclass_fields__)}")
-        unknown = set(doc) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
-                             f"{', '.join(cls.__dataclass_fields__)}")
-        doc = dict(doc)
+        doc = _fields_of(cls, doc, where)
         if isinstance(doc.get("memory"), str):
             from .shuffle import _size
 
@@ -142,16 +149,7 @@ class Rates:
     @classmethod
     def from_json(cls, doc: dict | str, *, where: str = "rates") -> Rates:
         """From a dict or JSON text with some fields of Rates (the rest keep their defaults)."""
-        try:
-            doc = json.loads(doc) if isinstance(doc, str) else doc
-        except ValueError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f"{where}: expected a JSON object with fields of Rates")
-        unknown = set(doc) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: "
-                             f"{', '.join(cls.__dataclass_fields__)}")
+        doc = _fields_of(cls, doc, where)
         bad = {k: v for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
         if bad:
             raise ValueError(f"{where}: {bad} must be numbers (bytes/s per core, or seconds)")
