@@ -40,10 +40,10 @@ _NPY_HEAD = 16 << 10
 
 @dataclass(frozen=True)
 class Source:
-    """One file or folder of SRC: a local path (store None) or the object `name` under an fsspec Storage."""
+    """One file or folder of SRC: the object `name` under a Storage (a local folder or an fsspec prefix)."""
 
-    url: str  # what messages name: the local path or the full URL
-    store: Storage | None = None
+    url: str  # what messages name: the local path as given, or the full URL
+    store: Storage
     name: str = ""
 
     @classmethod
@@ -51,64 +51,52 @@ class Source:
         src = os.fspath(src)
         if src.startswith("file://"):
             src = src[len("file://"):]
-        if "://" not in src:
-            return cls(src)
         store = Storage(src)
-        return cls(store.url, store)
+        return cls(src if store.is_local else store.url, store)
 
     @property
     def local(self) -> bool:
-        return self.store is None
+        return self.store.is_local
 
     @property
     def path(self) -> str:
-        return self.url if self.store is None else self.store.path(self.name)
+        return self.url if self.local else self.store.path(self.name)
 
     @property
     def basename(self) -> str:
         return os.path.basename(self.url.rstrip("/"))
 
     def child(self, name: str) -> Source:
-        if self.store is None:
-            return Source(os.path.join(self.url, name))
-        return Source(f"{self.url}/{name}", self.store, posixpath.join(self.name, name) if self.name else name)
+        url = os.path.join(self.url, name) if self.local else f"{self.url}/{name}"
+        return Source(url, self.store, posixpath.join(self.name, name) if self.name else name)
 
     def exists(self) -> bool:
-        return os.path.exists(self.url) if self.store is None else self.store.exists(self.name)
+        return self.store.exists(self.name)
 
     def isdir(self) -> bool:
-        if self.store is None:
-            return os.path.isdir(self.url)
         with explain(self.url, "checking"):
-            return bool(self.store.fs.isdir(self.path))
+            return bool(self.store.fs.isdir(self.store.path(self.name)))
 
     def names(self) -> list[str]:
         """Names of the entries of this folder, sorted."""
-        if self.store is None:
-            return sorted(os.listdir(self.url))
         with explain(self.url, "listing"):
-            return sorted(posixpath.basename(p.rstrip("/")) for p in self.store.fs.ls(self.path, detail=False))
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.store.fs.ls(self.store.path(self.name),
+                                                                                       detail=False))
 
     def read(self) -> bytes:
-        if self.store is None:
-            with open(self.url, "rb") as f:
-                return f.read()
         return self.store.read(self.name)
 
     def size(self) -> int:
-        return os.path.getsize(self.url) if self.store is None else self.store.size(self.name)
+        return self.store.size(self.name)
 
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes [start, end) (fewer at the end of the file), in one request."""
-        if self.store is None:
-            with open(self.url, "rb") as f:
-                return os.pread(f.fileno(), end - start, start)
         return self.store.read_range(self.name, start, end)
 
     @contextmanager
     def open(self) -> Iterator:
         """A seekable binary file for pyarrow: a memory map locally, an fsspec file with READ_AHEAD remotely."""
-        if self.store is None:
+        if self.local:
             with pa.memory_map(self.url, "r") as f:
                 yield f
             return
