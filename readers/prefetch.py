@@ -16,7 +16,6 @@ exception is re-raised in the consumer, after the pool is shut down.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -24,44 +23,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import zstandard
 
-from shuffler.codec import decode_chunk, raw_chunk_bytes
+from shuffler.codec import decompress_chunk
 from shuffler.dataset import Dataset
 from shuffler.errors import ChecksumError, FormatError
 from shuffler.mapped import LocalMaps
 from shuffler.schema import Schema
 
 from .plan import Unit
-
-_local = threading.local()
-
-
-def _dctx() -> zstandard.ZstdDecompressor:
-    d = getattr(_local, "dctx", None)
-    if d is None:
-        d = _local.dctx = zstandard.ZstdDecompressor()  # contexts are not thread-safe: one per thread
-    return d
-
-
-def decompress_checked(schema: Schema, frame: bytes, rows: int, checksum: int, *, where: str) -> bytes:
-    """The chunk's uncompressed bytes, or the same error `codec.decode_chunk` raises for a damaged frame.
-
-    The fast path checks the declared size and the recorded checksum, then decompresses (zstd verifies its
-    content checksum). Any failure is handed to decode_chunk so the message is the codec's own.
-    """
-    expected = raw_chunk_bytes(schema, rows)
-    view = memoryview(frame)
-    try:
-        p = zstandard.get_frame_parameters(view)
-        if p.content_size == expected and p.has_checksum and int.from_bytes(view[-4:], "little") == checksum:
-            raw = _dctx().decompress(view, max_output_size=expected)
-            if len(raw) == expected:
-                return raw
-    except zstandard.ZstdError:
-        pass
-    decode_chunk(schema, frame, rows, checksum, where=where)  # raises with the precise reason
-    raise ChecksumError(f"{where}: chunk does not decode to {expected} bytes (damaged)")
 
 
 def unsplit_rows(
@@ -166,7 +135,7 @@ class Assembler:
         try:
             if len(frame) != end - start:
                 raise FormatError(f"{where}: read {len(frame)} bytes, index says {end - start} (object truncated?)")
-            raw = decompress_checked(self.schema, frame, int(e["rows"]), int(e["checksum"]), where=where)
+            raw = decompress_chunk(self.schema, frame, int(e["rows"]), int(e["checksum"]), where=where)
         except FormatError as err:  # ChecksumError included
             if isinstance(err, ChecksumError):
                 err.obj, err.chunk = info.name, unit.chunk

@@ -79,6 +79,12 @@ def decode_chunk(
 
     `where` names the object and chunk for error messages.
     """
+    return unsplit(schema, decompress_chunk(schema, frame, rows, checksum, where=where), rows)
+
+
+def decompress_chunk(schema: Schema, frame: bytes | memoryview, rows: int, checksum: int, *, where: str) -> bytes:
+    """The frame's uncompressed bytes (byte planes, then columns), after the size and checksum checks;
+    ChecksumError or FormatError naming `where` for a damaged frame."""
     expected = raw_chunk_bytes(schema, rows)
     frame = memoryview(frame)
     if len(frame) < 12:  # magic, frame header, one block header, checksum
@@ -101,7 +107,7 @@ def decode_chunk(
         raise ChecksumError(f"{where}: zstd refused the chunk ({e}): bytes damaged") from None
     if len(raw) != expected:
         raise ChecksumError(f"{where}: decoded {len(raw)} bytes, expected {expected}")
-    return unsplit(schema, raw, rows)
+    return raw
 
 
 def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
