@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m trainer.demo $(DEMO_DIR)
+	$(BIN)/shuffler demo $(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -24,10 +24,10 @@ import numpy as np
 import zstandard
 
 from shuffler import Dataset
-from shuffler.codec import unsplit
-from shuffler.convert import float32_to_bfloat16_bits
-from shuffler.schema import Schema
-from shuffler.storage import Storage
+from shuffler.format.codec import unsplit
+from shuffler.format.convert import float32_to_bfloat16_bits
+from shuffler.format.schema import Schema
+from shuffler.storage.storage import Storage
 from writers import ShardWriter
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minilm_l3_fp16.npy")

@@ -56,7 +56,7 @@ def synth_docs(rows: int, d_model: int, *, seed: int = 1234, start: int = 0) -> 
 def write_synth(url: str, rows: int, d_model: int, *, dtype: str = "float16", seed: int = 1234,
                 chunk_bytes: int = 8 * MiB, level: int = 1) -> None:
     """A dataset in document order with columns doc_id and row_id (the input row index, to score shuffles)."""
-    from shuffler.schema import standard_columns
+    from shuffler.format.schema import standard_columns
     from writers.shard_writer import ShardWriter
 
     block = 16384
@@ -70,7 +70,7 @@ def write_synth(url: str, rows: int, d_model: int, *, dtype: str = "float16", se
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        from shuffler.convert import float32_to_bfloat16_bits
+        from shuffler.format.convert import float32_to_bfloat16_bits
 
         return float32_to_bfloat16_bits(x.astype(np.float32))
     return x.astype(dtype)
@@ -81,7 +81,7 @@ def write_real(url: str, *, capture_tokens: int | None = None) -> str:
     the shared MiniLM layer-3 sample (26,041 x 384 float16 in text order; documents = its 256-token windows) is
     absent, captures MiniLM-L6 layer 3 on the stdlib docstrings now (documents = docstrings; ~1-2k tokens/s on
     this CPU), else uses the sample."""
-    from shuffler.schema import standard_columns
+    from shuffler.format.schema import standard_columns
     from writers.shard_writer import ShardWriter
 
     cols = standard_columns(("doc_id",), row_id="int64")
@@ -90,7 +90,7 @@ def write_real(url: str, *, capture_tokens: int | None = None) -> str:
         doc = np.arange(len(x), dtype=np.int64) // DOC_ROWS
         desc = f"MiniLM-L6 layer 3, {len(x):,} x {x.shape[1]} float16 (shared sample; documents = 256-token windows)"
     else:
-        from shuffler.dataset import Batch, Dataset
+        from shuffler.io.dataset import Batch, Dataset
         from writers.capture import CaptureConfig, capture_text
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,7 +103,7 @@ def write_real(url: str, *, capture_tokens: int | None = None) -> str:
         x, doc = b.acts, b.columns["doc_id"].astype(np.int64)
         desc = (f"MiniLM-L6 layer 3 captured now ({time.perf_counter() - t:.0f} s), {len(x):,} x {x.shape[1]} "
                 f"float16, {len(np.unique(doc)):,} documents (stdlib docstrings)")
-        from shuffler.storage import Storage
+        from shuffler.storage.storage import Storage
 
         Storage(tmp).delete_prefix("")
     with ShardWriter(url, d_model=x.shape[1], dtype="float16", columns=cols) as w:

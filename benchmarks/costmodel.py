@@ -1,4 +1,4 @@
-"""Check the cost model (shuffler/costmodel.py) against measured shuffles on this machine.
+"""Check the cost model (shuffler/shuffling/costmodel.py) against measured shuffles on this machine.
 
     .venv/bin/python benchmarks/costmodel.py            # shuffles of 128, 384 and 768 MiB (bfloat16, d_model 1024)
     .venv/bin/python benchmarks/costmodel.py --quick    # 64 and 192 MiB
@@ -36,14 +36,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from shuffler import Dataset  # noqa: E402
-from shuffler.codec import decode_chunk, encode_chunk, fingerprint_sum, row_hashes  # noqa: E402
-from shuffler.convert import float32_to_bfloat16_bits  # noqa: E402
-from shuffler.costmodel import Cluster, Rates, estimate  # noqa: E402
-from shuffler.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
-from shuffler.scatter import bucket_ids, stream_key  # noqa: E402
-from shuffler.schema import standard_columns  # noqa: E402
-from shuffler.shuffle import shuffle  # noqa: E402
-from shuffler.storage import Storage  # noqa: E402
+from shuffler.format.codec import decode_chunk, encode_chunk, fingerprint_sum, row_hashes  # noqa: E402
+from shuffler.format.convert import float32_to_bfloat16_bits  # noqa: E402
+from shuffler.format.schema import standard_columns  # noqa: E402
+from shuffler.shuffling.costmodel import Cluster, Rates, estimate  # noqa: E402
+from shuffler.shuffling.map import bucket_ids, stream_key  # noqa: E402
+from shuffler.shuffling.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
+from shuffler.shuffling.run import shuffle  # noqa: E402
+from shuffler.storage.storage import Storage  # noqa: E402
 from writers.shard_writer import ShardWriter  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -100,7 +100,7 @@ def _cpu_s() -> float:
 
 
 def _import_task(_: int) -> int:
-    import shuffler.executor  # noqa: F401  (what a worker imports before its first task)
+    import shuffler.shuffling.executor  # noqa: F401  (what a worker imports before its first task)
 
     time.sleep(0.05)  # both workers hold one task at once, so both have started
     return os.getpid()
@@ -246,7 +246,7 @@ def main() -> None:
                 m = shuffle(src, dst, seed=1, workers=workers, memory=384 * MiB, stats=stats)
                 measured = time.perf_counter() - t
                 cores_used = (_cpu_s() - used) / measured
-                from shuffler.shuffle import plan_for, open_sources, ShuffleConfig  # noqa: I001
+                from shuffler.shuffling.run import plan_for, open_sources, ShuffleConfig  # noqa: I001
 
                 plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=384 * MiB), workers=workers,
                                 scratch_url=dst, dst_url=dst)

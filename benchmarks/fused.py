@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.common import adjacency, fmt_bytes, load_note  # noqa: E402
 from readers import ActivationStream  # noqa: E402
 from shuffler import Dataset  # noqa: E402
-from shuffler.from_scatter import shuffle_from_scatter  # noqa: E402
-from shuffler.scattered import ScatterSpec  # noqa: E402
-from shuffler.shuffle import shuffle  # noqa: E402
+from shuffler.shuffling.from_scatter import shuffle_from_scatter  # noqa: E402
+from shuffler.shuffling.on_write import ScatterSpec  # noqa: E402
+from shuffler.shuffling.run import shuffle  # noqa: E402
 from writers.shard_writer import ShardWriter  # noqa: E402
 from writers.synth import BLOCK_ROWS, SynthConfig, planted_dictionary, synth_block  # noqa: E402
 
@@ -80,9 +80,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--dir", help="working folder (default: a temporary one, deleted at the end)")
     args = ap.parse_args()
-    from shuffler.shuffle import _size
+    from shuffler.units import parse_size
 
-    memory = _size(args.memory or ("300MiB" if args.quick else "400MiB"))
+    memory = parse_size(args.memory or ("300MiB" if args.quick else "400MiB"))
     mib = args.mib or (64 if args.quick else 512)
     row_bytes = args.d_model * 2 + 4 + 8 + 4  # float16 acts + token_id int32, doc_id int64, position int32
     rows = mib * MiB // row_bytes

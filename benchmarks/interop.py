@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shuffler.interop_export import ExportConfig, export_dataset  # noqa: E402
-from shuffler.interop_import import ImportConfig, import_activations  # noqa: E402
+from shuffler.interop.exporter import ExportConfig, export_dataset  # noqa: E402
+from writers.importers import ImportConfig, import_activations  # noqa: E402
 from writers.shard_writer import ShardWriter  # noqa: E402
 
 

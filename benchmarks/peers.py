@@ -134,7 +134,7 @@ def child(tool: str, work: str, seed: int, workers: int) -> dict:
     t0 = time.perf_counter()
     r: dict = {}
     if tool == "ours":
-        from shuffler.shuffle import shuffle
+        from shuffler.shuffling.run import shuffle
 
         stats: dict = {}
         shuffle(f"{work}/src", out, seed=seed, workers=workers, progress=False, stats=stats)

@@ -27,8 +27,8 @@ import numpy as np
 
 from readers import ActivationStream
 from shuffler import Dataset
-from shuffler.codec import decode_chunk
-from shuffler.convert import float32_to_bfloat16_bits
+from shuffler.format.codec import decode_chunk
+from shuffler.format.convert import float32_to_bfloat16_bits
 from writers import ShardWriter
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minilm_l3_fp16.npy")

@@ -33,7 +33,7 @@ IMG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "im
 
 CHILD = """
 import json, sys, time
-from shuffler.shuffle import shuffle
+from shuffler.shuffling.run import shuffle
 a = json.loads(sys.argv[1])
 stats = {}
 t = time.perf_counter()
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary folder); deleted at the end")
     ap.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     args = ap.parse_args()
-    from shuffler.cli import parse_size
+    from shuffler.units import parse_size
 
     piece = 1 / 16 if args.quick else 0.25
     top = 0.25 if args.quick else args.max_gib

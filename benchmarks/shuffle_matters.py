@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import expected_adjacent, load_note  # noqa: E402
-from shuffler.dataset import Batch, Dataset  # noqa: E402
+from shuffler.io.dataset import Batch, Dataset  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.distributed import Layout  # noqa: E402
 from trainer.train import TrainState, make_optimizer, make_sae, train_step  # noqa: E402
@@ -173,7 +173,7 @@ class Data:
 
 
 def run_dataset(data: Data, args, work: str) -> list[dict]:
-    from shuffler.shuffle import shuffle
+    from shuffler.shuffling.run import shuffle
 
     n = data.x.shape[0]
     results = []

@@ -40,7 +40,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def as_dtype(x32: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
-        from shuffler.convert import float32_to_bfloat16_bits
+        from shuffler.format.convert import float32_to_bfloat16_bits
 
         return float32_to_bfloat16_bits(x32)  # raw uint16
     return x32.astype(dtype)
@@ -54,7 +54,7 @@ def pieces(x: np.ndarray):
 
 def ours(x: np.ndarray, dtype: str):
     from shuffler import Dataset
-    from shuffler.storage import Storage
+    from shuffler.storage.storage import Storage
     from writers.shard_writer import ShardWriter
 
     url = f"memory://bench-storage-{uuid.uuid4().hex}"

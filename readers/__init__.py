@@ -7,8 +7,8 @@
 `readers.torch.ActivationDataset` wraps the same stream as a torch IterableDataset (docs/readers.md).
 """
 
-from .device import StreamBatch
-from .prefetch import ReadStats
-from .stream import ActivationStream, StreamConfig
+from readers.device import StreamBatch
+from readers.prefetch import ReadStats
+from readers.stream import ActivationStream, StreamConfig
 
 __all__ = ["ActivationStream", "StreamBatch", "StreamConfig", "ReadStats"]

@@ -2,7 +2,7 @@
 
     stream = ActivationStream("s3://b/scattered", batch_size=4096, permute_buckets=True, memory="4GiB")
 
-Scattered data (shuffler/scattered.py) holds every row in a bucket drawn i.i.d. uniformly when it was written.
+Scattered data (shuffler/shuffling/on_write.py) holds every row in a bucket drawn i.i.d. uniformly when it was written.
 Each epoch the reader visits the buckets in a permuted order keyed by (seed, epoch), and serves each bucket's
 rows in a uniform permutation keyed by (seed, epoch, bucket): by the pile-shuffle argument (docs/shuffle.md)
 every epoch's order is a uniformly random permutation of all rows. Only the bucket *membership* is shared by
@@ -28,13 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shuffler.plan import DEFAULT_MEMORY, read_batch_bytes
-from shuffler.rolling import DEFAULT_CHUNK_BYTES
-from shuffler.scatter import ChunkTable, iter_decoded
-from shuffler.scattered import ScatteredDataset
-
-from .plan import EpochPlan, mix_key, permutation
-from .prefetch import ReadStats
+from readers.order import EpochPlan, mix_key, permutation
+from readers.prefetch import ReadStats
+from shuffler.io.rolling import DEFAULT_CHUNK_BYTES
+from shuffler.shuffling.map import ChunkTable, iter_decoded
+from shuffler.shuffling.on_write import ScatteredDataset
+from shuffler.shuffling.plan import DEFAULT_MEMORY, read_batch_bytes
+from shuffler.units import parse_size
 
 TAG_BUCKET_ORDER, TAG_BUCKET_PERM = 0xB0, 0xB7
 INDEX_BYTES_PER_ROW = 32
@@ -46,14 +46,7 @@ def parse_memory(memory: int | str | None) -> int:
         return DEFAULT_MEMORY
     if isinstance(memory, int) and not isinstance(memory, bool):
         return memory
-    import click
-
-    from shuffler.cli import parse_size
-
-    try:
-        return parse_size(memory, what="memory")
-    except click.BadParameter as e:
-        raise ValueError(e.message) from None
+    return parse_size(memory, what="memory")
 
 
 def piece_capacity(row_bytes: int, memory: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shuffler.dataset import Batch
-from shuffler.schema import Schema
+from shuffler.format.schema import Schema
+from shuffler.io.dataset import Batch
 
 
 @dataclass

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shuffler.codec import decompress_chunk
-from shuffler.dataset import Dataset
+from readers.order import Unit
 from shuffler.errors import ChecksumError, FormatError
-from shuffler.mapped import LocalMaps
-from shuffler.schema import Schema
-
-from .plan import Unit
+from shuffler.format.codec import decompress_chunk
+from shuffler.format.schema import Schema
+from shuffler.io.dataset import Dataset
+from shuffler.storage.mapped import LocalMaps
 
 
 def unsplit_rows(

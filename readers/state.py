@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shuffler.manifest import Fingerprint
+from shuffler.format.manifest import Fingerprint
 
 KIND = "activation-shuffler/stream-state"
 VERSION = 1

@@ -19,15 +19,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from readers.device import Buffers, StreamBatch, torch_device
+from readers.order import TAG_BLOCK, EpochPlan, mix_key, permutation
+from readers.prefetch import Assembler, ReadStats
+from readers.state import StreamState, parse_state
 from shuffler import env
-from shuffler.dataset import Dataset
-from shuffler.manifest import Manifest
-from shuffler.storage import Storage
-
-from .device import Buffers, StreamBatch, torch_device
-from .plan import TAG_BLOCK, EpochPlan, mix_key, permutation
-from .prefetch import Assembler, ReadStats
-from .state import StreamState, parse_state
+from shuffler.format.manifest import Manifest
+from shuffler.io.dataset import Dataset
+from shuffler.storage.storage import Storage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +150,7 @@ class ActivationStream:
             )
         self._buckets = None
         if self.config.permute_buckets:
-            from .buckets import Buckets
+            from readers.buckets import Buckets
 
             if self.config.on_damaged != "raise":
                 raise ValueError("on_damaged='skip' is not supported with permute_buckets")
@@ -320,7 +319,7 @@ class ActivationStream:
         if first >= plan.n_batches:
             return
         if self._buckets is not None:
-            from .buckets import bucket_batches
+            from readers.buckets import bucket_batches
 
             yield from bucket_batches(self._buckets, plan, first, columns=self.config.columns,
                                       threads=self.config.threads, stats=self.stats, alloc=bufs.alloc)

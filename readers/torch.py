@@ -22,9 +22,9 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .device import StreamBatch
-from .state import StreamState
-from .stream import ActivationStream
+from readers.device import StreamBatch
+from readers.state import StreamState
+from readers.stream import ActivationStream
 
 
 class ActivationDataset(IterableDataset):

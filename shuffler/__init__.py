@@ -1,11 +1,11 @@
 """activation-shuffler core: shard format, storage, manifest, dataset reading, and the external shuffle."""
 
-from .dataset import Batch, Dataset
-from .errors import ChecksumError, DatasetNotFoundError, FormatError, SchemaError
-from .manifest import Fingerprint, Manifest
-from .schema import Schema
-from .shuffle import shuffle
-from .storage import Storage
+from shuffler.errors import ChecksumError, DatasetNotFoundError, FormatError, SchemaError
+from shuffler.format.manifest import Fingerprint, Manifest
+from shuffler.format.schema import Schema
+from shuffler.io.dataset import Batch, Dataset
+from shuffler.shuffling.run import shuffle
+from shuffler.storage.storage import Storage
 
 __all__ = [
     "Batch",

@@ -1,3 +1,3 @@
-from .cli import main
+from shuffler.cli import main
 
 main()

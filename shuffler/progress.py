@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import env
+from shuffler import env
 
 
 def human_bytes(n: float) -> str:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from shuffler.dataset import Batch, Dataset
 from shuffler.errors import SchemaError
+from shuffler.io.dataset import Batch, Dataset
 from writers import ShardWriter, capture
 from writers.capture import CaptureConfig, capture_text, layer_width, resolve_layer
 from writers.models import load_model, resolve_model

@@ -11,7 +11,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from shuffler.cli import main
-from shuffler.dataset import Batch, Dataset
+from shuffler.io.dataset import Batch, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Array-job stages (shuffler/stages.py): plan, scatter, permute, finalize as separate commands, tasks chosen
+"""Array-job stages (shuffler/shuffling/array_job.py): plan, scatter, permute, finalize as separate commands, tasks chosen
 by index mod count, from flags or the scheduler's variables. The result must equal a one-machine run byte for
 byte, whatever the task count, order, duplicates and concurrent retries."""
 
@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 from shuffler import Dataset, env
 from shuffler.cli import main
-from shuffler.markers import PLAN
-from shuffler.plan import fixed_overhead
-from shuffler.shuffle import shuffle
-from shuffler.stages import TaskSlot, resolve_slot, run_stage
-from shuffler.storage import Storage
-from shuffler.verify import verify
+from shuffler.shuffling.array_job import TaskSlot, resolve_slot, run_stage
+from shuffler.shuffling.markers import PLAN
+from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import verify
+from shuffler.storage.storage import Storage
 from tests.test_shuffle import SMALL, make_dataset, output_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

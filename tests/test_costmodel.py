@@ -1,4 +1,4 @@
-"""The cost model (shuffler/costmodel.py) and `shuffler plan` with a cluster: bounds, request counts and
+"""The cost model (shuffler/shuffling/costmodel.py) and `shuffler plan` with a cluster: bounds, request counts and
 prices follow the plan; object counts match what a real run leaves; bad descriptions get clear errors.
 (Predicted against measured wall time is checked by benchmarks/costmodel.py, not here: no timed asserts.)"""
 
@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from shuffler.cli import main
-from shuffler.costmodel import PRICE_SOURCE, Cluster, Prices, Rates, estimate
-from shuffler.plan import GiB, PlanRequest, make_plan
-from shuffler.schema import Schema, standard_columns
-from shuffler.shuffle import shuffle
+from shuffler.format.schema import Schema, standard_columns
+from shuffler.shuffling.costmodel import PRICE_SOURCE, Cluster, Prices, Rates, estimate
+from shuffler.shuffling.plan import GiB, PlanRequest, make_plan
+from shuffler.shuffling.run import shuffle
 from tests.test_cluster import MEMORY
 from tests.test_shuffle import SMALL, make_dataset
 
@@ -77,7 +77,7 @@ def test_object_counts_match_a_real_run(tmp_path):
     make_dataset(src, 6000)
     stats: dict = {}
     shuffle(src, dst, seed=1, workers=2, memory=MEMORY, map_rows=1000, keep_intermediate=True, stats=stats, **SMALL)
-    from shuffler.shuffle import ShuffleConfig, open_sources, plan_for
+    from shuffler.shuffling.run import ShuffleConfig, open_sources, plan_for
 
     plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=MEMORY, map_rows=1000, **SMALL), workers=2,
                     scratch_url=dst, dst_url=dst)

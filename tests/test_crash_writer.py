@@ -12,8 +12,8 @@ import time
 import pytest
 
 from shuffler import Dataset, DatasetNotFoundError
-from shuffler.seal import UnfinishedPartError, seal
-from shuffler.storage import Storage
+from shuffler.format.seal import UnfinishedPartError, seal
+from shuffler.storage.storage import Storage
 
 PRODUCER = textwrap.dedent("""
     import sys, time

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.demo import DemoConfig, join_wordpieces, run
+from shuffler.cli.demo import DemoConfig, join_wordpieces, run
 
 
 def test_demo_end_to_end_small(tmp_path):

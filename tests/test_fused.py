@@ -20,12 +20,12 @@ from click.testing import CliRunner
 from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.errors import SchemaError
-from shuffler.from_scatter import shuffle_from_scatter
-from shuffler.plan import fixed_overhead
-from shuffler.scatter import bucket_ids, iter_decoded
-from shuffler.scattered import NotScatteredError, ScatteredDataset, producer_key
-from shuffler.seal import seal
-from shuffler.verify import verify
+from shuffler.format.seal import seal
+from shuffler.shuffling.from_scatter import shuffle_from_scatter
+from shuffler.shuffling.map import bucket_ids, iter_decoded
+from shuffler.shuffling.on_write import NotScatteredError, ScatteredDataset, producer_key
+from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.verify import verify
 from tests.test_shuffle_stats import assert_adjacent_distances_uniform, assert_positions_uniform
 from writers import ScatterSpec, ShardWriter
 
@@ -190,8 +190,8 @@ def test_scatter_spec_validation():
 
 
 def test_sized_uses_the_shuffles_bucket_rule():
-    from shuffler.plan import PlanRequest, make_plan
-    from shuffler.schema import Schema, standard_columns
+    from shuffler.format.schema import Schema, standard_columns
+    from shuffler.shuffling.plan import PlanRequest, make_plan
 
     schema = Schema(dtype="bfloat16", d_model=4096, columns=standard_columns())
     spec = ScatterSpec.sized(seed=1, rows=10**9, schema=schema, memory=8 << 30)
@@ -294,8 +294,8 @@ def test_every_backend_producers_scatter_seal_from_scatter_and_permuted_read(any
 
 
 def test_cli_capture_scatter_sizes_buckets_from_the_layer_width(tmp_path):
-    from shuffler.plan import PlanRequest, make_plan
-    from shuffler.schema import Schema, standard_columns
+    from shuffler.format.schema import Schema, standard_columns
+    from shuffler.shuffling.plan import PlanRequest, make_plan
 
     text = tmp_path / "text"
     text.mkdir()

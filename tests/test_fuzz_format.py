@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shuffler.codec import decode_chunk, encode_chunk
 from shuffler.errors import FormatError, SchemaError
-from shuffler.manifest import Manifest
-from shuffler.schema import Schema
-from shuffler.shard import TRAILER, ShardSink, decode_footer, decode_header
+from shuffler.format.codec import decode_chunk, encode_chunk
+from shuffler.format.manifest import Manifest
+from shuffler.format.schema import Schema
+from shuffler.format.shard import TRAILER, ShardSink, decode_footer, decode_header
 
 SCHEMA = Schema(dtype="bfloat16", d_model=8, columns=(("token_id", "int32"), ("doc_id", "int64")))
 ALLOWED = (FormatError, SchemaError)

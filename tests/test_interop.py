@@ -19,9 +19,9 @@ try:  # tests/ may or may not be a package (tests/__init__.py); work either way
 except ImportError:
     from test_interop_helpers import read_all, same_rows, write_dataset
 
-from shuffler.dataset import Batch, Dataset
-from shuffler.interop_export import ExportConfig, export_dataset
-from shuffler.interop_import import ImportConfig, import_activations, to_dtype
+from shuffler.interop.exporter import ExportConfig, export_dataset
+from shuffler.io.dataset import Batch, Dataset
+from writers.importers import ImportConfig, import_activations, to_dtype
 
 DTYPES = ["float32", "float16", "bfloat16"]
 

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from shuffler.cli import main
-from shuffler.dataset import Batch
+from shuffler.io.dataset import Batch
 
 try:  # tests/ may or may not be a package (tests/__init__.py); work either way
     from .test_interop_helpers import leaves_nothing, read_all, same_rows, write_dataset
@@ -61,7 +61,7 @@ def test_cli_import_export_roundtrip(tmp_path):
     b = read_all(str(tmp_path / "back-cache"))
     b.columns.pop("position")
     same_rows(a, b)  # bfloat16 -> float32 in the cache -> bfloat16 again, exactly
-    from shuffler.interop_import import to_dtype
+    from writers.importers import to_dtype
 
     np.testing.assert_array_equal(a.acts, to_dtype(acts, "float32", "bfloat16"))
 
@@ -122,7 +122,7 @@ def test_any_storage_backend(tmp_path, any_url):
     out = f"{any_url}-export/all.parquet"
     r = CliRunner().invoke(main, ["export", any_url, out])
     assert r.exit_code == 0, r.output
-    from shuffler.storage import Storage
+    from shuffler.storage.storage import Storage
 
     with fsspec.open(out, "rb", **({"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]}
                                    if out.startswith("s3://") else {})) as f:
@@ -133,6 +133,6 @@ def test_any_storage_backend(tmp_path, any_url):
     b = Batch(acts, {}, "float32")
     assert b.to_arrow().num_rows == 300
     with pytest.raises(FileExistsError):
-        from shuffler.interop_export import ExportConfig, export_dataset
+        from shuffler.interop.exporter import ExportConfig, export_dataset
 
         export_dataset(any_url, out, ExportConfig(format="parquet"))

@@ -16,8 +16,8 @@ except ImportError:
     from test_interop_helpers import leaves_nothing, read_all, write_dataset
 
 from shuffler.errors import ChecksumError, SchemaError
-from shuffler.interop_export import ExportConfig, export_dataset
-from shuffler.interop_import import ImportConfig, import_activations
+from shuffler.interop.exporter import ExportConfig, export_dataset
+from writers.importers import ImportConfig, import_activations
 
 SMALL = {"batch_bytes": 512, "chunk_bytes": 1024, "shard_bytes": 2048}  # many shards committed before the error
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shuffler.dataset import Batch, Dataset
+from shuffler.io.dataset import Batch, Dataset
 from writers.shard_writer import ShardWriter
 
 BITS = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16}
@@ -41,7 +41,7 @@ def same_rows(a: Batch, b: Batch) -> None:
 
 def leaves_nothing(url: str) -> bool:
     """True when no dataset is visible at url and no shard object was left behind."""
-    from shuffler.storage import Storage
+    from shuffler.storage.storage import Storage
 
     st = Storage(url)
     return not st.exists("manifest.json") and not [n for n in st.list() if n.endswith(".shard")]

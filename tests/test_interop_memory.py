@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     import json, sys, tracemalloc
     import pyarrow as pa
     import pyarrow.parquet, writers.shard_writer  # imported before measuring: module code is not data
-    from shuffler.interop_import import ImportConfig, import_activations
+    from writers.importers import ImportConfig, import_activations
 
     tmp, runs = sys.argv[1], json.loads(sys.argv[2])
     tracemalloc.start()

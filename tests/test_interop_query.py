@@ -28,8 +28,8 @@ import pytest
 from click.testing import CliRunner
 
 from shuffler.cli import main
-from shuffler.dataset import Batch, Dataset
-from shuffler.schema import standard_columns
+from shuffler.format.schema import standard_columns
+from shuffler.io.dataset import Batch, Dataset
 from writers.shard_writer import ShardWriter
 
 DTYPES = ["float32", "float16", "bfloat16"]

@@ -22,9 +22,9 @@ except ImportError:
     from test_interop_saelens import saelens_cache
 
 from shuffler.cli import main
-from shuffler.dataset import Dataset
-from shuffler.interop_import import ImportConfig, detect_format, import_activations, saelens_files, to_dtype
-from shuffler.storage import Storage
+from shuffler.io.dataset import Dataset
+from shuffler.storage.storage import Storage
+from writers.importers import ImportConfig, detect_format, import_activations, saelens_files, to_dtype
 
 SMALL = {"chunk_bytes": 256, "shard_bytes": 1024}  # several chunks and shards per import
 
@@ -207,7 +207,7 @@ MEM_SCRIPT = """
 import gc, io, json, sys, tracemalloc
 import fsspec, numpy as np, pyarrow as pa, pyarrow.parquet as pq
 import writers.shard_writer  # imported before measuring: module code is not data
-from shuffler.interop_import import ImportConfig, import_activations
+from writers.importers import ImportConfig, import_activations
 
 tmp, rows, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 acts = np.random.default_rng(0).standard_normal((rows, d), dtype=np.float32)

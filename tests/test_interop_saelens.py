@@ -22,10 +22,10 @@ try:  # tests/ may or may not be a package (tests/__init__.py); work either way
 except ImportError:
     from test_interop_helpers import read_all, same_rows, write_dataset
 
-from shuffler.dataset import Batch
 from shuffler.errors import SchemaError
-from shuffler.interop_export import ExportConfig, export_dataset
-from shuffler.interop_import import ImportConfig, import_activations, to_dtype
+from shuffler.interop.exporter import ExportConfig, export_dataset
+from shuffler.io.dataset import Batch
+from writers.importers import ImportConfig, import_activations, to_dtype
 
 datasets = pytest.importorskip("datasets")
 HOOK = "blocks.3.hook_resid_post"
@@ -82,7 +82,7 @@ def test_import_saelens_cache(tmp_path, dtype):
     want = Batch(acts.reshape(-1, d), {"token_id": tok.reshape(-1),
                                         "position": np.tile(np.arange(ctx, dtype=np.int32), n)}, dtype)
     same_rows(got, want)
-    from shuffler.dataset import Dataset
+    from shuffler.io.dataset import Dataset
 
     meta = Dataset.open(str(tmp_path / "ds")).metadata
     assert meta["hook_name"] == HOOK and meta["context_size"] == ctx

@@ -1,4 +1,4 @@
-"""Local shards are read through memory maps (shuffler/mapped.py): the bytes are those of a ranged read, a
+"""Local shards are read through memory maps (shuffler/storage/mapped.py): the bytes are those of a ranged read, a
 shard missing or truncated is named, a shard replaced by rename under an open dataset still reads as the
 dataset's manifest says, and decoded pages are dropped from the mapping."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from shuffler import Dataset
 from shuffler.errors import ChecksumError, FormatError
-from shuffler.schema import standard_columns
+from shuffler.format.schema import standard_columns
 from writers.shard_writer import ShardWriter
 
 
@@ -129,7 +129,7 @@ def test_decoded_chunks_pages_leave_the_mapping(tmp_path):
     assert _mapped_rss_kib(path) <= 128, _mapped_rss_kib(path)  # at most a fault-around window or two
     # the same reads with the release step disabled keep the whole file resident: the check can fail
     ds2 = Dataset.open(url)
-    from shuffler.mapped import LocalMaps
+    from shuffler.storage.mapped import LocalMaps
     keep = LocalMaps.release
     LocalMaps.release = staticmethod(lambda frame, start: None)
     try:

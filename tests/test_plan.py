@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shuffler.cli import main
-from shuffler.plan import (
+from shuffler.format.schema import Schema, standard_columns
+from shuffler.shuffling.plan import (
     HEADROOM_SIGMAS,
     LOCAL_SCRATCH_LEVEL,
     MAX_BUCKETS,
@@ -21,8 +22,7 @@ from shuffler.plan import (
     fixed_overhead,
     make_plan,
 )
-from shuffler.schema import Schema, standard_columns
-from shuffler.shuffle import shuffle
+from shuffler.shuffling.run import shuffle
 
 from .test_shuffle import SMALL, make_dataset
 

@@ -1,4 +1,4 @@
-"""The Ray executor (shuffler/executor.py, extra `ray`): a real local Ray on 127.0.0.1, started once for this
+"""The Ray executor (shuffler/shuffling/executor.py, extra `ray`): a real local Ray on 127.0.0.1, started once for this
 module. Its output equals the local executor's byte for byte (also for `--from-scatter`, pass 2 only); a
 task whose worker dies is retried; a task's error reaches the caller as itself; every Ray listener is on
 loopback; no Ray process outlives the module."""
@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from shuffler.cli import main
-from shuffler.executor import RayExecutor
-from shuffler.from_scatter import shuffle_from_scatter
-from shuffler.plan import fixed_overhead
-from shuffler.seal import seal
-from shuffler.shuffle import shuffle
-from shuffler.verify import verify
+from shuffler.format.seal import seal
+from shuffler.shuffling.executor import RayExecutor
+from shuffler.shuffling.from_scatter import shuffle_from_scatter
+from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import verify
 from tests.test_cluster import MEMORY
 from tests.test_fused import ROW, row_ids, shard_bytes, write_scattered
 from tests.test_shuffle import SMALL, make_dataset, output_bytes
@@ -147,7 +147,7 @@ def test_from_scatter_on_ray_equals_local_byte_for_byte(local_ray, tmp_path):
 
 
 def test_cli_from_scatter_executor_ray(local_ray, monkeypatch, tmp_path):
-    run_module = importlib.import_module("shuffler.shuffle")  # `shuffler.shuffle` is also the function
+    run_module = importlib.import_module("shuffler.shuffling.run")
     kinds = []
     real = run_module.make_executor
     monkeypatch.setattr(run_module, "make_executor", lambda kind, **kw: kinds.append(kind) or real(kind, **kw))
@@ -165,7 +165,7 @@ def test_cli_from_scatter_executor_ray(local_ray, monkeypatch, tmp_path):
 
 
 def test_cli_from_scatter_passes_executor_and_address_on(monkeypatch, tmp_path):
-    import shuffler.from_scatter
+    import shuffler.shuffling.from_scatter
 
     seen: dict = {}
 
@@ -173,7 +173,7 @@ def test_cli_from_scatter_passes_executor_and_address_on(monkeypatch, tmp_path):
         seen.update(kw, url=url, dst=dst)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(shuffler.from_scatter, "shuffle_from_scatter", fake)
+    monkeypatch.setattr(shuffler.shuffling.from_scatter, "shuffle_from_scatter", fake)
     r = CliRunner().invoke(main, ["shuffle", "--from-scatter", "a", "b", "--executor", "ray",
                                   "--ray-address", "127.0.0.1:6379"])
     assert r.exit_code == 1 and "stop here" in r.output, r.output

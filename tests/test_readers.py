@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from readers import ActivationStream
-from readers.plan import EpochPlan, consumer_bounds, permutation
+from readers.order import EpochPlan, consumer_bounds, permutation
 from shuffler import Dataset
 
 from .readers_data import make_dataset, rids

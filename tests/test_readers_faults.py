@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from readers import ActivationStream
-from readers.plan import EpochPlan
+from readers.order import EpochPlan
 from shuffler import Dataset
 from shuffler.errors import ChecksumError, DatasetNotFoundError
 

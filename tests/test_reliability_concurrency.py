@@ -17,16 +17,16 @@ import pytest
 
 from readers import ActivationStream
 from shuffler import Dataset, DatasetNotFoundError
-from shuffler.seal import UnfinishedPartError, seal
-from shuffler.shuffle import LOCK, ShuffleLockedError, _Lock, shuffle
-from shuffler.storage import Storage
-from shuffler.verify import verify
+from shuffler.format.seal import UnfinishedPartError, seal
+from shuffler.shuffling.run import LOCK, ShuffleLockedError, _Lock, shuffle
+from shuffler.shuffling.verify import verify
+from shuffler.storage.storage import Storage
 from writers import ShardWriter
 
 from .test_reliability_shuffle import OPTS, ROOT
 from .test_shuffle import make_dataset, output_bytes
 
-shuffle_mod = importlib.import_module("shuffler.shuffle")  # the module (shuffler.shuffle is also the function)
+shuffle_mod = importlib.import_module("shuffler.shuffling.run")
 ARGS = ["--buckets", "4", "--chunk-bytes", "4KiB", "--shard-bytes", "32KiB", "--map-rows", "1000", "--workers", "1"]
 
 
@@ -295,7 +295,7 @@ def test_producer_finishing_after_a_seal_that_missed_it_is_told(tmp_path, monkey
     says its part is not in the dataset, instead of succeeding silently."""
     url = str(tmp_path / "d")
     produce(url, "a", 100)
-    import shuffler.seal as seal_mod
+    import shuffler.format.seal as seal_mod
 
     real = seal_mod.write_manifest
 

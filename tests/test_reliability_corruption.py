@@ -26,9 +26,9 @@ from readers import ActivationStream
 from shuffler import ChecksumError, Dataset, FormatError
 from shuffler.cli import main
 from shuffler.errors import DatasetNotFoundError, SchemaError
-from shuffler.shard import decode_header
-from shuffler.shuffle import shuffle
-from shuffler.verify import verify
+from shuffler.format.shard import decode_header
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import verify
 
 from .test_reliability_shuffle import OPTS, ROOT, drive
 from .test_shuffle import make_dataset, output_bytes
@@ -231,7 +231,7 @@ def test_every_byte_of_a_commit_marker(between_passes, tmp_path):
     """Each of the ~200 bytes of one map marker flipped in turn: never an error of another type, never other output."""
     src, pristine, reference = between_passes
     (marker,) = glob.glob(f"{pristine}/.shuffle/scratch/run-*/map-000002.idx")
-    from shuffler.scatter import MapOutput
+    from shuffler.shuffling.map import MapOutput
 
     data = open(marker, "rb").read()
     good = MapOutput.from_bytes(data, where="m", buckets=OPTS["buckets"])
@@ -245,7 +245,7 @@ def test_every_byte_of_a_commit_marker(between_passes, tmp_path):
 
 def test_damaged_reduce_marker_and_run_state_are_redone_or_refused(between_passes, tmp_path):
     src, pristine, reference = between_passes
-    from shuffler.shuffle import RUN, reduce_marker
+    from shuffler.shuffling.run import RUN, reduce_marker
 
     dst = str(tmp_path / "out")
     shutil.copytree(pristine, dst)
@@ -275,7 +275,7 @@ def test_run_state_cannot_make_overwrite_delete_elsewhere(between_passes, tmp_pa
     """run.json names the scratch of its run; --overwrite clears it. A forged one pointing at other files
     must not make the shuffle delete them."""
     src, pristine, reference = between_passes
-    from shuffler.shuffle import RUN
+    from shuffler.shuffling.run import RUN
 
     victim = tmp_path / "precious"
     (victim / "run-0123456789abcdef").mkdir(parents=True)

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from shuffler import FormatError, Manifest
 from shuffler.cli import main
-from shuffler.scatter import MapOutput
-from shuffler.storage import Storage
+from shuffler.shuffling.map import MapOutput
+from shuffler.storage.storage import Storage
 
 from .test_reliability_shuffle import ROOT
 from .test_shuffle import make_dataset
@@ -179,7 +179,7 @@ def test_credentials_are_never_written_or_logged(s3_endpoint, tmp_path, monkeypa
     prefix = f"s3://test-bucket/creds-{os.getpid()}"
     src, dst = prefix + "/raw", prefix + "/out"
     make_dataset(src, 3000)
-    from shuffler.shuffle import shuffle
+    from shuffler.shuffling.run import shuffle
     from trainer import TrainConfig, train
 
     caplog.set_level(logging.INFO)  # every logger at INFO, the project's at DEBUG

@@ -25,8 +25,8 @@ import sys
 
 import pytest
 
-from shuffler.shuffle import shuffle
-from shuffler.verify import verify
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import verify
 
 from .test_shuffle import SMALL, make_dataset, output_bytes
 
@@ -39,8 +39,8 @@ RECURSE = dict(seed=5, buckets=2, workers=1, memory="recursive", **SMALL)
 
 DRIVER = r"""
 import contextlib, json, os, re, signal, sys
-from shuffler.storage import Storage
-from shuffler.shuffle import shuffle
+from shuffler.storage.storage import Storage
+from shuffler.shuffling.run import shuffle
 
 src, dst, kill_at, opts, log = sys.argv[1], sys.argv[2].rstrip("/"), int(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
 events = []
@@ -81,7 +81,7 @@ with open(log, "w") as f:
 
 
 def recursive_memory() -> int:
-    from shuffler.plan import fixed_overhead
+    from shuffler.shuffling.plan import fixed_overhead
 
     return fixed_overhead(SMALL["chunk_bytes"]) + (128 << 10)  # ~1,400 rows of a bucket of ~2,500
 

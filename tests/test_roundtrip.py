@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shuffler import Batch, Dataset
-from shuffler.codec import fingerprint_sum, row_hashes
-from shuffler.schema import Schema
+from shuffler.format.codec import fingerprint_sum, row_hashes
+from shuffler.format.schema import Schema
 from writers import ShardWriter
 
 EXTRA_COLUMNS = [("token_id", "int32"), ("doc_id", "int64"), ("position", "int32"), ("score", "float32"),

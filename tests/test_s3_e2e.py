@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from shuffler import Dataset
 from shuffler.cli import main
-from shuffler.storage import Storage
+from shuffler.storage.storage import Storage
 from writers.shard_writer import ShardWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shuffler import Dataset
-from shuffler.storage import Storage
+from shuffler.storage.storage import Storage
 from writers import ShardWriter
 
 from .faultproxy import FaultProxy

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from shuffler import Dataset, SchemaError
-from shuffler.codec import fingerprint_sum, row_hashes
-from shuffler.seal import UnfinishedPartError, seal
+from shuffler.format.codec import fingerprint_sum, row_hashes
+from shuffler.format.seal import UnfinishedPartError, seal
 from writers import ShardWriter
 
 

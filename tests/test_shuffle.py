@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shuffler import Dataset
-from shuffler.dataset import Batch
 from shuffler.errors import DatasetNotFoundError, SchemaError
-from shuffler.plan import fixed_overhead
-from shuffler.schema import standard_columns
-from shuffler.shuffle import shuffle
+from shuffler.format.schema import standard_columns
+from shuffler.io.dataset import Batch
+from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
 CHUNK = 4 << 10  # tiny chunks and shards so small data still has many of each
@@ -155,7 +155,7 @@ def test_memory_and_s3_end_to_end(tmp_path, memory_url, s3_url):
     assert [s.name for s in m1.shards] == [s.name for s in m2.shards]
     assert output_bytes(memory_url) == output_bytes(s3_url + "/out")
     assert_permutation(read_all(src), read_all(s3_url + "/out"))
-    from shuffler.storage import Storage
+    from shuffler.storage.storage import Storage
 
     assert Storage(s3_url).list("scratch") == []
     assert not any(n.startswith(".shuffle") for n in Storage(s3_url + "/out").list(""))

@@ -73,7 +73,7 @@ def test_heldout_split_is_a_random_sample():
 
 
 def test_global_order_maps_shuffled_rows_back_and_drops_heldout(tmp_path):
-    from shuffler.shuffle import shuffle
+    from shuffler.shuffling.run import shuffle
     from writers.synth import SynthConfig, synth
 
     raw, shuf = str(tmp_path / "raw"), str(tmp_path / "shuf")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from shuffler import Dataset
 from shuffler.cli import main
-from shuffler.shuffle import LOCK, RUN, ShuffleLockedError, shuffle
+from shuffler.shuffling.run import LOCK, RUN, ShuffleLockedError, shuffle
 
 from .test_shuffle import SMALL, assert_permutation, make_dataset, output_bytes, read_all
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from shuffler import Dataset
-from shuffler.shuffle import shuffle
+from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
 CHI2_999 = {6: 22.458, 23: 49.728, 49: 85.351}

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from shuffler.storage import Storage
+from shuffler.storage.storage import Storage
 
 
 def test_write_read_ranges_list_delete(any_url):

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from shuffler.cli import main
 from shuffler.errors import DatasetNotFoundError
-from shuffler.shuffle import shuffle
-from shuffler.verify import multiset_difference, verify
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import multiset_difference, verify
 from writers.shard_writer import ShardWriter
 
 from .test_shuffle import CHUNK, COLUMNS, SHARD, SMALL, make_dataset, read_all

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shuffler import Dataset, DatasetNotFoundError, SchemaError
-from shuffler.storage import Storage
+from shuffler.storage.storage import Storage
 from writers import ShardWriter
 
 COLS = (("token_id", "int32"), ("doc_id", "int64"), ("position", "int32"))

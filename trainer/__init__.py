@@ -7,9 +7,9 @@ See docs/trainer.md. The model is trainer.sae.TopKSAE; latent sharding and data 
 trainer.distributed; the SAELens export is trainer.export.
 """
 
-from .config import TrainConfig
-from .export import export_saelens, load_saelens
-from .sae import TopKSAE
-from .train import TrainResult, train
+from trainer.config import TrainConfig
+from trainer.export import export_saelens, load_saelens
+from trainer.sae import TopKSAE
+from trainer.train import TrainResult, train
 
 __all__ = ["TopKSAE", "TrainConfig", "TrainResult", "export_saelens", "load_saelens", "train"]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from .config import TrainConfig
+from trainer import distributed as D
+from trainer.config import TrainConfig
 
 LATEST = "latest.json"
 # Fields that may change between a run and its resume: they do not change the result.

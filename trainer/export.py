@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed as D
-from .sae import TopKSAE
+from trainer import distributed as D
+from trainer.sae import TopKSAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"

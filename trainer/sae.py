@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shuffler.codec import splitmix64
-
-from . import distributed as D
+from shuffler.format.codec import splitmix64
+from trainer import distributed as D
 
 INIT_BLOCK_ROWS = 4096  # latents initialised per numpy step: bounded memory for any n_latents
 

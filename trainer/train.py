@@ -20,13 +20,12 @@ from pathlib import Path
 import torch
 
 from shuffler import env
-from shuffler.dataset import Dataset
+from shuffler.io.dataset import Dataset
 from shuffler.progress import Progress
-
-from . import checkpoint as ckpt
-from . import distributed as D
-from .config import TrainConfig
-from .sae import TopKSAE, loss_and_stats
+from trainer import checkpoint as ckpt
+from trainer import distributed as D
+from trainer.config import TrainConfig
+from trainer.sae import TopKSAE, loss_and_stats
 
 LOG = "log.jsonl"
 METRICS = ("loss", "sse", "sst", "rows", "active")  # summed on the device between log records
@@ -321,7 +320,7 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
         if log is not None:
             log.close()
     if export_dir is not None:
-        from .export import export_saelens
+        from trainer.export import export_saelens
 
         export_saelens(sae, export_dir, cfg=cfg, layout=layout, dataset=ds.url)
     return TrainResult(sae, state.step, state.tokens, last)

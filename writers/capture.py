@@ -29,12 +29,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler.errors import SchemaError
-from shuffler.manifest import Manifest
-from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
-from shuffler.schema import ACT_DTYPES
-
-from .shard_writer import ShardWriter
-from .text import TextSource, TokenBatch, token_batches
+from shuffler.format.manifest import Manifest
+from shuffler.format.schema import ACT_DTYPES
+from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
+from writers.shard_writer import ShardWriter
+from writers.text import TextSource, TokenBatch, token_batches
 
 
 class _Stop(Exception):
@@ -331,13 +330,13 @@ def capture_text(
 ) -> tuple[Manifest, CaptureStats]:
     """Load cfg.model offline, capture cfg.layer over the text and commit a dataset at `url`.
 
-    `scatter`: None, a ScatterSpec (write scattered, shuffler/scattered.py), or a function of the dataset's
+    `scatter`: None, a ScatterSpec (write scattered, shuffler/shuffling/on_write.py), or a function of the dataset's
     Schema returning one (the layer's width is known only once the model is loaded, and sizes the buckets).
 
     The manifest's metadata records model, layer, context, text source and capture time. On any error the
     writer removes what it wrote, so nothing half-written is visible.
     """
-    from .models import load_model
+    from writers.models import load_model
 
     source = TextSource(text_dir=cfg.text_dir)
     loaded = load_model(cfg.model, device=cfg.torch_device())
@@ -363,7 +362,7 @@ def capture_text(
         source.documents(), tokenizer, context=cfg.context, batch_size=cfg.batch_size, keep_special=cfg.keep_special
     )
     if callable(scatter):
-        from shuffler.schema import Schema, standard_columns
+        from shuffler.format.schema import Schema, standard_columns
 
         scatter = scatter(Schema(dtype=cfg.dtype, d_model=width, columns=standard_columns()))
     with ShardWriter(url, d_model=width, dtype=cfg.dtype, metadata=metadata, overwrite=cfg.overwrite,

@@ -7,9 +7,9 @@ import re
 import time
 import uuid
 
-from shuffler.convert import acts_to_storage, columns_to_storage, nonfinite_count
 from shuffler.errors import SchemaError
-from shuffler.manifest import (
+from shuffler.format.convert import acts_to_storage, columns_to_storage, nonfinite_count
+from shuffler.format.manifest import (
     MANIFEST,
     Manifest,
     part_manifest_name,
@@ -17,10 +17,10 @@ from shuffler.manifest import (
     read_manifest,
     write_manifest,
 )
-from shuffler.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, RollingShardWriter
-from shuffler.scattered import ScatterSink, ScatterSpec
-from shuffler.schema import Schema, standard_columns
-from shuffler.storage import Storage
+from shuffler.format.schema import Schema, standard_columns
+from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, RollingShardWriter
+from shuffler.shuffling.on_write import ScatterSink, ScatterSpec
+from shuffler.storage.storage import Storage
 
 _PRODUCER = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -104,7 +104,7 @@ class ShardWriter:
                     )
                 self.store.write(part_marker_name(producer), marker)
         if scatter is not None:
-            # Pass-1 intermediates instead of shards (shuffler/scattered.py), in a folder per producer (and
+            # Pass-1 intermediates instead of shards (shuffler/shuffling/on_write.py), in a folder per producer (and
             # per overwrite), since run names are map-NNNNNN.shard as pass 2 expects.
             folder = f"{producer}/" if producer else ""
             if self._replaced is not None:

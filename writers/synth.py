@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shuffler.codec import splitmix64
-from shuffler.storage import Storage
-
-from .shard_writer import ShardWriter
+from shuffler.format.codec import splitmix64
+from shuffler.storage.storage import Storage
+from writers.shard_writer import ShardWriter
 
 PLANTED = "extras/planted_features.npy"
 BLOCK_ROWS = 8192  # rows generated per step; output is the same whatever the caller's batching

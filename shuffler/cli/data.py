@@ -1,0 +1,152 @@
+"""CLI commands that make and examine datasets: synth, inspect, seal."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from shuffler.cli import SIZE
+from shuffler.format.seal import seal
+from shuffler.io.dataset import Dataset
+from shuffler.progress import Progress, human_bytes
+
+
+@click.command("synth")
+@click.argument("out")
+@click.option("--rows", type=int, required=True, help="Rows (tokens) to generate.")
+@click.option("--d-model", type=int, required=True, help="Activation width.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--docs", type=int, default=100, show_default=True, help="Documents; rows are in document order.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--features", type=int, default=0, help="Planted dictionary size (default 4 x d_model).")
+@click.option("--k", "k", type=int, default=8, show_default=True, help="Active planted features per row.")
+@click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
+@click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
+@click.option("--level", type=int, default=1, show_default=True, help="zstd level (1 is best: measure-limits.md).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
+@click.option("--scatter", is_flag=True, help="Write scattered: each row goes to a random bucket as it is written "
+              "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")
+@click.option("--buckets", type=click.IntRange(1), help="With --scatter: bucket count [default: sized from --rows and "
+              "--memory by the shuffle's rule].")
+@click.option("--memory", type=SIZE, default="2GiB", show_default=True, help="With --scatter: the per-task budget "
+              "the buckets are sized for.")
+def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, shard_bytes, level, overwrite,
+              scatter, buckets, memory):
+    """Write synthetic activations built from a planted dictionary of sparse features.
+
+    Rows come in document order and each document favours its own features, so unshuffled order is
+    measurably non-random. The dictionary is stored beside the shards (extras/planted_features.npy) so an
+    SAE's recovery of it can be scored. Provenance columns token_id, doc_id and position are filled in.
+
+    \b
+    With --scatter, --seed also seeds the bucket draws (docs/shuffle.md, "Scatter on write").
+
+    \b
+    Examples:
+      shuffler synth /tmp/raw --rows 200000 --d-model 256 --dtype bfloat16 --docs 400
+      shuffler synth /tmp/scattered --rows 200000 --d-model 256 --scatter --seed 7 --buckets 16
+    """
+    from writers.synth import SynthConfig, synth
+
+    if buckets is not None and not scatter:
+        raise click.UsageError("--buckets needs --scatter")
+    cfg = SynthConfig(rows=rows, d_model=d_model, dtype=dtype, docs=docs, seed=seed, features=features, k=k)
+    extra = {}
+    if scatter:
+        from shuffler.format.schema import Schema, standard_columns
+        from shuffler.shuffling.on_write import ScatterSpec
+
+        extra["scatter"] = (ScatterSpec(seed=seed, buckets=buckets) if buckets else ScatterSpec.sized(
+            seed=seed, rows=rows, schema=Schema(dtype=dtype, d_model=d_model, columns=standard_columns()), memory=memory))
+    with Progress("synth", rows) as bar:
+        synth(out, cfg, progress=bar.update, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, level=level,
+              overwrite=overwrite, **extra)
+    ds = Dataset.open(out)
+    how = f" as {ds.metadata['scatter']['buckets']} scattered bucket(s)" if scatter else ""
+    click.echo(f"wrote {ds.num_rows:,} rows x {ds.d_model} {ds.dtype} to {ds.url} in {len(ds.shards)} shard(s){how}")
+
+
+def describe(ds: Dataset) -> dict:
+    m = ds.manifest
+    raw = ds.num_rows * ds.schema.row_bytes
+    return {
+        "url": ds.url,
+        "rows": ds.num_rows,
+        "d_model": ds.d_model,
+        "dtype": ds.dtype,
+        "columns": [list(c) for c in ds.schema.columns],
+        "shards": len(ds.shards),
+        "chunks": sum(s.chunks for s in ds.shards),
+        "stored_bytes": m.stored_bytes,
+        "uncompressed_bytes": raw,
+        "compression_ratio": round(raw / m.stored_bytes, 4) if m.stored_bytes else None,
+        "fingerprint": m.fingerprint.to_json(),
+        "metadata": m.metadata,
+    }
+
+
+@click.command("inspect")
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--check", is_flag=True, help="Read every chunk, verify checksums and the fingerprint.")
+def inspect_cmd(url, as_json, check):
+    """Describe the dataset at URL; with --check, prove every chunk intact.
+
+    --check exits with status 1 and names each damaged shard and chunk, or a fingerprint that differs
+    from the manifest's (a shard swapped or edited behind the manifest's back).
+    """
+    ds = Dataset.open(url)
+    info = describe(ds)
+    damage = []
+    if check:
+        with Progress("check", ds.num_rows) as bar:
+            damage, fp = ds.check(progress=bar.update)
+        info["check"] = {
+            "damaged": [str(d) for d in damage],
+            "fingerprint_ok": not damage and fp == ds.manifest.fingerprint,
+            "fingerprint_read": fp.to_json(),
+        }
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        click.echo(f"dataset      {info['url']}")
+        click.echo(f"rows         {info['rows']:,}")
+        click.echo(f"d_model      {info['d_model']}")
+        click.echo(f"dtype        {info['dtype']}")
+        click.echo(f"columns      {', '.join(f'{n}:{t}' for n, t in info['columns']) or '(none)'}")
+        click.echo(f"shards       {info['shards']} ({info['chunks']} chunks)")
+        click.echo(
+            f"bytes        {human_bytes(info['stored_bytes'])} stored, {human_bytes(info['uncompressed_bytes'])} "
+            f"raw, ratio {info['compression_ratio']}"
+        )
+        click.echo(f"fingerprint  {ds.manifest.fingerprint}")
+        for k, v in info["metadata"].items():
+            click.echo(f"meta.{k:<8} {json.dumps(v) if not isinstance(v, str) else v}")
+        if check:
+            c = info["check"]
+            if c["fingerprint_ok"]:
+                click.echo("check        OK: every chunk's checksum and the fingerprint match")
+    if check and not info["check"]["fingerprint_ok"]:
+        for d in damage:
+            click.echo(f"DAMAGED {d}", err=True)
+        if not damage:
+            click.echo(
+                f"FINGERPRINT MISMATCH: read {info['check']['fingerprint_read']}, manifest "
+                f"{ds.manifest.fingerprint.to_json()}",
+                err=True,
+            )
+        sys.exit(1)
+
+
+@click.command("seal")
+@click.argument("url")
+def seal_cmd(url):
+    """Join the part manifests of several producers at URL into the dataset manifest.
+
+    Refuses, naming the part, if a producer started and did not finish, or if parts disagree on dtype,
+    d_model or columns. Writes manifest.json last, atomically.
+    """
+    m = seal(url)
+    click.echo(f"sealed {url}: {m.num_rows:,} rows from {len(m.metadata['producers'])} producer(s)")

@@ -1,0 +1,167 @@
+"""The dataset manifest: written last, atomically. No manifest, no dataset (docs/format.md, "Manifest")."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from shuffler.errors import DatasetNotFoundError, FormatError
+from shuffler.format.schema import Schema
+from shuffler.format.shard import VERSION
+from shuffler.storage.storage import Storage
+
+MANIFEST = "manifest.json"
+PARTS = "parts"  # producers' part manifests and started-markers live under this prefix
+FORMAT_NAME = "activation-shuffler"
+MAX_MANIFEST_BYTES = 256 << 20
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
+
+
+def check_object_name(name: object, *, where: str) -> str:
+    """Refuse names that could point outside the dataset: '..', absolute paths, URL schemes, odd characters."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or any(p in ("..", ".") for p in name.split("/")):
+        raise FormatError(
+            f"{where}: object name {name!r} is not a plain relative name inside the dataset "
+            "(letters, digits, '_.=-', '/'; no '..', no absolute path, no scheme)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Order-independent content fingerprint: row count and sum mod 2^64 of per-row 64-bit hashes."""
+
+    rows: int = 0
+    hash_sum: int = 0
+
+    def __add__(self, other: Fingerprint) -> Fingerprint:
+        return Fingerprint(self.rows + other.rows, (self.hash_sum + other.hash_sum) & (2**64 - 1))
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "sum": f"{self.hash_sum:016x}"}
+
+    @classmethod
+    def from_json(cls, obj: object, *, where: str) -> Fingerprint:
+        try:
+            rows, s = obj["rows"], obj["sum"]  # type: ignore[index]
+            if not isinstance(rows, int) or rows < 0:
+                raise ValueError(rows)
+            return cls(rows, int(s, 16))
+        except (TypeError, KeyError, ValueError):
+            raise FormatError(f"{where}: fingerprint must be {{'rows': int, 'sum': hex}}, got {obj!r}"[:300]) from None
+
+    def __str__(self) -> str:
+        return f"{self.rows} rows / {self.hash_sum:016x}"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    """Object name relative to the dataset URL."""
+    rows: int
+    bytes: int
+    """Stored (compressed) size of the object."""
+    chunks: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    schema: Schema
+    shards: tuple[ShardInfo, ...]
+    fingerprint: Fingerprint
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": VERSION,
+            **self.schema.to_json(),
+            "num_rows": self.num_rows,
+            "fingerprint": self.fingerprint.to_json(),
+            "shards": [{"name": s.name, "rows": s.rows, "bytes": s.bytes, "chunks": s.chunks} for s in self.shards],
+            "metadata": self.metadata,
+        }
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1) + "\n").encode()
+
+    @classmethod
+    def loads(cls, data: bytes, *, where: str) -> Manifest:
+        try:
+            obj = json.loads(data.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise FormatError(f"{where}: not an {FORMAT_NAME} manifest (field 'format' missing or different)")
+        if obj.get("format_version") != VERSION:
+            raise FormatError(f"{where}: format_version {obj.get('format_version')!r}, this code reads {VERSION}")
+        schema = Schema.from_json(obj, where=where)
+        raw_shards = obj.get("shards")
+        if not isinstance(raw_shards, list):
+            raise FormatError(f"{where}: 'shards' must be a list")
+        shards = []
+        for i, s in enumerate(raw_shards):
+            try:
+                info = ShardInfo(
+                    name=check_object_name(s["name"], where=f"{where} shard {i}"),
+                    rows=s["rows"],
+                    bytes=s["bytes"],
+                    chunks=s["chunks"],
+                )
+            except (TypeError, KeyError) as e:
+                raise FormatError(f"{where}: shard entry {i} lacks or mistypes a field ({e})") from None
+            for k in ("rows", "bytes", "chunks"):
+                v = getattr(info, k)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise FormatError(f"{where}: shard {info.name} has {k}={v!r}; expected an integer >= 0")
+            shards.append(info)
+        metadata = obj.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise FormatError(f"{where}: 'metadata' must be a JSON object, got {type(metadata).__name__}")
+        m = cls(
+            schema=schema,
+            shards=tuple(shards),
+            fingerprint=Fingerprint.from_json(obj.get("fingerprint"), where=where),
+            metadata=metadata,
+        )
+        if obj.get("num_rows") != m.num_rows or m.fingerprint.rows != m.num_rows:
+            raise FormatError(
+                f"{where}: num_rows {obj.get('num_rows')!r} and fingerprint rows {m.fingerprint.rows} must equal "
+                f"the shards' row total {m.num_rows}"
+            )
+        return m
+
+
+def read_manifest(store: Storage, name: str = MANIFEST) -> Manifest:
+    where = store.url_of(name)
+    try:
+        size = store.size(name)
+    except FileNotFoundError:
+        raise DatasetNotFoundError(
+            f"{store.url}: no {name}, so no committed dataset here (never written, or still being written; "
+            "producers writing parts need `shuffler seal`)"
+        ) from None
+    if size > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{where}: {size} bytes is larger than any manifest ({MAX_MANIFEST_BYTES})")
+    return Manifest.loads(store.read(name), where=where)
+
+
+def write_manifest(store: Storage, manifest: Manifest, name: str = MANIFEST) -> None:
+    store.write(name, manifest.dumps())
+
+
+def part_manifest_name(producer: str) -> str:
+    return f"{PARTS}/{producer}.json"
+
+
+def part_marker_name(producer: str) -> str:
+    return f"{PARTS}/{producer}.started"

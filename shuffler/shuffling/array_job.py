@@ -1,0 +1,220 @@
+"""Array-job stages: the shuffle as four commands a cluster scheduler runs (docs/cluster.md).
+
+    shuffler shuffle SRC... DST --seed S --stage plan                         # once
+    shuffler shuffle SRC... DST --seed S --stage scatter --task-index I --num-tasks N    # N tasks, any order
+    shuffler shuffle SRC... DST --seed S --stage permute --task-index I --num-tasks N    # after every scatter
+    shuffler shuffle SRC... DST --seed S --stage finalize                     # once, after every permute
+
+`plan` fixes the run (seed, buckets, map split, scratch) in DST/.shuffle/plan.json, first writer wins, so
+later stages and every task read one plan. Task I of N runs the map tasks (scatter) or buckets (permute)
+whose number is congruent to I mod N and not yet committed. Tasks share nothing but storage: each commits
+every object atomically and its marker last, and a task computes the same bytes however often it runs, so
+a retry, even one running beside the attempt it replaces, changes nothing. `finalize` checks that every
+bucket committed and that the rows' fingerprint equals the sources', then writes the manifest: the output
+is byte for byte that of `shuffler shuffle SRC... DST --seed S` on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shuffler import env
+from shuffler.errors import FormatError
+from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
+from shuffler.shuffling.markers import PLAN, committed_reduces
+from shuffler.shuffling.run import ShuffleConfig, _Lock, _Run, canonical_url
+from shuffler.storage.storage import Storage
+
+STAGES = ("plan", "scatter", "permute", "finalize")
+#: ShuffleConfig fields that the plan fixes (they change the output, or where intermediates live).
+PLANNED = ("memory", "buckets", "scratch", "scratch_level", "keep_intermediate", "level", "chunk_bytes",
+           "shard_bytes", "map_rows")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSlot:
+    """Which share of a stage's tasks this process runs: those numbered index mod count."""
+
+    index: int
+    """This task's index, 0-based."""
+    count: int
+    """How many array tasks share the stage."""
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"num_tasks={self.count} must be >= 1")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"task index {self.index} is outside [0, {self.count}) (num_tasks={self.count})")
+
+    def owns(self, k: int) -> bool:
+        return k % self.count == self.index
+
+
+def resolve_slot(task_index: int | None, num_tasks: int | None) -> TaskSlot:
+    """The explicit --task-index/--num-tasks, else the array job's variables (env.array_task)."""
+    index, count, source = env.array_task()
+    if task_index is not None:
+        index, source = task_index, "--task-index"
+    if num_tasks is not None:
+        count = num_tasks
+    if index is None:
+        raise ValueError("no task index: pass --task-index I --num-tasks N, or run inside a SLURM array "
+                         "(SLURM_ARRAY_TASK_ID), a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) or an AWS Batch "
+                         "array job (AWS_BATCH_JOB_ARRAY_INDEX)")
+    if count is None:
+        raise ValueError(f"task index {index} comes from {source}, which does not give the task count: pass "
+                         "--num-tasks N (the Job's completions)")
+    return TaskSlot(index=index, count=count)
+
+
+def run_stage(
+    stage: str,
+    srcs: Sequence[str],
+    dst: str,
+    *,
+    seed: int,
+    slot: TaskSlot | None = None,
+    config: dict | None = None,
+    workers: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    overwrite: bool = False,
+    break_lock: bool = False,
+    progress: bool | None = None,
+) -> dict:
+    """Run one stage (of this task, for scatter and permute). Returns a summary: {"stage", "did", ...}.
+
+    `config` holds the ShuffleConfig fields of PLANNED for the plan stage; later stages read them from the
+    plan and refuse a `config` that contradicts it (the same command line for every stage is fine).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r} is not one of {', '.join(STAGES)}")
+    config = dict(config or {})
+    unknown = set(config) - set(PLANNED)
+    if unknown:
+        raise ValueError(f"config keys {sorted(unknown)} are not planned options ({', '.join(PLANNED)})")
+    if stage in ("scatter", "permute") and slot is None:
+        raise ValueError(f"stage {stage!r} needs a task slot (--task-index/--num-tasks or an array job)")
+    srcs = list(srcs)
+    if stage == "plan":
+        return _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress)
+    loaded = _load(srcs, dst, seed, config, workers, executor, ray_address, progress)
+    if loaded is None:
+        return {"stage": stage, "did": 0, "note": f"{dst} is finalized already; nothing to do"}
+    run, plan = loaded
+    if stage == "finalize":
+        return _finalize(run, plan)
+    assert slot is not None
+    map_rows, n = plan["map_rows"], run.plan.rows
+    maps = math.ceil(n / map_rows) if n else 0
+    if stage == "scatter":
+        run.only = slot.owns
+        with run._executor() as pool:
+            run._pass1(pool, map_rows)
+        return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps}
+    run.only = lambda m: False  # only collect what the scatter stage committed
+    with run._executor() as pool:
+        done = run._pass1(pool, map_rows)
+        if len(done) != maps:
+            have = {o.index for o in done}
+            missing = [m for m in range(maps) if m not in have]
+            raise RuntimeError(
+                f"{dst}: {len(missing)} of {maps} map task(s) have not committed (first: {missing[:8]}); run the "
+                "scatter stage to completion before permute (array tasks "
+                f"{sorted({m % slot.count for m in missing})[:8]} of {slot.count} own them)"
+            )
+        run.only = slot.owns
+        try:
+            run._pass2(pool, done)
+        except FormatError as e:
+            raise run._uncommit_damaged(e) from None
+    return {"stage": stage, "did": sum(map(slot.owns, range(run.plan.buckets))), "of": run.plan.buckets}
+
+
+def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> dict:
+    cfg = ShuffleConfig(seed=seed, workers=workers, overwrite=overwrite, break_lock=break_lock, **config)
+    run = _Run(srcs, dst, cfg, progress)
+    lock = _Lock(run.dst, break_lock)
+    lock.acquire()  # no one-machine shuffle may be writing here while we lay out the run
+    try:
+        finished = run._check_dst()
+        if finished is not None:
+            return {"stage": "plan", "did": 0, "note": f"{dst} already holds this shuffle's output"}
+        map_rows = run._start_or_resume()
+        doc = {
+            "format": 1, "run_id": run.run_id, "seed": seed, "sources": [canonical_url(u) for u in srcs],
+            "config": {k: getattr(cfg, k) for k in PLANNED}, "map_rows": map_rows,
+            "map_tasks": math.ceil(run.plan.rows / map_rows) if run.plan.rows else 0,
+            "buckets": run.plan.buckets, "scratch": run.scratch,
+        }
+        blob = json.dumps(doc, indent=1, sort_keys=True).encode()
+        if not run.dst.put_if_absent(PLAN, blob):  # first writer wins: every task reads one plan
+            old = json.loads(run.dst.read(PLAN))
+            if old.get("run_id") != run.run_id:
+                raise FileExistsError(f"{run.dst.url_of(PLAN)} plans another run ({old.get('run_id')}); pass "
+                                      "--overwrite to discard it")
+            doc = old
+        return {"stage": "plan", "did": 1, "map_tasks": doc["map_tasks"], "buckets": doc["buckets"],
+                "run_id": doc["run_id"]}
+    finally:
+        lock.release()
+
+
+def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> tuple[_Run, dict] | None:
+    store = Storage(dst)
+    try:
+        plan = json.loads(store.read(PLAN))
+    except FileNotFoundError:
+        if _finished(store, seed):
+            return None  # a late retry after finalize: the output exists, and it must not be touched
+        raise FileNotFoundError(f"{store.url_of(PLAN)} does not exist: run `--stage plan` first") from None
+    except ValueError:
+        raise FormatError(f"{store.url_of(PLAN)} is damaged; run `--stage plan --overwrite` again") from None
+    if plan.get("seed") != seed:
+        raise ValueError(f"--seed {seed} differs from the plan's seed {plan.get('seed')} ({store.url_of(PLAN)})")
+    given = [canonical_url(u) for u in srcs]
+    if given != plan["sources"]:
+        raise ValueError(f"SRC {given} differs from the planned sources {plan['sources']} ({store.url_of(PLAN)})")
+    for k, v in config.items():
+        if plan["config"].get(k) != v:
+            raise ValueError(f"{k}={v!r} differs from the plan's {plan['config'].get(k)!r} ({store.url_of(PLAN)}): "
+                             "later stages take every planned option from the plan")
+    cfg = ShuffleConfig(seed=seed, workers=workers, executor=executor, ray_address=ray_address, **plan["config"])
+    run = _Run(plan["sources"], dst, cfg, progress)
+    if run.run_id != plan["run_id"]:
+        raise ValueError(f"the sources changed since the plan stage (run {run.run_id}, planned {plan['run_id']}); "
+                         "run `--stage plan --overwrite` again")
+    return run, plan
+
+
+def _finished(store: Storage, seed: int) -> bool:
+    if not store.exists(MANIFEST):
+        return False
+    try:
+        m = read_manifest(store)
+    except (FormatError, ValueError):
+        return False
+    return m.metadata.get("shuffle", {}).get("seed") == seed
+
+
+def _finalize(run: _Run, plan: dict) -> dict:
+    B = run.plan.buckets
+    results = committed_reduces(run.dst, B)
+    missing = [b for b in range(B) if b not in results]
+    if missing:
+        raise RuntimeError(
+            f"{run.dst.url}: {len(missing)} of {B} bucket(s) have not committed (first: {missing[:8]}); run the "
+            "permute stage to completion (every task index) before finalize"
+        )
+    lock = _Lock(run.dst, run.cfg.break_lock)
+    lock.acquire()
+    try:
+        manifest: Manifest = run._commit([results[b] for b in range(B)])
+    finally:
+        lock.release()
+        run._remove_empty_dirs()
+    return {"stage": "finalize", "did": 1, "rows": manifest.num_rows, "shards": len(manifest.shards),
+            "buckets": B}

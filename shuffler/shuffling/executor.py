@@ -1,0 +1,242 @@
+"""Executors: where the shuffle's map and reduce tasks run. One small interface, two back-ends.
+
+    with make_executor("local", workers=8, in_process=False) as ex:
+        results = ex.run(fn, [(task,), ...], bar, on_done)     # fn(*call) for every call, results in order
+
+- LocalExecutor: in this process (workers == 1, or memory:// URLs that other processes cannot see) or on a
+  pool of spawned processes; the first task error stops the rest and is re-raised.
+- RayExecutor (extra `ray`): every call is one Ray task with retries. Tasks are small picklable descriptions
+  of object names; the data moves storage -> worker -> storage, never through Ray's object store, so a
+  retried task just rewrites the same bytes (tasks are deterministic) and commits with the same marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from shuffler import env
+from shuffler.format.manifest import Fingerprint, ShardInfo
+from shuffler.progress import Progress
+from shuffler.shuffling.map import MapOutput, MapTask, release_buffers, run_map, storage
+from shuffler.shuffling.markers import reduce_marker, reduce_marker_bytes
+from shuffler.shuffling.reduce import ReduceTask, run_reduce
+
+EXECUTORS = ("local", "ray")
+
+# ---------------------------------------------------------------------------------------------------
+# Fault injection for the resume tests (env.shuffle_fault)
+
+
+def _faults() -> dict[str, float]:
+    out = {}
+    for part in filter(None, env.shuffle_fault().split(",")):
+        k, _, v = part.partition("=")
+        out[k.strip()] = float(v)
+    return out
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running tasks: in this process, or on a pool of spawned processes
+
+
+_report: Callable[[int, int], None] | None = None
+
+
+def _init_worker(q, parent: int) -> None:
+    global _report
+    _report = lambda rows, nbytes: q.put((rows, nbytes))  # noqa: E731
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops the pool
+    # A coordinator killed with SIGKILL cannot stop its pool, and workers left running would go on writing
+    # intermediates after a re-run has cleaned up. Linux kills us with our parent (PR_SET_PDEATHSIG);
+    # elsewhere a watcher exits once we are reparented. Either way the re-run redoes our task.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(70)  # the parent died before the line above took effect
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _map_worker(task: MapTask) -> MapOutput:
+    return run_map(task, _report)
+
+
+def _reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[ShardInfo], Fingerprint]:
+    hook = (lambda k: _die() if k >= kill_in else None) if kill_in else None
+    shards, fp = run_reduce(task, _report, hook)
+    # The commit, last, replacing whole and atomically. A concurrent copy of this task (an array-job retry
+    # beside the attempt it replaces) writes the very same bytes, so whichever rename lands last changes
+    # nothing; a plain replace (not first-writer-wins) also repairs a damaged marker on the re-run.
+    storage(state_url).write(reduce_marker(task.path[0]), reduce_marker_bytes(task.path[0], shards, fp))
+    return shards, fp
+
+
+class LocalExecutor:
+    """Runs tasks in this process (workers == 1, or memory:// URLs that other processes cannot see) or on
+    a pool of spawned processes; the first task error stops the rest and is re-raised."""
+
+    def __init__(self, workers: int, in_process: bool):
+        self.workers, self.in_process = workers, in_process
+        self.executor: ProcessPoolExecutor | None = None
+        self.queue = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self) -> ProcessPoolExecutor:
+        if self.executor is None:
+            # spawn, not fork: the coordinator may hold s3fs/aiohttp threads, which do not survive fork.
+            ctx = multiprocessing.get_context("spawn")
+            self.queue = ctx.Queue()
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(self.queue, os.getpid()))
+        return self.executor
+
+    def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
+        """fn(*call) for every call; on_done(count_done) after each commit. Results in call order."""
+        global _report
+        if self.in_process or len(calls) <= 1 and self.executor is None:
+            _report = bar.update
+            try:
+                out = []
+                for args in calls:
+                    out.append(fn(*args))
+                    on_done(len(out))
+                return out
+            finally:
+                _report = None
+                release_buffers()  # the coordinator keeps no bucket-sized buffer while workers run
+        ex = self._start()
+        futures = [ex.submit(fn, *args) for args in calls]
+        pending, done_count = set(futures), 0
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                self._drain(bar)
+                for f in done:
+                    f.result()  # the first error stops here and is re-raised
+                    done_count += 1
+                    on_done(done_count)
+        except BrokenProcessPool:
+            raise RuntimeError(
+                "a worker process died (killed, or out of memory): lower --memory or --workers, then re-run the "
+                "same command to resume"
+            ) from None
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise
+        self._drain(bar)
+        return [f.result() for f in futures]
+
+    def _drain(self, bar: Progress) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                bar.update(*self.queue.get_nowait())
+
+
+def _rows_of(result) -> int:
+    """Rows a finished task handled: a MapOutput, or a reduce's (shards, fingerprint)."""
+    if isinstance(result, MapOutput):
+        return result.rows
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Fingerprint):
+        return int(result[1].rows)
+    return 0
+
+
+class RayExecutor:
+    """Runs every call as one Ray task (extra `ray`), retried up to `max_retries` times when its worker dies
+    or it raises OSError (a storage hiccup). Uses the Ray runtime this process already joined, else
+    `ray.init(address=address)` (None: RAY_ADDRESS, else a new local Ray) and shuts it down on exit.
+
+    Only the task descriptions (object names, a few KiB) and results (chunk counts, fingerprints) pass through
+    Ray; rows move through storage, so DST, SRC and scratch must be URLs every Ray worker can reach.
+    """
+
+    def __init__(self, address: str | None = None, *, workers: int | None = None, max_retries: int = 3):
+        if max_retries < 0:
+            raise ValueError(f"max_retries={max_retries} must be >= 0")
+        self.address, self.workers, self.max_retries = address, workers, max_retries
+        self.owned = False
+
+    def __enter__(self) -> RayExecutor:
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--executor ray needs the `ray` extra: pip install 'activation-shuffler[ray]'") from None
+        if not ray.is_initialized():
+            address = self.address or env.ray_address()
+            # A new local Ray gets one CPU per worker; an existing cluster refuses resource arguments.
+            kw = {"num_cpus": self.workers} if address is None and self.workers else {}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **kw)
+            self.owned = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
+            self.owned = False
+
+    def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
+        """fn(*call) for every call as Ray tasks; on_done(count_done) after each. Results in call order."""
+        import ray
+        from ray.exceptions import RayTaskError
+
+        if not calls:
+            return []
+        remote = ray.remote(max_retries=self.max_retries, retry_exceptions=[OSError])(fn)
+        refs = [remote.remote(*args) for args in calls]
+        pending, done_count = list(refs), 0
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    bar.update(_rows_of(ray.get(ref)), 0)  # the first error stops here and is re-raised
+                    done_count += 1
+                    on_done(done_count)
+            return ray.get(refs)
+        except RayTaskError as e:
+            for ref in pending:
+                ray.cancel(ref)
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            raise cause from None
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+
+
+def make_executor(kind: str, *, workers: int, in_process: bool, ray_address: str | None = None):
+    """The executor named `kind` ("local" or "ray"), as a context manager."""
+    if kind == "local":
+        if ray_address is not None:
+            raise ValueError(f"ray_address={ray_address!r} needs executor='ray', not 'local'")
+        return LocalExecutor(workers, in_process)
+    if kind == "ray":
+        return RayExecutor(ray_address, workers=workers)
+    raise ValueError(f"executor={kind!r} is not one of {', '.join(EXECUTORS)}")

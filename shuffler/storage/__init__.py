@@ -1,0 +1,1 @@
+"""One storage contract over fsspec (atomic writes, ranged reads), and local memory maps."""
