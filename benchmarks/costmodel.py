@@ -39,8 +39,8 @@ from shuffler import Dataset  # noqa: E402
 from shuffler.format.codec import decode_chunk, encode_chunk, fingerprint_sum, row_hashes  # noqa: E402
 from shuffler.format.convert import float32_to_bfloat16_bits  # noqa: E402
 from shuffler.format.schema import standard_columns  # noqa: E402
+from shuffler.keys import bucket_ids, stream_key  # noqa: E402
 from shuffler.shuffling.costmodel import Cluster, Rates, estimate  # noqa: E402
-from shuffler.shuffling.map import bucket_ids, stream_key  # noqa: E402
 from shuffler.shuffling.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
 from shuffler.shuffling.run import shuffle  # noqa: E402
 from shuffler.storage.storage import Storage  # noqa: E402

@@ -34,9 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from shuffler import Dataset  # noqa: E402
 from shuffler.format.schema import standard_columns  # noqa: E402
+from shuffler.io.chunks import ChunkTable, iter_decoded  # noqa: E402
 from shuffler.io.rolling import RollingShardWriter  # noqa: E402
 from shuffler.progress import human_bytes  # noqa: E402
-from shuffler.shuffling.map import ChunkTable, iter_decoded  # noqa: E402
 from shuffler.shuffling.plan import ENCODE_THREADS, read_batch_bytes  # noqa: E402
 from shuffler.shuffling.run import shuffle  # noqa: E402
 from shuffler.storage.storage import Storage  # noqa: E402
@@ -113,7 +113,7 @@ def floor(src: str, work: str, *, maps: int, buckets: int, workers: int, scratch
 
 def _table_of_objects(schema, objects) -> ChunkTable:
     from shuffler.format.shard import decode_footer, tail_bytes
-    from shuffler.shuffling.map import CHUNK
+    from shuffler.io.chunks import CHUNK
 
     parts = []
     for k, (url, name) in enumerate(objects):

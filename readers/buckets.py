@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from readers.order import EpochPlan, mix_key, permutation
+from readers.order import EpochPlan
 from readers.prefetch import ReadStats
+from shuffler.io.chunks import ChunkTable, iter_decoded
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES
-from shuffler.shuffling.map import ChunkTable, iter_decoded
+from shuffler.keys import mix_key, permutation
 from shuffler.shuffling.on_write import ScatteredDataset
 from shuffler.shuffling.plan import DEFAULT_MEMORY, read_batch_bytes
 from shuffler.units import parse_size

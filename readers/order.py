@@ -25,31 +25,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shuffler.format.codec import splitmix64
 from shuffler.io.dataset import Dataset
+from shuffler.keys import mix_key, permutation
 
-_M64 = (1 << 64) - 1
 TAG_SHARDS, TAG_CHUNKS, TAG_BLOCK = 0x5A, 0xC4, 0xB1
-
-
-def mix_key(*parts: int) -> int:
-    """A 64-bit key from integers (seed, epoch, tags): chained splitmix64 over the 64-bit-masked parts."""
-    h = np.uint64(0x9E3779B97F4A7C15)
-    for p in parts:
-        h = splitmix64(np.uint64(int(h) ^ (int(p) & _M64)))[()]
-    return int(h)
-
-
-def permutation(n: int, key: int) -> np.ndarray:
-    """A uniform random permutation of range(n) keyed by `key`. [n] int64.
-
-    Sorts n keys splitmix64(key + i * golden): splitmix64 is a bijection on uint64, so the keys are distinct
-    and the order is exactly reproducible on any machine and numpy version (Generator.permutation promises
-    no stream stability across numpy releases, NEP 19; a resume must not depend on that).
-    """
-    with np.errstate(over="ignore"):
-        counters = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key)
-    return np.argsort(splitmix64(counters), kind="stable")
 
 
 def consumer_bounds(num_rows: int, consumers: int, k: int) -> tuple[int, int]:

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from readers.device import Buffers, StreamBatch, torch_device
-from readers.order import TAG_BLOCK, EpochPlan, mix_key, permutation
+from readers.order import TAG_BLOCK, EpochPlan
 from readers.prefetch import Assembler, ReadStats
 from readers.state import StreamState, parse_state
 from shuffler import env
 from shuffler.format.manifest import Manifest
 from shuffler.io.dataset import Dataset
+from shuffler.keys import mix_key, permutation
 from shuffler.storage.storage import Storage
 
 

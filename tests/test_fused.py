@@ -21,9 +21,10 @@ from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.errors import SchemaError
 from shuffler.format.seal import seal
+from shuffler.io.chunks import iter_decoded
+from shuffler.keys import bucket_ids, producer_key
 from shuffler.shuffling.from_scatter import shuffle_from_scatter
-from shuffler.shuffling.map import bucket_ids, iter_decoded
-from shuffler.shuffling.on_write import NotScatteredError, ScatteredDataset, producer_key
+from shuffler.shuffling.on_write import NotScatteredError, ScatteredDataset
 from shuffler.shuffling.plan import fixed_overhead
 from shuffler.shuffling.verify import verify
 from tests.test_shuffle_stats import assert_adjacent_distances_uniform, assert_positions_uniform

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from readers import ActivationStream
 from readers.buckets import piece_capacity
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES
-from shuffler.shuffling.map import bucket_ids
-from shuffler.shuffling.on_write import NotScatteredError, producer_key
+from shuffler.keys import bucket_ids, producer_key
+from shuffler.shuffling.on_write import NotScatteredError
 from shuffler.shuffling.plan import read_batch_bytes
 from tests.test_fused import COLS, ROW, scattered_source
 from tests.test_shuffle_stats import assert_adjacent_distances_uniform, assert_positions_uniform

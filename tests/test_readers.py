@@ -8,8 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from readers import ActivationStream
-from readers.order import EpochPlan, consumer_bounds, permutation
+from readers.order import EpochPlan, consumer_bounds
 from shuffler import Dataset
+from shuffler.keys import permutation
 
 from .readers_data import make_dataset, rids
 

@@ -2,7 +2,7 @@
 
 Defaults follow Gao et al. 2024, "Scaling and evaluating sparse autoencoders" (arXiv:2406.04093) and the
 reference trainers that implement it (openai/sparse_autoencoder, EleutherAI/sparsify, saprmarks/
-dictionary_learning); see shared/reference/peers-sae-tooling.md sections 2.4, 3.4, 4 and 9.7.
+dictionary_learning); docs/trainer.md compares the defaults with theirs.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shuffler.format.codec import splitmix64
+from shuffler.keys import normals, splitmix64
 from trainer import distributed as D
 
 INIT_BLOCK_ROWS = 4096  # latents initialised per numpy step: bounded memory for any n_latents
@@ -37,15 +37,11 @@ def init_directions(seed: int, lo: int, hi: int, d_in: int) -> np.ndarray:
     whether the SAE is whole or split into any number of shards, and no rank builds the full matrix.
     """
     out = np.empty((hi - lo, d_in), dtype=np.float32)
-    key = splitmix64(np.array([seed + 0x5AE0_0000], dtype=np.uint64))[0]
+    key = int(splitmix64(np.array([seed + 0x5AE0_0000], dtype=np.uint64))[0])
     cols = np.arange(d_in, dtype=np.uint64)
     for a in range(lo, hi, INIT_BLOCK_ROWS):
         b = min(a + INIT_BLOCK_ROWS, hi)
-        ctr = (np.arange(a, b, dtype=np.uint64)[:, None] * np.uint64(d_in) + cols) * np.uint64(2)  # [rows, d_in]
-        with np.errstate(over="ignore"):
-            u1 = (splitmix64(ctr ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-            u2 = (splitmix64((ctr + np.uint64(1)) ^ key) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-        g = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)  # standard normal, Box-Muller
+        g = normals(key, np.arange(a, b, dtype=np.uint64)[:, None] * np.uint64(d_in) + cols)  # [rows, d_in]
         out[a - lo : b - lo] = g / np.linalg.norm(g, axis=1, keepdims=True)
     return out
 

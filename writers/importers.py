@@ -386,7 +386,7 @@ def import_activations(
     ctx = first.per
     names = list(first.columns)
     # Records of [context, d_model] (SAELens) carry no position column: the index inside the record is the
-    # position the model saw (peers-sae-tooling.md 1.1), so it is filled in.
+    # position the model saw (SAELens caches whole contexts in order: docs/interop.md), so it is filled in.
     derive_pos = first.nested and "position" not in names
     if derive_pos:
         names.append("position")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shuffler.format.codec import splitmix64
+from shuffler.keys import splitmix64
 from shuffler.storage.storage import Storage
 from writers.shard_writer import ShardWriter
 

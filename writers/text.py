@@ -7,7 +7,7 @@ reads a folder of .txt / .md files instead, one document per file.
 Windows are packed: each document is tokenized on its own (no special tokens), the token streams are joined in
 document order and cut into windows of `context` tokens, each wrapped in the tokenizer's special tokens
 (BERT: [CLS] + context-2 content tokens + [SEP]). So a window may hold the end of one document and the start of
-the next (as in LM pretraining and the shared sample in shared/data/README.md), and no compute goes to padding
+the next (as in LM pretraining), and no compute goes to padding
 except in the very last window.
 
 Provenance of every content token: doc_id is the document's index in TextSource order (0, 1, ...; a document that

@@ -4,7 +4,7 @@ A chunk's uncompressed bytes are the activation byte planes (byte 0 of every ele
 followed by each provenance column's raw little-endian values, in schema order (docs/format.md).
 On real activations the split lifts zstd-1 from 1.270x to 1.454x for bfloat16 and from 1.081x to 1.168x
 for float16, within 2.5% of the order-0 entropy bound; higher levels gain nothing and cost 2-10x
-(../shared/reference/measure-limits.md). The frame carries zstd's own content checksum (low 32 bits of
+(docs/measured.md). The frame carries zstd's own content checksum (low 32 bits of
 XXH64 of the uncompressed bytes), so verifying a chunk costs nothing beyond decoding it.
 """
 
@@ -17,6 +17,7 @@ import zstandard
 
 from shuffler.errors import ChecksumError, FormatError
 from shuffler.format.schema import Schema
+from shuffler.keys import splitmix64
 
 _local = threading.local()
 
@@ -117,7 +118,7 @@ def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str
     acts = np.empty((rows, schema.d_model), dtype=schema.storage_dtype)
     dst = acts.view(np.uint8).reshape(n, s)
     # One strided copy per plane: 2.5-3 GB/s, where a transposing ascontiguousarray ran at 0.2-0.4 GB/s
-    # (measure-limits.md, step 2, note 5).
+    # (docs/measured.md, "Compression").
     for k in range(s):
         dst[:, k] = src[k * n : (k + 1) * n]
     cols = {}
@@ -135,18 +136,6 @@ def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str
 # per chunk (8.9 GB/s here), so computing it while writing costs a few percent of encoding.
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser (Steele et al. 2014), elementwise on uint64, wrapping mod 2^64."""
-    z = np.asarray(x, dtype=np.uint64).copy()
-    with np.errstate(over="ignore"):
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return z
 
 
 _mult_cache: dict[int, np.ndarray] = {}

@@ -26,8 +26,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 from shuffler import env
 from shuffler.format.manifest import Fingerprint, ShardInfo
+from shuffler.io.chunks import storage
 from shuffler.progress import Progress
-from shuffler.shuffling.map import MapOutput, MapTask, release_buffers, run_map, storage
+from shuffler.shuffling.map import MapOutput, MapTask, release_buffers, run_map
 from shuffler.shuffling.markers import reduce_marker, reduce_marker_bytes
 from shuffler.shuffling.reduce import ReduceTask, run_reduce
 

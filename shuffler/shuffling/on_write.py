@@ -20,7 +20,6 @@ boundaries, or on what other producers did (docs/shuffle.md, "Scatter on write")
 
 from __future__ import annotations
 
-import hashlib
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,17 +30,10 @@ from shuffler.errors import FormatError
 from shuffler.format.codec import fingerprint_sum, row_hashes
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.format.schema import Schema
+from shuffler.io.chunks import CHUNK, ChunkTable
 from shuffler.io.dataset import Dataset
-from shuffler.shuffling.map import (
-    CHUNK,
-    ChunkTable,
-    MapOutput,
-    bucket_ids,
-    map_name,
-    mix64,
-    stream_key,
-    write_intermediate,
-)
+from shuffler.keys import bucket_ids, producer_key
+from shuffler.shuffling.map import MapOutput, map_name, write_intermediate
 from shuffler.shuffling.plan import DEFAULT_MEMORY, MAX_BUCKETS, PlanRequest, make_plan
 from shuffler.shuffling.reduce import Intermediates
 from shuffler.storage.storage import Storage
@@ -50,7 +42,6 @@ DEFAULT_RUN_BYTES = 128 << 20
 """Rows a producer buffers before it writes one intermediate (two runs are held: one filling, one writing).
 Pass 2 then reads pieces of about run_bytes / buckets per (run, bucket): 2 MiB at 64 buckets."""
 FORMAT = 1
-_PRODUCER_TAG = 0x5343415454455221  # "SCATTER!": keeps producer keys apart from stream_key's bucket paths
 _RUN = re.compile(r"^map-(\d{6})\.shard$")
 
 
@@ -101,17 +92,6 @@ class ScatterSpec:
             return ScatterSpec(seed=obj["seed"], buckets=obj["buckets"])
         except (KeyError, ValueError) as e:
             raise FormatError(f"{where}: bad 'scatter' metadata: {e}") from None
-
-
-def producer_key(seed: int, producer: str) -> int:
-    """Key of producer `producer`'s bucket draws. Distinct producers get unrelated 64-bit keys.
-
-    Two producers' counter sequences key + i x golden could meet only if their keys differ by a multiple of
-    golden below their row counts: probability < P^2 N / 2^64 for P producers of N rows (1e-5 at 1,000
-    producers of 1e9 rows), and even then two rows would draw equal buckets, never lose or repeat a row.
-    """
-    h = int.from_bytes(hashlib.sha256(b"activation-shuffler scatter producer\0" + producer.encode()).digest()[:8], "little")
-    return mix64(stream_key(seed) ^ mix64(h ^ _PRODUCER_TAG))
 
 
 class ScatterSink:

@@ -8,11 +8,10 @@ Memory model of one task (one worker process holds one task at a time; `memory` 
 
     fixed    = BASE_RSS + 3 x read batch (2 compressed batches in flight + 1 decoded) + 2 x (threads + 3) chunks
     pass 1   = fixed + map_rows    x (row_bytes + 12)   rows of the run, int32 bucket ids, int64 sort order
-    pass 2   = fixed + bucket_rows x (row_bytes + 8)    the permuted bucket, int64 permutation
+    pass 2   = fixed + bucket_rows x (row_bytes + 16)   the permuted bucket, its sort keys, then the permutation
 
 Bucket sizes are Binomial(N, 1/B): mean mu, standard deviation about sqrt(mu). B is the smallest count whose
-mean plus 6 standard deviations fits the capacity (the pile-shuffle headroom rule, peers-shuffle-streaming.md
-section 1); a bucket past it after all is re-shuffled recursively, which stays exact.
+mean plus 6 standard deviations fits the capacity (the pile-shuffle headroom rule, docs/shuffle.md, "Plan"); a bucket past it after all is re-shuffled recursively, which stays exact.
 """
 
 from __future__ import annotations
@@ -44,13 +43,14 @@ MAP_TASKS_PER_WORKER = 4
 MIN_MAP_BYTES = 64 * MiB
 """Map tasks are split for parallelism no finer than this, since pieces shrink as the task count grows."""
 S3_EFFICIENT_READ = 8 * MiB
-"""Ranged GETs below this are latency-bound: 1 MiB ran at 16 MB/s, 8 MiB at 113 MB/s (measure-limits.md)."""
+"""Ranged GETs below this are latency-bound: 1 MiB ran at 16 MB/s, 8 MiB at 113 MB/s (docs/measured.md)."""
 LOCAL_EFFICIENT_READ = 256 << 10
 ROW_EXTRA_PASS1 = 12
-ROW_EXTRA_PASS2 = 8
+ROW_EXTRA_PASS2 = 16
+"""Per row in pass 2: the permutation's sort keys, then the permutation itself (keys.permutation), int64 each."""
 ENCODE_THREADS = 2
 
-#: Compression ratio of zstd-1 on byte-split activations (measure-limits.md, real activations).
+#: Compression ratio of zstd-1 on byte-split real activations (docs/measured.md).
 DTYPE_RATIO = {"float32": 1.185, "float16": 1.168, "bfloat16": 1.454}
 #: Negative zstd levels leave activations nearly raw: 1.006-1.009 on float16 here, at 2-3x level 1's speed.
 FAST_LEVEL_RATIO = 1.0
@@ -236,7 +236,7 @@ def make_plan(req: PlanRequest) -> Plan:
     n, rb = req.rows, s.row_bytes
     raw = n * rb
     fixed = fixed_overhead(req.chunk_bytes)
-    capacity = max(1, (req.memory - fixed) // (rb + ROW_EXTRA_PASS1))
+    capacity = max(1, (req.memory - fixed) // (rb + max(ROW_EXTRA_PASS1, ROW_EXTRA_PASS2)))
     if req.buckets is not None:
         buckets = req.buckets
     else:
@@ -250,8 +250,8 @@ def make_plan(req: PlanRequest) -> Plan:
         map_rows = req.map_rows
     else:
         # Local scratch: about 4 tasks per worker, so that reading, sorting and writing of different tasks
-        # overlap and each process touches a smaller run buffer once (first touches cost ~50 us per 4 KiB
-        # page here: GUIDE.md); remote scratch: one task per worker, since pieces shrink as tasks multiply.
+        # overlap and each process touches a smaller run buffer once (first touch runs at about 1 GB/s
+        # here: docs/measured.md); remote scratch: one task per worker, since pieces shrink as tasks multiply.
         per_worker = 1 if req.scratch_remote else MAP_TASKS_PER_WORKER
         split = max(math.ceil(n / (req.workers * per_worker)), MIN_MAP_BYTES // rb)
         map_rows = max(1, min(capacity, split))

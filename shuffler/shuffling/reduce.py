@@ -21,31 +21,19 @@ import numpy as np
 
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.format.schema import Schema
+from shuffler.io.chunks import CHUNK, ChunkTable, iter_decoded, storage
 from shuffler.io.rolling import RollingShardWriter
+from shuffler.keys import bucket_permutation, permutation, stream_key
 from shuffler.shuffling.map import (
-    CHUNK,
-    ChunkTable,
     MapOutput,
     MapTask,
     Progress,
-    iter_decoded,
     map_name,
     read_intermediate_footer,
     row_buffers,
     run_map,
-    storage,
-    stream_key,
 )
 from shuffler.shuffling.plan import buckets_for
-
-
-def permutation_rng(seed: int, path: tuple[int, ...]) -> np.random.Generator:
-    """The generator of bucket `path`'s permutation: PCG64 seeded by SeedSequence(seed, depth, *path).
-
-    SeedSequence hashes its whole entropy pool, so nearby seeds and paths give unrelated streams (numpy docs,
-    "Seeding and entropy"); the tag 0x5045524D ("PERM") keeps these streams apart from any other use of seed.
-    """
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x5045524D, len(path), *path])))
 
 
 def shard_name(path: tuple[int, ...], k: int) -> str:
@@ -113,7 +101,7 @@ def run_reduce(
     if n > task.capacity_rows:
         return _recurse(task, progress)
     schema = task.table.schema
-    perm = permutation_rng(task.seed, task.path).permutation(n)  # [n] int64: row k of the bucket goes to perm[k]
+    perm = permutation(n, bucket_permutation(task.seed, task.path))  # [n] int64: row k goes to perm[k]
     acts, cols = row_buffers(schema, n, "rows")  # [n, d_model], reused across buckets
     for pos, a, c in iter_decoded(task.table, 0, n, threads=task.threads, batch_bytes=task.batch_bytes):
         dest = perm[pos : pos + len(a)]

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 
 from shuffler.errors import FormatError, SchemaError
 from shuffler.format.manifest import Fingerprint, Manifest, ShardInfo, write_manifest
+from shuffler.io.chunks import ChunkTable, storage
 from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
+from shuffler.keys import stream_key
 from shuffler.progress import Progress
 from shuffler.shuffling.executor import (
     EXECUTORS,
@@ -45,7 +47,7 @@ from shuffler.shuffling.executor import (
     _reduce_worker,
     make_executor,
 )
-from shuffler.shuffling.map import ChunkTable, MapOutput, MapTask, storage, stream_key
+from shuffler.shuffling.map import MapOutput, MapTask
 from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_marker: re-exported, tests and tools use them from here)
     DEFAULT_SCRATCH,
     LOCK,

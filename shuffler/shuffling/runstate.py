@@ -14,7 +14,7 @@ import re
 
 from shuffler.errors import FormatError, SchemaError
 from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
-from shuffler.shuffling.map import storage
+from shuffler.io.chunks import storage
 from shuffler.shuffling.markers import DEFAULT_SCRATCH, LOCK, RUN, STATE
 
 
