@@ -9,6 +9,8 @@ alone, in any process, task or retry, and gives the same bits on every machine a
 The rule: nothing that must be reproducible (output bytes, resume, several ranks agreeing) draws from
 numpy's Generator, whose streams numpy does not promise to keep across releases (NEP 19,
 https://numpy.org/neps/nep-0019-rng-policy.html). Keys of different uses are kept apart by tags.
+tests/test_keys.py pins every stream. The one exception is the synthetic producer (writers/synth.py), whose
+values are test data drawn from numpy's Generator: reproducible within one numpy release only.
 """
 
 from __future__ import annotations
