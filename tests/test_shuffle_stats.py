@@ -3,12 +3,13 @@
 Every test runs the real `shuffle` (both passes, intermediates, output shards) on memory:// datasets. The
 seeds are fixed, so each test's outcome is fixed too: no flakiness, yet each would fail for a biased shuffle
 (a windowed buffer, a non-uniform in-bucket permutation, bucket draws that follow row position).
-Critical values are scipy.stats.chi2.ppf(0.999, df).
+Each test rejects at the 0.001 level, with chi-square tail probabilities computed exactly (`chi2_sf`).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import uuid
 
 import numpy as np
@@ -18,7 +19,9 @@ from shuffler import Dataset
 from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
-CHI2_999 = {6: 22.458, 23: 49.728, 49: 85.351}
+LEVEL = 0.001
+"""Each check fails with this probability for a truly uniform shuffle (it is fixed per seed range, so a test's
+outcome never changes between runs)."""
 
 
 def _source(rows: int) -> str:
@@ -45,16 +48,37 @@ def chi2(observed: np.ndarray, expected: np.ndarray) -> float:
     return float(((observed - expected) ** 2 / expected).sum())
 
 
+def chi2_sf(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi-square with integer `df` degrees of freedom, exactly (no scipy needed).
+
+    Even df = 2k: exp(-x/2) sum_{i<k} (x/2)^i / i!. Odd df = 2k+1: erfc(sqrt(x/2)) + exp(-x/2) sum_{i<k}
+    (x/2)^(i+1/2) / Gamma(i+3/2) (Abramowitz and Stegun 26.4.4 and 26.4.5).
+    """
+    if x <= 0:
+        return 1.0
+    h = x / 2
+    if df % 2 == 0:
+        return math.exp(-h) * sum(math.exp(i * math.log(h) - math.lgamma(i + 1)) for i in range(df // 2))
+    return math.erfc(math.sqrt(h)) + math.exp(-h) * sum(
+        math.exp((i + 0.5) * math.log(h) - math.lgamma(i + 1.5)) for i in range(df // 2))
+
+
 def assert_positions_uniform(orders: np.ndarray, note=None) -> None:
     """Every row lands in every output position equally often: chi-square over [row, position] counts.
 
     orders: [seeds, n] input row index of each output position.
+
+    Each seed adds a permutation matrix, so every row and every column of the counts sums to `seeds` exactly.
+    Pearson's statistic then has mean n (n - 1), not (n - 1)^2: each cell's variance is seeds (1/n)(1 - 1/n)
+    and there are n^2 cells. (n - 1)/n times the statistic follows chi-square((n - 1)^2) closely (its mean
+    and variance match); without the factor a 0.001 test fails about 1% of the time at n = 8.
     """
     seeds, n = orders.shape
     counts = np.zeros((n, n))
     for o in orders:
         counts[o, np.arange(n)] += 1  # counts[row, position]
-    assert chi2(counts, np.full((n, n), seeds / n)) < CHI2_999[49], (note, counts)
+    stat = chi2(counts, np.full((n, n), seeds / n)) * (n - 1) / n
+    assert chi2_sf(stat, (n - 1) ** 2) > LEVEL, (note, stat, counts)
 
 
 def assert_adjacent_distances_uniform(orders: np.ndarray) -> np.ndarray:
@@ -69,7 +93,7 @@ def assert_adjacent_distances_uniform(orders: np.ndarray) -> np.ndarray:
     observed = np.histogram(d, bins=edges)[0]
     p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
     assert abs(p.sum() - 1) < 1e-12
-    assert chi2(observed, p * len(d)) < CHI2_999[6], observed
+    assert chi2_sf(chi2(observed, p * len(d)), len(p) - 1) > LEVEL, observed
     return d
 
 
@@ -78,7 +102,7 @@ def _all_permutations_equally_likely(n_seeds: int) -> None:
     index = {p: k for k, p in enumerate(itertools.permutations(range(4)))}
     counts = np.bincount([index[tuple(o)] for o in orders.tolist()], minlength=24)
     assert (counts > 0).all(), "some permutation of 4 rows never appears"
-    assert chi2(counts, np.full(24, n_seeds / 24)) < CHI2_999[23], counts
+    assert chi2_sf(chi2(counts, np.full(24, n_seeds / 24)), 23) > LEVEL, counts
 
 
 def test_all_permutations_equally_likely():
@@ -88,6 +112,29 @@ def test_all_permutations_equally_likely():
 @pytest.mark.slow
 def test_all_permutations_equally_likely_long():
     _all_permutations_equally_likely(4800)
+
+
+def test_chi2_sf_matches_published_critical_values():
+    # scipy.stats.chi2.ppf(0.999, df) for df 1, 6, 23, 49, and ppf(0.5, 2) = 2 ln 2.
+    for df, crit in ((1, 10.828), (6, 22.458), (23, 49.728), (49, 85.351)):
+        assert abs(chi2_sf(crit, df) - 0.001) < 2e-6, df
+    assert abs(chi2_sf(2 * math.log(2), 2) - 0.5) < 1e-12
+
+
+def test_position_check_is_calibrated():
+    """Under truly uniform permutations (numpy's, 320 of 8 rows as the shuffle test uses) the corrected
+    position check fails about 0.1% of the time, and a shuffle that never moves row 0 fails it at once."""
+    rng = np.random.default_rng(0)
+    fails = 0
+    for _ in range(2000):
+        try:
+            assert_positions_uniform(np.stack([rng.permutation(8) for _ in range(320)]))
+        except AssertionError:
+            fails += 1
+    assert fails <= 10  # Binomial(2000, 0.001): mean 2; 10 or more has probability below 1e-4
+    biased = np.stack([np.concatenate([[0], 1 + rng.permutation(7)]) for _ in range(320)])
+    with pytest.raises(AssertionError):
+        assert_positions_uniform(biased)
 
 
 def test_each_rows_position_is_uniform():
