@@ -5,8 +5,8 @@ Both sides run on the same bytes in one run, so the ratios hold on a noisy share
 - writer: ShardWriter to local disk (header, index, row hashes for the fingerprint, atomic commit);
 - raw decode: zstd decompress of the very frames the writer produced + per-plane unsplit, one thread;
 - reader: Dataset.read_chunk for every chunk (ranged read, size and checksum checks, decode).
-It also prints the compression ratio per dtype on the shared real sample (if present) and on synthetic
-activations. Usage:
+It also prints the compression ratio per dtype on real activations (MiniLM-L6 layer 3, captured once with the
+`capture` extra and cached in bench-out/sample/, benchmarks/common.real_sample) and on synthetic activations. Usage:
 
     python benchmarks/codec.py            # ~256 MiB per dtype
     python benchmarks/codec.py --quick    # ~64 MiB per dtype, for `make bench`
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -30,7 +31,9 @@ from shuffler.format.schema import Schema
 from shuffler.storage.storage import Storage
 from writers import ShardWriter
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minilm_l3_fp16.npy")
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
+
+from benchmarks.common import real_sample  # noqa: E402
 
 
 def tiled(base: np.ndarray, target_bytes: int, rng) -> np.ndarray:
@@ -121,19 +124,22 @@ def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="~64 MiB per dtype")
-    ap.add_argument("--sample", default=SAMPLE, help="real activations .npy (default: ../shared sample)")
+    ap.add_argument("--sample", default=None,
+                    help="real activations .npy (default: MiniLM-L6 layer 3, captured once into bench-out/sample/)")
     ap.add_argument("--threads", type=int, default=1, help="writer encode threads (1 = same as the raw baseline)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     target = (64 if args.quick else 256) << 20
     rng = np.random.default_rng(0)
     datasets = []
-    if os.path.exists(args.sample):
-        real = np.load(args.sample).astype(np.float32)
-        datasets.append(("real-minilm-L3", tiled(real, target // 2, rng)))  # f16 source: sized for 2-byte dtypes
+    if args.sample:
+        print(f"real sample: {args.sample} (--sample)")
+    real = np.load(args.sample) if args.sample else real_sample()
+    if real is not None:
+        datasets.append(("real-minilm-L3", tiled(real.astype(np.float32), target // 2, rng)))  # sized for 2-byte dtypes
     else:
-        print(f"(no real sample at {args.sample}; synthetic only)")
-    # Synthetic d_model 4096: Gaussian scale mixture, like measure-limits.md's synthetic set.
+        print("(no real sample; synthetic only)")
+    # Synthetic d_model 4096: a Gaussian scale mixture (per-row log-normal scale): heavy tails like real activations.
     rows = max(1, target // (4096 * 2))
     synth = (rng.standard_normal((rows, 4096), dtype=np.float32) * np.exp(0.5 * rng.standard_normal((rows, 1)))).astype(np.float32)
     datasets.append(("synthetic-d4096", synth))

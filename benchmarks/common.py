@@ -26,8 +26,60 @@ import numpy as np
 
 MiB, GiB = 1 << 20, 1 << 30
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-SAMPLE = os.path.join(ROOT, "..", "shared", "data", "minilm_l3_fp16.npy")
-DOC_ROWS = 256  # rows per document in the synthetic data (peers-measured.md) and per window in the real sample
+DOC_ROWS = 256  # rows per document in the synthetic data and per 256-token window in the real sample
+SAMPLE_DIR = os.path.join(ROOT, "bench-out", "sample")  # git-ignored; the capture is reused by later runs
+SAMPLE_ROWS = 26_041
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real activations: captured once with the project's own capture code, then cached
+
+
+def real_sample(*, rows: int = SAMPLE_ROWS, cache_dir: str = SAMPLE_DIR, required: bool = False) -> np.ndarray | None:
+    """Real activations, [rows, 384] float16 in text order: all-MiniLM-L6-v2 layer 3 (hidden_states[3], the
+    output of encoder block 3 of 6) over the Python standard library's docstrings, cut into windows of 256
+    tokens ([CLS] + 254 + [SEP], special tokens kept, so a window is 256 rows), run in float32 and stored as
+    float16. The first run captures them offline with writers.capture.capture_text (extra `capture`, about
+    10-30 s on 2 cores) into `cache_dir`; later runs load that file. Prints where the rows came from.
+    Without the `capture` extra: None (or ImportError when `required`)."""
+    path = os.path.join(cache_dir, f"minilm_l3_fp16_{rows}.npy")
+    if os.path.exists(path):
+        x = np.load(path)
+        print(f"real sample: {path} ({len(x):,} x {x.shape[1]} float16, cached capture of all-MiniLM-L6-v2 layer 3)")
+        return x
+    try:
+        from writers.capture import CaptureConfig, capture_text
+        from writers.models import resolve_model
+
+        resolve_model("all-MiniLM-L6-v2")
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except (ImportError, OSError, ValueError) as e:
+        if required:
+            raise ImportError(f"capturing the real sample needs the `capture` extra: {e}") from e
+        print(f"real sample: not available ({type(e).__name__}: {e}); install the `capture` extra")
+        return None
+    from shuffler.io.dataset import Batch, Dataset
+    from shuffler.storage.storage import Storage
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = os.path.join(cache_dir, f"capture-{os.getpid()}")
+    t = time.perf_counter()
+    try:
+        _, stats = capture_text(tmp, CaptureConfig(model="all-MiniLM-L6-v2", layer=3, max_tokens=rows, context=256,
+                                                   dtype="float16", keep_special=True, device="cpu", overwrite=True))
+        ds = Dataset.open(tmp)
+        x = Batch.concat([ds.read_shard(i) for i in range(len(ds.shards))]).acts
+        source = ds.manifest.metadata.get("text", "stdlib docstrings")
+    finally:
+        Storage(tmp).delete_prefix("")
+    part = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(part, x)
+    os.replace(part, path)  # whole or absent: a killed capture leaves no half file to be reused
+    print(f"real sample: captured now in {time.perf_counter() - t:.0f} s ({stats.tokens:,} tokens of {source}) "
+          f"-> {path}, reused by later runs")
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -35,7 +87,8 @@ DOC_ROWS = 256  # rows per document in the synthetic data (peers-measured.md) an
 
 
 def synth_docs(rows: int, d_model: int, *, seed: int = 1234, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [start, start+rows) of the peers-measured.md generator: documents of 256 consecutive rows, each with
+    """Rows [start, start+rows) of the peers' data generator (docs/benchmarks.md, "Measurements behind the
+    design"): documents of 256 consecutive rows, each with
     its own N(0,1) mean; heavy-tailed noise N(0,1) * exp(0.8 N)_row; a per-dimension log-normal scale with 4
     "massive" dimensions x30. Returns (x [rows, d_model] float32, doc_id [rows] int64). Deterministic per row."""
     scale = np.exp(np.random.default_rng(seed).normal(0, 0.5, d_model)).astype(np.float32)
@@ -77,18 +130,18 @@ def _cast(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_real(url: str, *, capture_tokens: int | None = None) -> str:
-    """A real capture as a dataset with doc_id and row_id; returns a description. With `capture_tokens`, or when
-    the shared MiniLM layer-3 sample (26,041 x 384 float16 in text order; documents = its 256-token windows) is
-    absent, captures MiniLM-L6 layer 3 on the stdlib docstrings now (documents = docstrings; ~1-2k tokens/s on
-    this CPU), else uses the sample."""
+    """A real capture as a dataset with doc_id and row_id; returns a description. Without `capture_tokens`: the
+    cached real sample (real_sample(): 26,041 x 384 float16 in text order; documents = its 256-token windows).
+    With it: captures MiniLM-L6 layer 3 on the stdlib docstrings now (documents = docstrings; ~1-2k tokens/s on
+    this CPU)."""
     from shuffler.format.schema import standard_columns
     from writers.shard_writer import ShardWriter
 
     cols = standard_columns(("doc_id",), row_id="int64")
-    if os.path.exists(SAMPLE) and not capture_tokens:
-        x = np.load(SAMPLE)  # [26041, 384] float16
+    if not capture_tokens:
+        x = real_sample(required=True)
         doc = np.arange(len(x), dtype=np.int64) // DOC_ROWS
-        desc = f"MiniLM-L6 layer 3, {len(x):,} x {x.shape[1]} float16 (shared sample; documents = 256-token windows)"
+        desc = f"MiniLM-L6 layer 3, {len(x):,} x {x.shape[1]} float16 (cached sample; documents = 256-token windows)"
     else:
         from shuffler.io.dataset import Batch, Dataset
         from writers.capture import CaptureConfig, capture_text
@@ -97,7 +150,7 @@ def write_real(url: str, *, capture_tokens: int | None = None) -> str:
         tmp = url.rstrip("/") + "-capture"
         t = time.perf_counter()
         _, stats = capture_text(tmp, CaptureConfig(model="all-MiniLM-L6-v2", layer=3,
-                                                   max_tokens=capture_tokens or 26041, dtype="float16", device="cpu"))
+                                                   max_tokens=capture_tokens, dtype="float16", device="cpu"))
         ds = Dataset.open(tmp)
         b = Batch.concat([ds.read_shard(i) for i in range(len(ds.shards))])
         x, doc = b.acts, b.columns["doc_id"].astype(np.int64)
@@ -214,7 +267,7 @@ def mixing_buffer(batches: Batches, *, buffer_rows: int = 40960, batch_rows: int
     """SAELens `training/mixing_buffer.py` (v6.18, keep-half): add `batch_rows` batches until the buffer holds
     `buffer_rows`, permute it, serve the front floor(len / (2 batch_rows)) batches, keep the rest. The tail of
     fewer than one batch is dropped at the end, as in the original. SAELens' default fill is 40,960 rows
-    (peers-sae-tooling.md 1.2)."""
+    (github.com/decoderesearch/SAELens)."""
     rng = np.random.default_rng(seed)
     buf: tuple[np.ndarray, ...] | None = None
     for b in _rebatch(batches, batch_rows):

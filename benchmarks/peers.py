@@ -1,19 +1,19 @@
 """Shuffle cost and quality: our shuffle against what users would pick instead, on the same data in one run.
 
     .venv/bin/python benchmarks/peers.py --repeat 2  # 1 GiB synthetic (699,050 x 768 float16) + 200k captured tokens
-    .venv/bin/python benchmarks/peers.py --quick     # 64 MiB synthetic + the shared 26k-row real sample (`make bench`)
+    .venv/bin/python benchmarks/peers.py --quick     # 64 MiB synthetic + the cached 26k-row real sample (`make bench`)
 
 Tools (each runs in its own process, so its wall time and memory are its own):
 - ours: shuffler.shuffle (two-pass external shuffle), our format in, our format out.
 - numpy: the in-memory bound. Load .npy, rng.permutation, gather, save .npy (one process, whole data in RAM).
 - ray: Ray Data read_parquet -> random_shuffle(seed) -> write_parquet (zstd 1) on a local Ray started and
-  stopped inside the tool's process, loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, infra-check.md 1.3).
+  stopped inside the tool's process, loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, docs/benchmarks.md).
 - hf: Hugging Face datasets from_parquet -> shuffle(seed).flatten_indices() -> save_to_disk.
 - saelens / webdataset / litdata / mosaic: buffer shuffles as those tools do them (benchmarks/common.py),
   streaming our dataset in stored order. They shuffle on the fly while training reads and write nothing, so
   their time is one read pass plus the buffer work; what they cost is quality, not time.
 Parquet inputs hold x as fixed_size_binary (FixedSizeList<float16> is pathological in pyarrow's Parquet path,
-peers-measured.md). Input preparation is not timed. Wall time is spawn to exit (interpreter start and imports
+docs/benchmarks.md). Input preparation is not timed. Wall time is spawn to exit (interpreter start and imports
 included); "phase" is the tool's own work, timed inside its process. Memory: ru_maxrss of the largest process
 (wait4), and the peak summed PSS of the whole process tree (psutil, sampled every 0.2 s): PSS splits shared
 pages (Ray's plasma store) fairly between processes.
@@ -243,7 +243,7 @@ def run_tool(tool: str, work: str, seed: int, workers: int, doc: np.ndarray) -> 
     raytmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env["BENCH_RAY_TMP"] = raytmp
     shutil.rmtree(f"{work}/out", ignore_errors=True)
-    os.sync()  # one run's write-back must not land in the next (peers-measured.md)
+    os.sync()  # one run's write-back must not land in the next
     try:
         m = run_measured([sys.executable, os.path.abspath(__file__), "--child", tool, "--work", work,
                           "--seed", str(seed), "--workers", str(workers)], env=env)
@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--data", default="synth,real", help="comma-separated: synth, real")
     ap.add_argument("--real-tokens", type=int, default=None,
                     help="tokens of MiniLM-L6 layer 3 to capture now as the real data (default 200,000; --quick: "
-                         "0 = the shared 26,041-row sample when present)")
+                         "0 = the cached 26,041-row sample, captured on first use)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="our shuffle's worker processes")
     ap.add_argument("--dir", default=None, help="work folder (default: a temporary folder); deleted at the end")
     ap.add_argument("--json", default=None, help="also write every measurement to this JSON file")
@@ -335,7 +335,7 @@ def main() -> None:
                 rows = int(gib * GiB) // (768 * 2)
                 write_synth(f"{work}/src", rows, 768)
                 desc = (f"synthetic, {rows:,} x 768 float16 ({fmt_bytes(rows * 768 * 2)} of x), documents of 256 rows "
-                        f"(peers-measured.md generator)")
+                        f"(benchmarks/common.synth_docs generator)")
             elif data == "real":
                 tokens = args.real_tokens if args.real_tokens is not None else (0 if args.quick else 200_000)
                 desc = write_real(f"{work}/src", capture_tokens=tokens or None)

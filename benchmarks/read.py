@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -31,15 +32,18 @@ from shuffler.format.codec import decode_chunk
 from shuffler.format.convert import float32_to_bfloat16_bits
 from writers import ShardWriter
 
-SAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minilm_l3_fp16.npy")
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
+
+from benchmarks.common import real_sample  # noqa: E402
 
 
 def activations(nbytes: int, seed: int = 0) -> tuple[np.ndarray, str]:
-    """bfloat16 activations (raw uint16) of about nbytes: the shared real sample, tiled and permuted, when
-    present; else Gaussian rows with a per-feature scale (compresses like real activations, about 1.3x)."""
+    """bfloat16 activations (raw uint16) of about nbytes: the real sample (benchmarks/common.real_sample,
+    captured once with the `capture` extra), tiled and permuted, when available; else Gaussian rows with a per-feature scale (compresses like real activations, about 1.3x)."""
     rng = np.random.default_rng(seed)
-    if os.path.exists(SAMPLE):
-        base = np.load(SAMPLE).astype(np.float32)  # [26041, 384]
+    base = real_sample()
+    if base is not None:
+        base = base.astype(np.float32)  # [26041, 384]
         rows = nbytes // (base.shape[1] * 2)
         idx = rng.integers(0, len(base), size=rows)
         return float32_to_bfloat16_bits(base[idx]), "minilm_l3 sample (tiled, permuted)"

@@ -4,7 +4,7 @@ chunk size. Prints tables and draws PNG plots (matplotlib) under docs/img/.
     .venv/bin/python benchmarks/scaling.py                   # 0.25..4 GiB (--max-gib), plots in docs/img/
     .venv/bin/python benchmarks/scaling.py --quick           # 1/16..1/4 GiB, plots in a temporary folder
 
-Data: the peers-measured.md generator (documents of 256 rows, float16, d_model 768) written in 0.25 GiB pieces
+Data: the benchmarks/common.synth_docs generator (documents of 256 rows, float16, d_model 768) written in 0.25 GiB pieces
 (1/16 GiB in --quick); a size of k pieces is the shuffle of the first k pieces given as k sources, so every
 size shuffles the same rows. Each shuffle runs in its own process (benchmarks/common.run_measured): wall time
 is its `shuffle()` call, memory the largest process's peak RSS and the whole tree's peak PSS. Defaults are the

@@ -10,7 +10,7 @@ Prints:
   Target: 1.3 or less (issue 3).
 - peak RSS per pass (largest single process, and the whole process tree) against the per-task budget.
 - the ratio to an in-memory numpy permutation of the same rows (load .npy, permutation, gather, save .npy),
-  the peers' "in-memory bound" (../shared/reference/peers-measured.md).
+  the peers' "in-memory bound" (docs/benchmarks.md, "Measurements behind the design").
 - the effect of --scratch-level: time and intermediate bytes at each level given.
 Data goes under --dir (default: a temporary folder) and is deleted at the end.
 """
@@ -46,7 +46,7 @@ MiB, GiB = 1 << 20, 1 << 30
 
 
 def make_data(url: str, rows: int, d_model: int, seed: int = 1234) -> None:
-    """Activations in document order, like peers-measured.md: 256-row documents, each with its own mean,
+    """Activations in document order, like benchmarks/common.synth_docs: 256-row documents, each with its own mean,
     heavy-tailed noise, a per-dimension scale and a few massive dimensions."""
     rng = np.random.default_rng(seed)
     scale = np.exp(rng.normal(0, 0.5, d_model)).astype(np.float32)

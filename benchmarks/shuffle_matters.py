@@ -7,7 +7,7 @@ Orders (every one serves each training row exactly `passes` times; same tokens, 
 - capture: the rows in stored (document) order, as a reader with shuffle_shards=False and no buffer gives them;
 - mixing:  SAELens's keep-half mixing buffer (sae_lens/training/mixing_buffer.py, v6.18) over the capture order:
            add one training batch of consecutive rows at a time until the buffer holds `buffer_rows` (default
-           40,960: SAELens's fill, peers-sae-tooling.md 1.2), permute the whole buffer, serve the front half in
+           40,960: SAELens's default fill), permute the whole buffer, serve the front half in
            whole batches, keep the rest to mix with the next fill. SAELens drops a last partial batch; here the
            final flush serves it too, so every row is served and all three orders hold the same rows;
 - global:  `shuffler.shuffle` of the whole capture (a fresh seed per run), read in its stored order.
@@ -45,7 +45,7 @@ from trainer.distributed import Layout  # noqa: E402
 from trainer.train import TrainState, make_optimizer, make_sae, train_step  # noqa: E402
 
 ORDERS = ("capture", "mixing", "global")
-SAELENS_BUFFER = 40_960  # 20 batches/2 x 32 prompts x 128 tokens (SAELens defaults, peers-sae-tooling.md 1.2)
+SAELENS_BUFFER = 40_960  # 20 batches/2 x 32 prompts x 128 tokens (SAELens defaults, github.com/decoderesearch/SAELens)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ provenance columns):
 - parquet-bss (values, 1 MiB pages): the same with pages of 1 MiB (max_rows_per_page); pyarrow's default
   caps a page at 20,000 values, too short for zstd to gain on the split streams.
 - parquet-bss (rows): x as fixed_size_binary rows (the layout a row-oriented reader wants; FixedSizeList is
-  pathological in pyarrow, peers-measured.md) with BYTE_STREAM_SPLIT, zstd-1.
+  pathological in pyarrow, docs/benchmarks.md) with BYTE_STREAM_SPLIT, zstd-1.
 Ratio = uncompressed bytes of x / stored bytes. MB/s counts uncompressed bytes (1e6). Best of --repeat.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
-from benchmarks.common import SAMPLE, MiB, load_note, synth_docs  # noqa: E402
+from benchmarks.common import MiB, load_note, real_sample, synth_docs  # noqa: E402
 
 PIECE = 8 * MiB
 DTYPES = ("float32", "float16", "bfloat16")
@@ -182,13 +182,14 @@ def main() -> None:
     repeat = 1 if args.quick else args.repeat
     print(f"machine: {load_note()} at start")
     sets = []
-    if os.path.exists(SAMPLE):
-        real = np.load(SAMPLE).astype(np.float32)  # [26041, 384], captured as float32, stored float16
+    real = real_sample()
+    if real is not None:
+        real = real.astype(np.float32)  # [26041, 384], captured as float32, stored float16
         if args.quick:
             real = real[:8192]
-        sets.append((f"real: MiniLM-L6 layer 3, {len(real):,} x {real.shape[1]} (shared sample)", real))
+        sets.append((f"real: MiniLM-L6 layer 3, {len(real):,} x {real.shape[1]} (cached capture)", real))
     else:
-        print("note: the shared real sample is absent; synthetic data only")
+        print("note: no real sample (the `capture` extra is not installed); synthetic data only")
     rows = 2048 if args.quick else args.synth_rows
     x, _ = synth_docs(rows, 4096)
     sets.append((f"synthetic: {rows:,} x 4096 (documents of 256 rows, heavy tails, per-dimension scale)", x))
