@@ -6,7 +6,7 @@
 
 The dataset yields whole batches, so the DataLoader takes batch_size=None. Each worker reads its own share
 of this rank's rows (plan.py: consumer = rank * num_workers + worker) with its own thread pool and its own
-storage client, opened inside the worker (an s3fs client must not cross a fork; docs/measured.md, "Processes").
+storage client, opened inside the worker (an s3fs client must not cross a fork; docs/benchmarks.md, "Measurements behind the design").
 
 Resume needs to know which batches the training loop has consumed, which only the main process sees:
 ActivationLoader wraps the DataLoader, records the (worker, epoch, batch) tag of each batch it hands out,

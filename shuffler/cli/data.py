@@ -24,7 +24,7 @@ from shuffler.progress import Progress, human_bytes
 @click.option("--k", "k", type=int, default=8, show_default=True, help="Active planted features per row.")
 @click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
 @click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
-@click.option("--level", type=int, default=1, show_default=True, help="zstd level (1 is best: higher levels gain under 0.01 of ratio at 2-10x the CPU, docs/measured.md).")
+@click.option("--level", type=int, default=1, show_default=True, help="zstd level (1 is best: higher levels gain under 0.01 of ratio at 2-10x the CPU, docs/benchmarks.md).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
 @click.option("--scatter", is_flag=True, help="Write scattered: each row goes to a random bucket as it is written "
               "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")

@@ -4,7 +4,7 @@ A chunk's uncompressed bytes are the activation byte planes (byte 0 of every ele
 followed by each provenance column's raw little-endian values, in schema order (docs/format.md).
 On real activations the split lifts zstd-1 from 1.270x to 1.454x for bfloat16 and from 1.081x to 1.168x
 for float16, within 2.5% of the order-0 entropy bound; higher levels gain nothing and cost 2-10x
-(docs/measured.md). The frame carries zstd's own content checksum (low 32 bits of
+(docs/benchmarks.md, "Measurements behind the design"). The frame carries zstd's own content checksum (low 32 bits of
 XXH64 of the uncompressed bytes), so verifying a chunk costs nothing beyond decoding it.
 """
 
@@ -118,7 +118,7 @@ def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str
     acts = np.empty((rows, schema.d_model), dtype=schema.storage_dtype)
     dst = acts.view(np.uint8).reshape(n, s)
     # One strided copy per plane: 2.5-3 GB/s, where a transposing ascontiguousarray ran at 0.2-0.4 GB/s
-    # (docs/measured.md, "Compression").
+    # (docs/benchmarks.md, "Measurements behind the design").
     for k in range(s):
         dst[:, k] = src[k * n : (k + 1) * n]
     cols = {}

@@ -64,7 +64,7 @@ class ChunkTable:
     def of_datasets(datasets) -> ChunkTable:
         """Every chunk of every dataset, datasets in the given order, shards in manifest order."""
         # One ranged read per shard footer; on object stores they overlap (a GET's latency, about 64 ms on S3
-        # here, dominates a footer's few KiB: docs/benchmarks.md).
+        # here, dominates a footer's few KiB: docs/benchmarks.md, "Measurements behind the design").
         with ThreadPoolExecutor(max_workers=16, thread_name_prefix="footer") as pool:
             for _ in pool.map(lambda t: t[0].index(t[1]), [(ds, i) for ds in datasets for i in range(len(ds.shards))]):
                 pass

@@ -20,7 +20,7 @@ from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardSink
 from shuffler.storage.storage import Storage
 
-DEFAULT_CHUNK_BYTES = 8 << 20  # 8 MiB: ratio-neutral, and out of S3's per-request-latency range (docs/measured.md)
+DEFAULT_CHUNK_BYTES = 8 << 20  # 8 MiB: ratio-neutral, and out of S3's per-request-latency range (docs/benchmarks.md, "Measurements behind the design")
 DEFAULT_SHARD_BYTES = 256 << 20
 
 

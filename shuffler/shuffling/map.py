@@ -37,7 +37,7 @@ Progress = Callable[[int, int], None] | None
 
 # ---------------------------------------------------------------------------------------------------
 # Per-process reused buffers (a fresh big buffer costs a page fault per 4 KiB page on first touch:
-# docs/benchmarks.md, "Where the shuffle's CPU goes")
+# docs/benchmarks.md, "Measurements behind the design")
 
 _local = threading.local()
 

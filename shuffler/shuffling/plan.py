@@ -43,14 +43,14 @@ MAP_TASKS_PER_WORKER = 4
 MIN_MAP_BYTES = 64 * MiB
 """Map tasks are split for parallelism no finer than this, since pieces shrink as the task count grows."""
 S3_EFFICIENT_READ = 8 * MiB
-"""Ranged GETs below this are latency-bound: 1 MiB ran at 16 MB/s, 8 MiB at 113 MB/s (docs/measured.md)."""
+"""Ranged GETs below this are latency-bound: 1 MiB ran at 16 MB/s, 8 MiB at 113 MB/s (docs/benchmarks.md, "Measurements behind the design")."""
 LOCAL_EFFICIENT_READ = 256 << 10
 ROW_EXTRA_PASS1 = 12
 ROW_EXTRA_PASS2 = 16
 """Per row in pass 2: the permutation's sort keys, then the permutation itself (keys.permutation), int64 each."""
 ENCODE_THREADS = 2
 
-#: Compression ratio of zstd-1 on byte-split real activations (docs/measured.md).
+#: Compression ratio of zstd-1 on byte-split real activations (docs/benchmarks.md, "Measurements behind the design").
 DTYPE_RATIO = {"float32": 1.185, "float16": 1.168, "bfloat16": 1.454}
 #: Negative zstd levels leave activations nearly raw: 1.006-1.009 on float16 here, at 2-3x level 1's speed.
 FAST_LEVEL_RATIO = 1.0
@@ -251,7 +251,7 @@ def make_plan(req: PlanRequest) -> Plan:
     else:
         # Local scratch: about 4 tasks per worker, so that reading, sorting and writing of different tasks
         # overlap and each process touches a smaller run buffer once (first touch runs at about 1 GB/s
-        # here: docs/measured.md); remote scratch: one task per worker, since pieces shrink as tasks multiply.
+        # here: docs/benchmarks.md, "Measurements behind the design"); remote scratch: one task per worker, since pieces shrink as tasks multiply.
         per_worker = 1 if req.scratch_remote else MAP_TASKS_PER_WORKER
         split = max(math.ceil(n / (req.workers * per_worker)), MIN_MAP_BYTES // rb)
         map_rows = max(1, min(capacity, split))

@@ -4,7 +4,7 @@ Every backend (local disk, memory://, s3://, any fsspec protocol) honours one co
 conformance suite (tests/test_storage.py):
 - an object is visible whole or not at all: local files are written under a temporary name and renamed;
   S3 objects are one PUT, or a multipart upload completed only on success and aborted on error (s3fs
-  commits a truncated object if an exception escapes `with fs.open(..., "wb")`: docs/measured.md);
+  commits a truncated object if an exception escapes `with fs.open(..., "wb")`: docs/benchmarks.md, "Measurements behind the design");
 - `put_if_absent` is first-writer-wins (O_EXCL locally, If-None-Match on S3), for locks and markers.
 """
 
