@@ -1,12 +1,12 @@
 """Click options derived from the config dataclasses, so each option is defined once: on its field.
 
-    @option(ShuffleConfig, "chunk_bytes")                       # --chunk-bytes, SIZE, [default: 8MiB], help
-    @option(TrainConfig, "n_latents", "--latents", required=True)   # a command whose contract differs
+    @option(ShuffleConfig, "chunk_bytes")                                 # --chunk-bytes SIZE [default: 8MiB]
+    @option(ImportConfig, "format", "--format", "fmt", choices=FORMATS)   # another parameter name, choices
 
 The option's name comes from the field's name (chunk_bytes -> --chunk-bytes), its default and type from the
-field (bool -> a flag; bool | None -> --x/--no-x; int | None -> an optional int; an int named *_bytes or memory
--> SIZE, defaulting to e.g. "8MiB"), its help from the field's docstring (the string literal after the field, read with
-ast). Keyword arguments override what a command's command-line contract needs (another name, a required
+field (bool -> a flag; bool | None -> --x/--no-x; int | None -> an optional int; an int named *_bytes or
+memory -> SIZE, defaulting to e.g. "8MiB"), its help from the field's docstring (the string literal after the
+field, read with ast). Keyword arguments override what a command's contract needs (another name, a required
 option, choices, a narrower type); `extra` is appended to the docstring. `mismatches` is the check
 tests/test_cli_options.py runs on every command: each option that stands for a field has the field's default
 and a help that starts with the field's docstring, so editing one side only fails the tests.
