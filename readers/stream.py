@@ -12,6 +12,7 @@ state is state.py; readers/torch.py wraps this for torch's DataLoader.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -94,6 +95,33 @@ class StreamConfig:
             raise ValueError(f"memory={self.memory!r} applies only with permute_buckets=True")
 
 
+def stream_config(config: StreamConfig | None = None, /, **options) -> StreamConfig:
+    """The StreamConfig that ActivationStream(url, config, **options) reads with.
+
+    Without a config, rank and world_size that are left out or None come from torchrun's RANK and WORLD_SIZE.
+    columns may be any sequence and device any torch device spelling (stored as str).
+    """
+    valid = [f.name for f in dataclasses.fields(StreamConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown ActivationStream option(s) {', '.join(map(repr, unknown))}; the options are the "
+                        f"fields of StreamConfig: {', '.join(valid)}")
+    if config is not None and not isinstance(config, StreamConfig):
+        raise TypeError(f"config must be a StreamConfig or None, got {type(config).__name__} {config!r}; pass "
+                        "options by keyword (batch_size=...)")
+    if "columns" in options:
+        options["columns"] = tuple(options["columns"])
+    if options.get("device") is not None:
+        options["device"] = str(options["device"])
+    for name in ("rank", "world_size"):
+        if name in options and options[name] is None:
+            del options[name]
+    if config is not None:
+        return dataclasses.replace(config, **options)
+    env_rank, env_world = env.torchrun_rank_world()
+    return StreamConfig(**{"rank": env_rank, "world_size": env_world, **options})
+
+
 class ActivationStream:
     """An iterable of StreamBatch (a shuffler Batch) over a committed dataset at `url`.
 
@@ -101,45 +129,11 @@ class ActivationStream:
     ran to the end, the next one starts again at epoch 0. Not for use from two threads at once.
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        batch_size: int,
-        columns: tuple[str, ...] | list[str] = (),
-        rank: int | None = None,
-        world_size: int | None = None,
-        epochs: int = 1,
-        seed: int = 0,
-        shuffle_shards: bool = True,
-        drop_last: bool = False,
-        prefetch: int = 4,
-        threads: int = 2,
-        device=None,
-        buffer_shuffle: int = 0,
-        on_damaged: str = "raise",
-        permute_buckets: bool = False,
-        memory: int | str | None = None,
-    ):
-        env_rank, env_world = env.torchrun_rank_world()
-        self.config = StreamConfig(
-            batch_size=batch_size,
-            columns=tuple(columns),
-            rank=env_rank if rank is None else rank,
-            world_size=env_world if world_size is None else world_size,
-            epochs=epochs,
-            seed=seed,
-            shuffle_shards=shuffle_shards,
-            drop_last=drop_last,
-            prefetch=prefetch,
-            threads=threads,
-            device=None if device is None else str(device),
-            buffer_shuffle=buffer_shuffle,
-            on_damaged=on_damaged,
-            permute_buckets=permute_buckets,
-            memory=memory,
-        )
-        self._device = torch_device(device)
+    def __init__(self, url: str, config: StreamConfig | None = None, **options):
+        """Read `url` as `config` says, or as StreamConfig(**options); options given beside a config replace
+        its fields. rank and world_size left out (or None) come from torchrun's RANK and WORLD_SIZE."""
+        self.config = stream_config(config, **options)
+        self._device = torch_device(self.config.device)
         self._dataset: Dataset | None = Dataset.open(url)
         self._pid = os.getpid()
         self.url = self._dataset.url

@@ -24,21 +24,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from readers.device import StreamBatch
 from readers.state import StreamState
-from readers.stream import ActivationStream
+from readers.stream import ActivationStream, StreamConfig, stream_config
 
 
 class ActivationDataset(IterableDataset):
     """A torch IterableDataset of StreamBatch (acts: CPU tensor of the stored dtype, [batch, d_model]).
 
-    Takes ActivationStream's keywords except device (move batches in the training loop, or use
+    Takes ActivationStream's config and keywords except device (move batches in the training loop, or use
     DataLoader(pin_memory=True)). Works with num_workers=N under fork, spawn and forkserver.
     """
 
-    def __init__(self, url: str, **stream_options):
+    def __init__(self, url: str, config: StreamConfig | None = None, **stream_options):
         super().__init__()
-        if stream_options.get("device") is not None:
+        config = stream_config(config, **stream_options)
+        if config.device is not None:
             raise ValueError("ActivationDataset yields CPU tensors; move them in the loop (device must be None)")
-        self.stream = ActivationStream(url, **stream_options)
+        self.stream = ActivationStream(url, config)
         self.resume: StreamState | None = None
         """Positions to start the workers from; set by ActivationLoader."""
 

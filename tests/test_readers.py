@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from readers import ActivationStream
+from readers import ActivationStream, StreamConfig
 from readers.order import EpochPlan, consumer_bounds
 from shuffler import Dataset
 from shuffler.keys import permutation
@@ -234,6 +236,22 @@ def test_rank_and_world_size_default_from_torchrun_env(local_ds, monkeypatch):
     assert np.array_equal(np.sort(rids(s)), np.sort(rids(ActivationStream(url, batch_size=100, columns=("rid",),
                                                                             rank=2, world_size=3))))
     assert len(rids(s)) == ROWS - 2 * ROWS // 3
+
+
+def test_options_are_the_stream_config_fields(local_ds):
+    url, _ = local_ds
+    cfg = StreamConfig(batch_size=100, columns=("rid",), seed=3, epochs=2)
+    by_config, by_keywords = ActivationStream(url, cfg), ActivationStream(url, batch_size=100, columns=["rid"], seed=3,
+                                                                         epochs=2)
+    assert by_config.config == cfg == by_keywords.config  # a list of columns is stored as a tuple
+    assert np.array_equal(rids(by_config), rids(by_keywords))
+    assert ActivationStream(url, cfg, seed=4, rank=None).config == dataclasses.replace(cfg, seed=4)  # keywords win
+    with pytest.raises(TypeError, match=r"unknown ActivationStream option\(s\) 'batchsize'.*batch_size, columns, rank"):
+        ActivationStream(url, batchsize=100)
+    with pytest.raises(TypeError, match="batch_size"):
+        ActivationStream(url)
+    with pytest.raises(TypeError, match="config must be a StreamConfig or None, got int"):
+        ActivationStream(url, 100)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader  # noqa: E402
 
+from readers.stream import StreamConfig  # noqa: E402
 from readers.torch import ActivationDataset, ActivationLoader  # noqa: E402
 
 from .readers_data import make_dataset, rids  # noqa: E402
@@ -123,6 +124,9 @@ def test_loader_refuses_a_state_with_other_worker_count(local_ds):
         ActivationLoader(ds, batch_size=4)
     with pytest.raises(ValueError, match="device must be None"):
         ActivationDataset(url, batch_size=64, device="cpu")
+    with pytest.raises(ValueError, match="device must be None"):
+        ActivationDataset(url, StreamConfig(batch_size=64, device="cpu"))
+    assert ActivationDataset(url, StreamConfig(batch_size=64), seed=5).stream.config.seed == 5
 
 
 def test_loader_in_process_without_workers(local_ds):

@@ -1,7 +1,8 @@
 """The `shuffler` command line. Commands are loaded lazily, so `shuffler inspect` never imports torch.
 
 Each command is a module of this package (shuffler/cli/), the one layer that composes the core, the
-producers (writers), the consumers (readers) and the trainer; COMMANDS maps its name to "module:function".
+producers (writers), the consumers (readers) and the trainer; COMMANDS maps its name to "module:function" and
+its one-line help.
 Errors the user can fix (bad input, missing data, damaged bytes) end with a one-line message naming what
 and where, and exit status 1; nothing is left half-visible (the writers and the shuffle commit last).
 """
@@ -15,34 +16,28 @@ import click
 
 from shuffler.units import parse_size
 
-COMMANDS: dict[str, str] = {
-    "synth": "shuffler.cli.data:synth_cmd",
-    "inspect": "shuffler.cli.data:inspect_cmd",
-    "seal": "shuffler.cli.data:seal_cmd",
-    "shuffle": "shuffler.cli.shuffle:shuffle_cmd",
-    "plan": "shuffler.cli.shuffle:plan_cmd",
-    "verify": "shuffler.cli.shuffle:verify_cmd",
-    "train": "shuffler.cli.train:train_cmd",
-    "capture": "shuffler.cli.capture:capture_cmd",
-    "import": "shuffler.cli.interop:import_cmd",
-    "export": "shuffler.cli.interop:export_cmd",
-    "demo": "shuffler.cli.demo:demo_cmd",
-}
-
-# One line per command for `shuffler --help`, so listing them imports nothing (train and capture pull in
-# torch, 4-7 s here). tests/test_cli_data.py checks that every command has a line and loads.
-SHORT_HELP: dict[str, str] = {
-    "synth": "Write synthetic activations built from a planted dictionary of sparse features.",
-    "inspect": "Describe the dataset at URL; with --check, prove every chunk intact.",
-    "seal": "Join the part manifests of several producers at URL into the dataset manifest.",
-    "shuffle": "Globally shuffle SRC datasets into DST: exact, deterministic, resumable.",
-    "plan": "Print the shuffle plan (buckets, tasks, reads, memory, cost) for a dataset or a size.",
-    "verify": "Check that DST is a permutation of the SRC datasets.",
-    "train": "Train a TopK sparse autoencoder on a (shuffled) dataset.",
-    "capture": "Capture a model layer's activations over text into a dataset.",
-    "import": "Import activations from a SAELens cache, Parquet, Arrow IPC or .npy files.",
-    "export": "Export a dataset as Arrow IPC, Parquet or a SAELens activation cache.",
-    "demo": "The main job end to end: capture from a real model, shuffle, verify, train, show features.",
+# name -> ("module:function", the one line `shuffler --help` shows). The line is written here, not read from
+# the command, so listing the commands imports nothing (train and capture pull in torch, 4-7 s here).
+# tests/test_cli_data.py checks that every command has a line and loads.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("shuffler.cli.data:synth_cmd",
+              "Write synthetic activations built from a planted dictionary of sparse features."),
+    "inspect": ("shuffler.cli.data:inspect_cmd", "Describe the dataset at URL; with --check, prove every chunk intact."),
+    "seal": ("shuffler.cli.data:seal_cmd",
+             "Join the part manifests of several producers at URL into the dataset manifest."),
+    "shuffle": ("shuffler.cli.shuffle:shuffle_cmd",
+                "Globally shuffle SRC datasets into DST: exact, deterministic, resumable."),
+    "plan": ("shuffler.cli.shuffle:plan_cmd",
+             "Print the shuffle plan (buckets, tasks, reads, memory, cost) for a dataset or a size."),
+    "verify": ("shuffler.cli.shuffle:verify_cmd", "Check that DST is a permutation of the SRC datasets."),
+    "train": ("shuffler.cli.train:train_cmd", "Train a TopK sparse autoencoder on a (shuffled) dataset."),
+    "capture": ("shuffler.cli.capture:capture_cmd", "Capture a model layer's activations over text into a dataset."),
+    "import": ("shuffler.cli.interop:import_cmd",
+               "Import activations from a SAELens cache, Parquet, Arrow IPC or .npy files."),
+    "export": ("shuffler.cli.interop:export_cmd",
+               "Export a dataset as Arrow IPC, Parquet or a SAELens activation cache."),
+    "demo": ("shuffler.cli.demo:demo_cmd",
+             "The main job end to end: capture from a real model, shuffle, verify, train, show features."),
 }
 
 
@@ -53,7 +48,7 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def format_commands(self, ctx, formatter):
-        rows = [(name, SHORT_HELP.get(name, "")) for name in self.list_commands(ctx)]
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -61,7 +56,7 @@ class LazyGroup(click.Group):
         return self._load(name, quiet=False) if name in COMMANDS else None
 
     def _load(self, name: str, *, quiet: bool):
-        module, attr = COMMANDS[name].split(":")
+        module, attr = COMMANDS[name][0].split(":")
         try:
             return getattr(importlib.import_module(module), attr)
         except ModuleNotFoundError as e:

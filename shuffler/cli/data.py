@@ -8,30 +8,33 @@ import sys
 import click
 
 from shuffler.cli import SIZE
+from shuffler.cli.options import format_size, option, options
 from shuffler.format.seal import seal
 from shuffler.io.dataset import Dataset
+from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.progress import Progress, human_bytes
+from shuffler.shuffling.plan import DEFAULT_MEMORY
+from writers.synth import SynthConfig
 
 
 @click.command("synth")
 @click.argument("out")
-@click.option("--rows", type=int, required=True, help="Rows (tokens) to generate.")
-@click.option("--d-model", type=int, required=True, help="Activation width.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
-@click.option("--docs", type=int, default=100, show_default=True, help="Documents; rows are in document order.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--features", type=int, default=0, help="Planted dictionary size (default 4 x d_model).")
-@click.option("--k", "k", type=int, default=8, show_default=True, help="Active planted features per row.")
-@click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
-@click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
+@option(SynthConfig, "rows", required=True)
+@option(SynthConfig, "d_model", required=True)
+@option(SynthConfig, "dtype", choices=["float32", "float16", "bfloat16"])
+@options(SynthConfig, "docs", "seed", "features", "k")
+@click.option("--chunk-bytes", type=SIZE, default=format_size(DEFAULT_CHUNK_BYTES), show_default=True,
+              help="Uncompressed bytes per chunk.")
+@click.option("--shard-bytes", type=SIZE, default=format_size(DEFAULT_SHARD_BYTES), show_default=True,
+              help="Uncompressed bytes per shard.")
 @click.option("--level", type=int, default=1, show_default=True, help="zstd level (1 is best: higher levels gain under 0.01 of ratio at 2-10x the CPU, docs/benchmarks.md).")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset already at OUT.")
 @click.option("--scatter", is_flag=True, help="Write scattered: each row goes to a random bucket as it is written "
               "(pass 1 for free); then `shuffle --from-scatter` or a reader with permute_buckets=True.")
 @click.option("--buckets", type=click.IntRange(1), help="With --scatter: bucket count [default: sized from --rows and "
               "--memory by the shuffle's rule].")
-@click.option("--memory", type=SIZE, default="2GiB", show_default=True, help="With --scatter: the per-task budget "
-              "the buckets are sized for.")
+@click.option("--memory", type=SIZE, default=format_size(DEFAULT_MEMORY), show_default=True,
+              help="With --scatter: the per-task budget the buckets are sized for.")
 def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, shard_bytes, level, overwrite,
               scatter, buckets, memory):
     """Write synthetic activations built from a planted dictionary of sparse features.
@@ -48,7 +51,7 @@ def synth_cmd(out, rows, d_model, dtype, docs, seed, features, k, chunk_bytes, s
       shuffler synth /tmp/raw --rows 200000 --d-model 256 --dtype bfloat16 --docs 400
       shuffler synth /tmp/scattered --rows 200000 --d-model 256 --scatter --seed 7 --buckets 16
     """
-    from writers.synth import SynthConfig, synth
+    from writers.synth import synth
 
     if buckets is not None and not scatter:
         raise click.UsageError("--buckets needs --scatter")

@@ -24,6 +24,7 @@ import click
 import numpy as np
 
 from shuffler import Dataset
+from shuffler.cli.options import options
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,12 +266,7 @@ def write_report(out: Path, summary: dict, features: list[dict], log: list[dict]
 
 @click.command("demo")
 @click.argument("out", default="demo-out")
-@click.option("--capture-tokens", type=int, default=DemoConfig.capture_tokens, show_default=True)
-@click.option("--train-tokens", type=int, default=DemoConfig.train_tokens, show_default=True)
-@click.option("--latents", type=int, default=DemoConfig.latents, show_default=True)
-@click.option("--k", "k", type=int, default=DemoConfig.k, show_default=True)
-@click.option("--batch-size", type=int, default=DemoConfig.batch_size, show_default=True)
-@click.option("--memory", default=DemoConfig.memory, show_default=True, help="Shuffle memory budget.")
+@options(DemoConfig, "capture_tokens", "train_tokens", "latents", "k", "batch_size", "memory")
 def demo_cmd(out, capture_tokens, train_tokens, latents, k, batch_size, memory):
     """Capture, shuffle, verify and train on real activations, then show what the SAE learned.
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import click
 
-from shuffler.cli import SIZE
+from shuffler.cli.options import option, options
+from shuffler.interop.exporter import COMPRESSIONS, EXPORT_FORMATS, ExportConfig
+from shuffler.interop.sources import FORMATS
 from shuffler.progress import Progress, human_bytes
+from writers.importers import DTYPES, ImportConfig
 
 
 def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ...]:
@@ -21,24 +24,17 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
 @click.command("import")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "fmt", type=click.Choice(["auto", "saelens", "parquet", "arrow", "npy"]), default="auto",
-              show_default=True, help="Input format; auto looks at the folder (state.json), the suffix, then magic bytes.")
-@click.option("--column", default=None, help="Activation column (SAELens: the hook name). Default: the only one.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Stored dtype. Default: keep the input's. Narrowing rounds to nearest, ties to even.")
-@click.option("--source-dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default=None,
-              help="Element type where the input cannot say (fixed-size binary; bfloat16 bits as uint16).")
-@click.option("--companion", "companions", multiple=True, metavar="NAME=PATH",
-              help=".npy input: a .npy (path or URL) with one value per row, stored as column NAME (repeatable).")
-@click.option("--drop-column", "drop", multiple=True, metavar="NAME", help="Leave an input column out (repeatable).")
-@click.option("--batch-bytes", type=SIZE, default="16MiB", show_default=True,
-              help="Activation bytes read per step: bounds memory whatever the input size.")
-@click.option("--chunk-bytes", type=SIZE, default="8MiB", show_default=True, help="Uncompressed bytes per chunk.")
-@click.option("--shard-bytes", type=SIZE, default="256MiB", show_default=True, help="Uncompressed bytes per shard.")
-@click.option("--level", type=int, default=1, show_default=True, help="zstd level of the stored chunks.")
-@click.option("--allow-nonfinite", is_flag=True, help="Store NaN/inf values instead of refusing them.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace a dataset already at DST; its shards are overwritten as rows arrive, so a failed import loses it.")
+@option(ImportConfig, "format", "--format", "fmt", choices=FORMATS,
+        extra="A SAELens cache is a folder with state.json.")
+@option(ImportConfig, "column")
+@option(ImportConfig, "dtype", choices=DTYPES, extra="Narrowing rounds to nearest, ties to even.")
+@option(ImportConfig, "source_dtype", choices=DTYPES + ("float64",))
+@option(ImportConfig, "companions", "--companion", "companions", multiple=True, metavar="NAME=PATH", show_default=False,
+        extra="On the command line: NAME=PATH, a path or URL; repeatable.")
+@option(ImportConfig, "drop_columns", "--drop-column", "drop", multiple=True, metavar="NAME", show_default=False,
+        extra="Repeatable.")
+@options(ImportConfig, "batch_bytes", "chunk_bytes", "shard_bytes", "level", "allow_nonfinite")
+@option(ImportConfig, "overwrite", extra="Its shards are overwritten as rows arrive, so a failed import loses it.")
 def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, batch_bytes, chunk_bytes, shard_bytes,
                level, allow_nonfinite, overwrite):
     """Import activations cached by another tool from SRC into a dataset at DST.
@@ -68,7 +64,7 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
       shuffler import s3://bucket/saelens_cache s3://bucket/raw
       shuffler import acts.npy data/raw --companion token_id=tokens.npy --companion doc_id=docs.npy
     """
-    from writers.importers import ImportConfig, import_activations
+    from writers.importers import import_activations
 
     cfg = ImportConfig(format=fmt, column=column, dtype=dtype, source_dtype=source_dtype,
                        companions=_pairs(companions, option="--companion"), drop_columns=tuple(drop),
@@ -87,20 +83,11 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
 @click.command("export")
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", "fmt", type=click.Choice(["arrow", "parquet", "saelens"]), default=None,
-              help="Output format. Default: from DST's suffix (.arrow/.feather, .parquet).")
-@click.option("--column", default=None,
-              help="Activation column name (default acts); saelens: the hook name SAELens is configured with.")
-@click.option("--compression", type=click.Choice(["none", "zstd", "lz4", "snappy"]), default=None,
-              help="Default: zstd for parquet, none for arrow (readers then memory-map it without a copy).")
-@click.option("--context-size", type=int, default=None,
-              help="saelens: rows per context. Default: the dataset's (if imported from SAELens), else 128.")
-@click.option("--drop-remainder", is_flag=True, help="saelens: leave out the last rows that do not fill a context.")
-@click.option("--row-group-bytes", type=SIZE, default="64MiB", show_default=True,
-              help="parquet: uncompressed bytes per row group.")
-@click.option("--file-bytes", type=SIZE, default="500MB", show_default=True,
-              help="saelens: uncompressed bytes per data-*.arrow file.")
-@click.option("--overwrite", is_flag=True, help="Replace what is at DST.")
+@option(ExportConfig, "format", "--format", "fmt", choices=EXPORT_FORMATS,
+        extra="Default: from DST's suffix (.arrow/.feather, .parquet).")
+@option(ExportConfig, "column", extra="arrow and parquet: default acts.")
+@option(ExportConfig, "compression", choices=COMPRESSIONS)
+@options(ExportConfig, "context_size", "drop_remainder", "row_group_bytes", "file_bytes", "overwrite")
 def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder, row_group_bytes, file_bytes,
                overwrite):
     """Export the dataset at SRC to DST as Arrow IPC, Parquet, or a SAELens activation cache.
@@ -121,7 +108,7 @@ def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder,
       shuffler export data/shuffled shuffled.parquet
       shuffler export data/shuffled ./sae_cache --format saelens --column blocks.8.hook_resid_pre --context-size 128
     """
-    from shuffler.interop.exporter import ExportConfig, export_dataset
+    from shuffler.interop.exporter import export_dataset
 
     if fmt is None:
         low = dst.lower().rstrip("/")

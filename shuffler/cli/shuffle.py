@@ -12,37 +12,33 @@ import time
 import click
 
 from shuffler.cli import SIZE
+from shuffler.cli.options import option, options
 from shuffler.format.schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
-from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.progress import Progress, human_bytes
-from shuffler.shuffling.plan import DEFAULT_MEMORY, PlanRequest, make_plan
+from shuffler.shuffling.executor import EXECUTORS
+from shuffler.shuffling.plan import PlanRequest, make_plan
+from shuffler.shuffling.run import ShuffleConfig
 
-_MEM_HELP = ("Memory budget per task (per worker process), e.g. 4GiB. Sizes the buckets, so it fixes the output "
-             "order together with --seed; the run uses up to workers x this.")
+_MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this."
 
 
 @click.command("shuffle")
 @click.argument("paths", nargs=-1, required=True, metavar="SRC... DST")
-@click.option("--seed", type=click.IntRange(0, 2**64 - 1), help="Seed of every random draw (required, except with "
-              "--from-scatter, where it defaults to the scatter seed).")
-@click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
-@click.option("--buckets", type=click.IntRange(1), help="Bucket count (default: sized from --memory).")
+@option(ShuffleConfig, "seed", type=click.IntRange(0, 2**64 - 1), extra="Required, except with --from-scatter, "
+        "where it defaults to the scatter seed.")
+@option(ShuffleConfig, "memory", extra=_MEM_EXTRA)
+@option(ShuffleConfig, "buckets", type=click.IntRange(1))
 @click.option("--from-scatter", is_flag=True, help="SRC was written scattered (ShardWriter scatter=, synth/capture "
               "--scatter): run pass 2 only, with the producers' buckets.")
-@click.option("--workers", type=click.IntRange(1), help="Worker processes (default: the cores). Never changes the output.")
-@click.option("--scratch", help="URL for intermediates, e.g. local NVMe while DST is on S3 [default: DST/.shuffle/scratch].")
-@click.option("--scratch-level", type=click.IntRange(-100, 22),
-              help="zstd level of intermediates [default: -3 on local disk, 1 on object stores].")
-@click.option("--keep-intermediate", is_flag=True, help="Keep the intermediates after success.")
-@click.option("--overwrite", is_flag=True, help="Replace a dataset, or another run's unfinished state, at DST.")
-@click.option("--break-lock", is_flag=True, help="Take DST's lock although held: only if its holder is dead on another machine.")
-@click.option("--level", type=click.IntRange(-100, 22), default=1, show_default=True, help="zstd level of the output.")
-@click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB", help="Uncompressed bytes per chunk.")
-@click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB", help="Uncompressed bytes per output shard.")
-@click.option("--map-rows", type=click.IntRange(1), help="Rows per map task (default: split for the workers).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run map and reduce tasks on this machine's processes, or as Ray tasks (extra `ray`).")
-@click.option("--ray-address", help="Ray cluster to join with --executor ray [default: RAY_ADDRESS, else a local Ray].")
+@option(ShuffleConfig, "workers", type=click.IntRange(1))
+@option(ShuffleConfig, "scratch", extra="E.g. local NVMe while DST is on S3.")
+@option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
+@options(ShuffleConfig, "keep_intermediate", "overwrite", "break_lock")
+@option(ShuffleConfig, "level", type=click.IntRange(-100, 22))
+@options(ShuffleConfig, "chunk_bytes", "shard_bytes")
+@option(ShuffleConfig, "map_rows", type=click.IntRange(1))
+@option(ShuffleConfig, "executor", choices=EXECUTORS, extra="Ray needs the extra `ray`.")
+@option(ShuffleConfig, "ray_address")
 @click.option("--stage", type=click.Choice(["plan", "scatter", "permute", "finalize"]),
               help="Run one stage of an array job (docs/cluster.md): plan once, scatter and permute on every task, "
               "finalize once.")
@@ -157,16 +153,15 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @click.option("--columns", default="token_id,doc_id,position", show_default=True,
               help="...its provenance columns: standard names, or name:dtype.")
 @click.option("--compression", type=float, help="...its compression ratio (default: measured zstd-1 ratio of the dtype).")
-@click.option("--memory", type=SIZE, default=DEFAULT_MEMORY, show_default="2GiB", help=_MEM_HELP)
-@click.option("--buckets", type=click.IntRange(1), help="Force a bucket count.")
-@click.option("--workers", type=click.IntRange(1), help="Worker processes [default: this machine's cores]; with a cluster, per node "
-              "[default: as many as a node's cores and memory allow].")
+@option(ShuffleConfig, "memory", extra=_MEM_EXTRA)
+@option(ShuffleConfig, "buckets", type=click.IntRange(1))
+@option(ShuffleConfig, "workers", type=click.IntRange(1), extra="With a cluster: per node [default: as many as a "
+        "node's cores and memory allow].")
 @click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
-@click.option("--scratch", help="Where intermediates would go [default: beside --dst, else local].")
-@click.option("--scratch-level", type=click.IntRange(-100, 22), help="zstd level of intermediates.")
-@click.option("--level", type=click.IntRange(-100, 22), default=1, show_default=True)
-@click.option("--chunk-bytes", type=SIZE, default=DEFAULT_CHUNK_BYTES, show_default="8MiB")
-@click.option("--shard-bytes", type=SIZE, default=DEFAULT_SHARD_BYTES, show_default="256MiB")
+@option(ShuffleConfig, "scratch", extra="Without --dst: local.")
+@option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
+@option(ShuffleConfig, "level", type=click.IntRange(-100, 22))
+@options(ShuffleConfig, "chunk_bytes", "shard_bytes")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--cluster", "cluster_file", type=click.Path(exists=True, dir_okay=False),
               help="Cluster description, JSON: {nodes, cores, memory, network, disk} (bandwidths in bytes/s). "

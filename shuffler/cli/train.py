@@ -7,13 +7,17 @@ import json
 import click
 
 
+# The options that stand for TrainConfig fields are written out here, not derived with shuffler/cli/options.py:
+# deriving them would import trainer (and so torch, seconds) to load this command, even for --help.
+# tests/test_cli_options.py checks that each one's default and help equal the field's.
 @click.command("train", short_help="Train a TopK SAE on the activations at URL (CPU, GPU, torchrun).")
 @click.argument("url")
-@click.option("--latents", type=int, required=True, help="SAE latents (dictionary size, SAELens's d_sae).")
-@click.option("--k", "k", type=int, required=True, help="Active latents per token (TopK's k).")
+@click.option("--latents", type=int, required=True, help="Number of SAE latents (dictionary size, SAELens's d_sae).")
+@click.option("--k", "k", type=int, required=True, help="Active latents per token (the TopK's k).")
 @click.option("--batch-size", type=int, default=4096, show_default=True,
-              help="Tokens per optimizer step, summed over data-parallel ranks.")
-@click.option("--tokens", type=float, required=True, help="Training tokens in total (1e9 is accepted).")
+              help="Tokens per optimizer step, summed over data-parallel replicas (OpenAI's bs; 4096 in SAELens).")
+@click.option("--tokens", type=float, required=True,
+              help="Training tokens in total; the run takes tokens // batch_size steps. 1e9 is accepted.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder (local): log.jsonl, checkpoints, latest.json.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
@@ -22,23 +26,38 @@ import click
 @click.option("--overwrite", is_flag=True, help="Start again in an OUT that already holds a run (removes it).")
 @click.option("--export-saelens", type=click.Path(file_okay=False), default=None,
               help="At the end, write cfg.json + sae_weights.safetensors here in SAELens's layout.")
-@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 2e-4 / sqrt(latents / 2^14)].")
-@click.option("--lr-warmup-steps", type=int, default=0, show_default=True, help="Linear warm-up steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Weight init and reader order.")
-@click.option("--k-aux", type=int, default=0, help="Dead latents in the AuxK loss [default: d_in / 2].")
-@click.option("--auxk-coef", type=float, default=1 / 32, show_default=True, help="AuxK loss weight (Gao et al.).")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate; None means 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024 scaling law, as in "
+              "sparsify and dictionary_learning).")
+@click.option("--lr-warmup-steps", type=int, default=0, show_default=True,
+              help="Linear learning-rate warm-up over this many steps (sparsify uses 1000; 0 disables).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the weight init (counter-based, so each latent's init is the same however latents are "
+              "sharded) and the reader's shuffle of shard order.")
+@click.option("--k-aux", type=int, default=0, show_default=True,
+              help="Dead latents used by the AuxK loss; 0 means d_in // 2 (Gao et al. appendix B.1, as in sparsify "
+              "and SAELens).")
+@click.option("--auxk-coef", type=float, default=1 / 32, show_default=True,
+              help="Weight of the AuxK dead-latent loss (Gao et al. 2024 section A.2: alpha = 1/32).")
 @click.option("--dead-tokens", type=float, default=10_000_000, show_default=True,
-              help="A latent is dead after this many tokens without firing.")
+              help="A latent is dead when it has not fired in this many tokens (10M: OpenAI, sparsify, "
+              "dictionary_learning).")
 @click.option("--b-dec-init", type=click.Choice(["geometric_median", "mean", "zero"]), default="geometric_median",
-              show_default=True, help="Initial pre-encoder bias.")
+              show_default=True, help='Pre-encoder bias init: "geometric_median" (Gao et al.; OpenAI), "mean" '
+              '(sparsify) or "zero" (SAELens).')
 @click.option("--latent-shards", type=int, default=1, show_default=True,
-              help="Split the latents over this many ranks (torchrun world must be a multiple).")
-@click.option("--autocast/--no-autocast", default=None, help="bfloat16 autocast [default: on for cuda].")
-@click.option("--log-every", type=int, default=100, show_default=True, help="Steps per log.jsonl record.")
+              help="Ranks that split each SAE's latents between them; the world size must be a multiple. The other "
+              "factor is data parallelism (OpenAI's n_op_shards x n_replicas).")
+@click.option("--autocast/--no-autocast", default=None,
+              help="bfloat16 autocast for the encoder matmul; None means on for CUDA, off for CPU.")
+@click.option("--log-every", type=int, default=100, show_default=True,
+              help="Steps between JSON-lines log records (metrics are averaged over those steps).")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True,
-              help="Steps between checkpoints (0: only at the end).")
-@click.option("--prefetch", type=int, default=None, help="Reader batches decoded ahead [reader default].")
-@click.option("--threads", type=int, default=None, help="Reader I/O + decode threads [reader default].")
+              help="Steps between checkpoints; 0 writes one only at the end.")
+@click.option("--prefetch", type=int, default=None, help="Batches the reader decodes ahead; None keeps the reader's "
+              "default.")
+@click.option("--threads", type=int, default=None, help="Reader I/O and decode threads; None keeps the reader's "
+              "default.")
 def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrite, export_saelens, lr, lr_warmup_steps, seed,
               k_aux, auxk_coef, dead_tokens, b_dec_init, latent_shards, autocast, log_every, checkpoint_every,
               prefetch, threads):
