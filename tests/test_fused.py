@@ -212,6 +212,20 @@ def test_from_scatter_on_a_normal_dataset_is_refused(tmp_path):
     assert r.exit_code == 2 and "--seed" in r.output
 
 
+def test_from_scatter_options_are_the_shuffles_but_those_the_producers_fixed(tmp_path):
+    src = scattered_source(600, seed=4, buckets=3, run_rows=50, chunk_rows=4)
+    for fixed in ("buckets", "map_rows", "keep_intermediate"):
+        with pytest.raises(TypeError, match=f"unknown option\\(s\\) {fixed};.*memory, workers"):
+            shuffle_from_scatter(src, str(tmp_path / "out"), **{fixed: 2})
+    with pytest.raises(TypeError, match="wrokers"):
+        shuffle_from_scatter(src, str(tmp_path / "out"), wrokers=1)
+    assert not (tmp_path / "out").exists()
+    stats: dict = {}
+    m = shuffle_from_scatter(src, str(tmp_path / "out"), memory="512MiB", workers=1, stats=stats)
+    assert m.metadata["shuffle"]["buckets"] == 3 and m.metadata["shuffle"]["seed"] == 4 and stats["from_scatter"]
+    assert sorted(row_ids(str(tmp_path / "out"))) == list(range(600))
+
+
 def test_seal_refuses_producers_with_different_specs(tmp_path):
     url = str(tmp_path / "mixed")
     write_scattered(url, range(10), seed=1, buckets=4, producer="a")

@@ -18,7 +18,8 @@ import pytest
 from readers import ActivationStream
 from shuffler import Dataset, DatasetNotFoundError
 from shuffler.format.seal import UnfinishedPartError, seal
-from shuffler.shuffling.run import LOCK, ShuffleLockedError, _Lock, shuffle
+from shuffler.shuffling.lock import Lock, ShuffleLockedError
+from shuffler.shuffling.run import LOCK, shuffle
 from shuffler.shuffling.verify import verify
 from shuffler.storage.storage import Storage
 from writers import ShardWriter
@@ -26,7 +27,7 @@ from writers import ShardWriter
 from .test_reliability_shuffle import OPTS, ROOT
 from .test_shuffle import make_dataset, output_bytes
 
-shuffle_mod = importlib.import_module("shuffler.shuffling.run")
+lock_mod = importlib.import_module("shuffler.shuffling.lock")
 ARGS = ["--buckets", "4", "--chunk-bytes", "4KiB", "--shard-bytes", "32KiB", "--map-rows", "1000", "--workers", "1"]
 
 
@@ -108,7 +109,7 @@ def test_stale_lock_is_broken_by_one_taker_only(tmp_path, monkeypatch):
     store = Storage(str(tmp_path / "dst"))
     store.put_if_absent(LOCK, json.dumps({"token": "dead", "host": socket.gethostname(), "pid": dead_pid(),
                                           "pid_start": "1"}).encode())
-    real = shuffle_mod._holder_dead
+    real = lock_mod.holder_dead
     gate = threading.Barrier(2)
 
     def slow_verdict(other):
@@ -118,11 +119,11 @@ def test_stale_lock_is_broken_by_one_taker_only(tmp_path, monkeypatch):
                 time.sleep(0.3)  # this taker deletes only after the other has taken the lock
         return dead
 
-    monkeypatch.setattr(shuffle_mod, "_holder_dead", slow_verdict)
+    monkeypatch.setattr(lock_mod, "holder_dead", slow_verdict)
     taken, refused = [], []
 
     def take():
-        lock = _Lock(store, break_lock=False)
+        lock = Lock(store, break_lock=False)
         try:
             lock.acquire()
             taken.append(lock)

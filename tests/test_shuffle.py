@@ -182,6 +182,33 @@ def test_bad_input_errors(raw, tmp_path):
         assert not (tmp_path / d / "manifest.json").exists()
 
 
+def test_options_are_shuffle_config_fields(raw, tmp_path):
+    """shuffle() takes exactly ShuffleConfig's fields as options: an unknown one is named, with the valid ones,
+    before anything is written; memory takes bytes or a size string, normalised to bytes."""
+    import dataclasses
+
+    from shuffler.shuffling.run import ShuffleConfig
+
+    with pytest.raises(TypeError, match=r"unknown option\(s\) bucket, memroy;.* buckets, workers"):
+        shuffle(raw, str(tmp_path / "o"), seed=0, memroy="4GiB", bucket=3)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(TypeError, match="seed"):
+        shuffle(raw, str(tmp_path / "o"), workers=1)
+    assert ShuffleConfig(seed=0, memory="4GiB").memory == 4 << 30 == ShuffleConfig(seed=0, memory=4 << 30).memory
+    assert ShuffleConfig(seed=0, memory=None).memory == ShuffleConfig(seed=0).memory
+    with pytest.raises(ValueError, match="memory 'lots'"):
+        ShuffleConfig(seed=0, memory="lots")
+    fields = {f.name for f in dataclasses.fields(ShuffleConfig)}
+    assert fields >= {"seed", "memory", "buckets", "workers", "scratch", "map_rows", "executor", "ray_address"}
+    # the same bytes whichever way memory is spelled
+    kib = fixed_overhead(CHUNK) // 1024 + 64
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    ma = shuffle(raw, a, seed=3, workers=1, memory=kib * 1024, **SMALL)
+    mb = shuffle(raw, b, seed=3, workers=1, memory=f"{kib}KiB", **SMALL)
+    assert ma.metadata["shuffle"]["buckets"] == mb.metadata["shuffle"]["buckets"] > 1
+    assert output_bytes(a) == output_bytes(b)
+
+
 def test_empty_source(memory_url):
     with ShardWriter(memory_url + "/src", d_model=4, dtype="float16", columns=COLUMNS):
         pass

@@ -12,6 +12,10 @@ every object atomically and its marker last, and a task computes the same bytes 
 a retry, even one running beside the attempt it replaces, changes nothing. `finalize` checks that every
 bucket committed and that the rows' fingerprint equals the sources', then writes the manifest: the output
 is byte for byte that of `shuffler shuffle SRC... DST --seed S` on one machine.
+
+Each stage is a plain Run (shuffler/shuffling/run.py) taking the steps of its share: plan = check_dst and
+start_or_resume under DST's lock (shuffler/shuffling/lock.py); scatter = map(only=this task's); permute =
+reduce(only=this task's); finalize = commit under the lock.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from dataclasses import dataclass
 from shuffler import env
 from shuffler.errors import FormatError
 from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
+from shuffler.shuffling.lock import Lock
 from shuffler.shuffling.markers import PLAN, committed_reduces
-from shuffler.shuffling.run import ShuffleConfig, _Lock, _Run, canonical_url
+from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
 from shuffler.storage.storage import Storage
 
 STAGES = ("plan", "scatter", "permute", "finalize")
@@ -111,13 +116,11 @@ def run_stage(
     map_rows, n = plan["map_rows"], run.plan.rows
     maps = math.ceil(n / map_rows) if n else 0
     if stage == "scatter":
-        run.only = slot.owns
-        with run._executor() as pool:
-            run._pass1(pool, map_rows)
+        with run.executor() as pool:
+            run.map(pool, map_rows, only=slot.owns)
         return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps}
-    run.only = lambda m: False  # only collect what the scatter stage committed
-    with run._executor() as pool:
-        done = run._pass1(pool, map_rows)
+    with run.executor() as pool:
+        done = run.map(pool, map_rows, only=lambda m: False)  # only collect what the scatter stage committed
         if len(done) != maps:
             have = {o.index for o in done}
             missing = [m for m in range(maps) if m not in have]
@@ -126,24 +129,23 @@ def run_stage(
                 "scatter stage to completion before permute (array tasks "
                 f"{sorted({m % slot.count for m in missing})[:8]} of {slot.count} own them)"
             )
-        run.only = slot.owns
         try:
-            run._pass2(pool, done)
+            run.reduce(pool, done, only=slot.owns)
         except FormatError as e:
-            raise run._uncommit_damaged(e) from None
+            raise run.uncommit_damaged(e) from None
     return {"stage": stage, "did": sum(map(slot.owns, range(run.plan.buckets))), "of": run.plan.buckets}
 
 
 def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> dict:
     cfg = ShuffleConfig(seed=seed, workers=workers, overwrite=overwrite, break_lock=break_lock, **config)
-    run = _Run(srcs, dst, cfg, progress)
-    lock = _Lock(run.dst, break_lock)
+    run = Run(srcs, dst, cfg, progress=progress)
+    lock = Lock(run.dst, break_lock)
     lock.acquire()  # no one-machine shuffle may be writing here while we lay out the run
     try:
-        finished = run._check_dst()
+        finished = run.check_dst()
         if finished is not None:
             return {"stage": "plan", "did": 0, "note": f"{dst} already holds this shuffle's output"}
-        map_rows = run._start_or_resume()
+        map_rows = run.start_or_resume()
         doc = {
             "format": 1, "run_id": run.run_id, "seed": seed, "sources": [canonical_url(u) for u in srcs],
             "config": {k: getattr(cfg, k) for k in PLANNED}, "map_rows": map_rows,
@@ -163,7 +165,7 @@ def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> 
         lock.release()
 
 
-def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> tuple[_Run, dict] | None:
+def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> tuple[Run, dict] | None:
     store = Storage(dst)
     try:
         plan = json.loads(store.read(PLAN))
@@ -183,7 +185,7 @@ def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> 
             raise ValueError(f"{k}={v!r} differs from the plan's {plan['config'].get(k)!r} ({store.url_of(PLAN)}): "
                              "later stages take every planned option from the plan")
     cfg = ShuffleConfig(seed=seed, workers=workers, executor=executor, ray_address=ray_address, **plan["config"])
-    run = _Run(plan["sources"], dst, cfg, progress)
+    run = Run(plan["sources"], dst, cfg, progress=progress)
     if run.run_id != plan["run_id"]:
         raise ValueError(f"the sources changed since the plan stage (run {run.run_id}, planned {plan['run_id']}); "
                          "run `--stage plan --overwrite` again")
@@ -200,7 +202,7 @@ def _finished(store: Storage, seed: int) -> bool:
     return m.metadata.get("shuffle", {}).get("seed") == seed
 
 
-def _finalize(run: _Run, plan: dict) -> dict:
+def _finalize(run: Run, plan: dict) -> dict:
     B = run.plan.buckets
     results = committed_reduces(run.dst, B)
     missing = [b for b in range(B) if b not in results]
@@ -209,12 +211,12 @@ def _finalize(run: _Run, plan: dict) -> dict:
             f"{run.dst.url}: {len(missing)} of {B} bucket(s) have not committed (first: {missing[:8]}); run the "
             "permute stage to completion (every task index) before finalize"
         )
-    lock = _Lock(run.dst, run.cfg.break_lock)
+    lock = Lock(run.dst, run.cfg.break_lock)
     lock.acquire()
     try:
-        manifest: Manifest = run._commit([results[b] for b in range(B)])
+        manifest: Manifest = run.commit([results[b] for b in range(B)])
     finally:
         lock.release()
-        run._remove_empty_dirs()
+        run.remove_empty_dirs()
     return {"stage": "finalize", "did": 1, "rows": manifest.num_rows, "shards": len(manifest.shards),
             "buckets": B}

@@ -38,7 +38,8 @@ EXECUTORS = ("local", "ray")
 # Fault injection for the resume tests (env.shuffle_fault)
 
 
-def _faults() -> dict[str, float]:
+def faults() -> dict[str, float]:
+    """The faults SHUFFLER_FAULT asks to inject, e.g. {"kill-after-map": 2.0} (env.shuffle_fault)."""
     out = {}
     for part in filter(None, env.shuffle_fault().split(",")):
         k, _, v = part.partition("=")
@@ -46,7 +47,8 @@ def _faults() -> dict[str, float]:
     return out
 
 
-def _die() -> None:
+def die() -> None:
+    """Kill this process as kill -9 would: no cleanup, no finally (the resume tests' crash)."""
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -77,12 +79,15 @@ def _init_worker(q, parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _map_worker(task: MapTask) -> MapOutput:
+def map_worker(task: MapTask) -> MapOutput:
+    """One map task (pass 1), as an executor runs it: progress goes to this process's reporter."""
     return run_map(task, _report)
 
 
-def _reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[ShardInfo], Fingerprint]:
-    hook = (lambda k: _die() if k >= kill_in else None) if kill_in else None
+def reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[ShardInfo], Fingerprint]:
+    """One reduce task (pass 2), then its commit marker under `state_url` (DST); `kill_in` > 0 dies (a fault
+    injected by the resume tests) as its output shard `kill_in` opens."""
+    hook = (lambda k: die() if k >= kill_in else None) if kill_in else None
     shards, fp = run_reduce(task, _report, hook)
     # The commit, last, replacing whole and atomically. A concurrent copy of this task (an array-job retry
     # beside the attempt it replaces) writes the very same bytes, so whichever rename lands last changes

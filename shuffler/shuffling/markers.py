@@ -27,7 +27,7 @@ RUN = f"{STATE}/run.json"
 REDUCE_DONE = f"{STATE}/reduce"
 DEFAULT_SCRATCH = f"{STATE}/scratch"
 PLAN = f"{STATE}/plan.json"
-"""Array-job mode: the plan the `plan` stage fixed, which every later stage and task reads (stages.py)."""
+"""Array-job mode: the plan the `plan` stage fixed, which every later stage and task reads (array_job.py)."""
 
 
 def crc(obj: dict) -> int:

@@ -1,4 +1,4 @@
-"""`shuffler.shuffle`: the two-pass external shuffle, run locally on a process pool, resumable and locked.
+"""`shuffler.shuffle`: the two-pass external shuffle, run locally on a process pool or on Ray, resumable and locked.
 
     shuffle("data/raw", "data/shuffled", seed=0, memory="4GiB")
 
@@ -11,9 +11,13 @@ Layout under DST while a run is in progress (docs/shuffle.md, "Resume and safety
     shard-000012-0000.shard       output shards, bucket by bucket
     manifest.json                 written last: until it exists there is no dataset here
 
-Where the tasks run is shuffler/shuffling/executor.py (process pool or Ray); the state and markers are
-shuffler/shuffling/markers.py; array-job stages (plan, scatter, permute, finalize as separate commands) are
-shuffler/shuffling/array_job.py. This module holds the configuration, the lock and one run's orchestration.
+This module holds the options (ShuffleConfig) and `Run`, one run's steps: check_dst and start_or_resume
+(what is at DST decides whether a run starts, resumes, returns a finished result or is refused), map (pass
+1), reduce (pass 2), commit (manifest last), cleanup. `Run.execute` is the one-machine run; the array-job
+stages (shuffler/shuffling/array_job.py) call the same steps one stage at a time, and `--from-scatter`
+(shuffler/shuffling/from_scatter.py) is a Run whose intermediates come from a ScatteredDataset. Where the
+tasks run is shuffler/shuffling/executor.py (process pool or Ray); the lock is shuffler/shuffling/lock.py;
+the names of the state objects and the task markers are shuffler/shuffling/markers.py.
 
 Every task commits with a marker written after its objects, so a re-run after kill -9 skips committed tasks;
 tasks are deterministic, so redoing a half-done one rewrites the same bytes and the output is identical.
@@ -22,31 +26,25 @@ tasks are deterministic, so redoing a half-done one rewrites the same bytes and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
-import socket
+import re
 import time
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shuffler.errors import FormatError, SchemaError
-from shuffler.format.manifest import Fingerprint, Manifest, ShardInfo, write_manifest
+from shuffler.format.manifest import MANIFEST, Fingerprint, Manifest, ShardInfo, read_manifest, write_manifest
 from shuffler.io.chunks import ChunkTable, storage
 from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.keys import stream_key
 from shuffler.progress import Progress
-from shuffler.shuffling.executor import (
-    EXECUTORS,
-    LocalExecutor,
-    _die,
-    _faults,
-    _map_worker,
-    _reduce_worker,
-    make_executor,
-)
+from shuffler.shuffling.executor import EXECUTORS, die, faults, make_executor, map_worker, reduce_worker
+from shuffler.shuffling.lock import Lock, ShuffleLockedError  # noqa: F401  (ShuffleLockedError: re-exported, tests use it from here)
 from shuffler.shuffling.map import MapOutput, MapTask
 from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_marker: re-exported, tests and tools use them from here)
     DEFAULT_SCRATCH,
@@ -55,8 +53,6 @@ from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_mar
     RUN,
     STATE,
     committed_reduces,
-    crc,
-    read_reduce_marker,
     reduce_marker,
 )
 from shuffler.shuffling.plan import (
@@ -68,16 +64,14 @@ from shuffler.shuffling.plan import (
     read_batch_bytes,
 )
 from shuffler.shuffling.reduce import Intermediates, ReduceTask
-from shuffler.shuffling.runstate import RunState
 from shuffler.storage.storage import Storage
 from shuffler.units import parse_size
 
-_Pool = LocalExecutor  # the name from_scatter.py and older code use
-_crc, _read_marker = crc, read_reduce_marker
+if TYPE_CHECKING:
+    from shuffler.shuffling.on_write import ScatteredDataset
 
-
-class ShuffleLockedError(RuntimeError):
-    """Another shuffle is writing into the same DST right now."""
+#: Chooses the map tasks or buckets (by number) a step runs; the array-job stages pass one, None runs all.
+Selector = Callable[[int], bool]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +110,9 @@ class ShuffleConfig:
     """Ray cluster to join with executor="ray" (None: the one this process joined, RAY_ADDRESS, or a new local one)."""
 
     def __post_init__(self) -> None:
+        # memory also takes a size such as "4GiB" (None: the default), kept as bytes from here on.
+        memory = DEFAULT_MEMORY if self.memory is None else parse_size(self.memory, what="memory")
+        object.__setattr__(self, "memory", memory)
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor={self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.ray_address is not None and self.executor != "ray":
@@ -126,41 +123,28 @@ class ShuffleConfig:
             raise ValueError(f"workers={self.workers} must be >= 1")
 
 
+#: The options shuffle() takes: every ShuffleConfig field, defined once there.
+OPTIONS = tuple(f.name for f in dataclasses.fields(ShuffleConfig))
+
+
+def check_options(what: str, options: Iterable[str], allowed: Sequence[str]) -> None:
+    """TypeError naming any option of `what` (a function) that is not one of `allowed`."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{what} got unknown option(s) {', '.join(unknown)}; the options are {', '.join(allowed)}")
+
+
 def shuffle(
-    src: str | Sequence[str],
-    dst: str,
-    *,
-    seed: int,
-    memory: int | str | None = None,
-    buckets: int | None = None,
-    workers: int | None = None,
-    scratch: str | None = None,
-    scratch_level: int | None = None,
-    keep_intermediate: bool = False,
-    overwrite: bool = False,
-    break_lock: bool = False,
-    level: int = 1,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    map_rows: int | None = None,
-    executor: str = "local",
-    ray_address: str | None = None,
-    progress: bool | None = None,
-    stats: dict | None = None,
+    src: str | Sequence[str], dst: str, *, progress: bool | None = None, stats: dict | None = None, **options
 ) -> Manifest:
     """Write a uniformly shuffled copy of the rows of `src` (one URL or several, concatenated) to `dst`.
 
-    Returns the output manifest. Options are those of ShuffleConfig; `memory` also takes "8GiB".
-    `progress` forces the progress bars on or off (default: on when stderr is a terminal). `stats`, if
-    given, is filled with the plan, the worker count and each pass's start and end (time.time()).
+    Returns the output manifest. `options` are the fields of ShuffleConfig (`seed` is required); `memory`
+    also takes "8GiB". `progress` forces the progress bars on or off (default: on when stderr is a terminal).
+    `stats`, if given, is filled with the plan, the worker count and each pass's start and end (time.time()).
     """
-    cfg = ShuffleConfig(
-        seed=seed, memory=parse_size(memory, what="memory") if memory is not None else DEFAULT_MEMORY, buckets=buckets,
-        workers=workers, scratch=scratch, scratch_level=scratch_level, keep_intermediate=keep_intermediate,
-        overwrite=overwrite, break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        map_rows=map_rows, executor=executor, ray_address=ray_address,
-    )
-    run = _Run([src] if isinstance(src, str) else list(src), dst, cfg, progress)
+    check_options("shuffle()", options, OPTIONS)
+    run = Run([src] if isinstance(src, str) else list(src), dst, ShuffleConfig(**options), progress=progress)
     try:
         return run.execute()
     finally:
@@ -196,92 +180,18 @@ def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scrat
     ))
 
 
-# ---------------------------------------------------------------------------------------------------
-# The lock
+class Run:
+    """One shuffle of `srcs` into `dst`: its identity (what a re-run must match), its plan, and its steps.
 
+    `scattered`: the sources were written scattered (shuffler/shuffling/on_write.py), so pass 1's output
+    already exists: map() does nothing, reduce() reads each bucket's chunks from the producers' runs, the
+    identity records the scatter spec (a two-pass shuffle of the same data is another run), and a damaged run
+    is named, never uncommitted (it is the producers' data, not an intermediate to redo).
+    """
 
-def _proc_start(pid: int) -> str | None:
-    """Start time (clock ticks since boot) of a live process; None if it is gone or a zombie, or no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
-def _holder_dead(other: dict) -> bool:
-    """True only when the holder ran on this machine and that process is gone (or its pid was reused)."""
-    if other.get("host") != socket.gethostname() or not isinstance(other.get("pid"), int):
-        return False
-    pid = other["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    if not os.path.exists("/proc/self/stat"):
-        return False  # no /proc: a live pid is all we can tell
-    return _proc_start(pid) != other.get("pid_start")  # zombie (killed, not yet reaped) or pid reused
-
-
-class _Lock:
-    def __init__(self, store: Storage, break_lock: bool):
-        self.store, self.break_lock, self.token = store, break_lock, uuid.uuid4().hex
-
-    def acquire(self) -> None:
-        me = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-              "pid_start": _proc_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for _ in range(100):
-            if self.store.put_if_absent(LOCK, json.dumps(me).encode()):
-                return
-            other = self._read(LOCK)
-            if other is None:
-                continue  # released meanwhile
-            if self.break_lock or _holder_dead(other):
-                # The holder was killed (kill -9 leaves its lock behind). Of several runs that find it dead at
-                # once, only the one that creates lock.broken-<its token> deletes it; a plain check-then-delete
-                # would let a slower run delete the lock the faster one has just taken.
-                mark = f"{LOCK}.broken-{str(other.get('token'))[:64]}"
-                if self.store.put_if_absent(mark, json.dumps(me).encode()):
-                    self.store.delete(LOCK)
-                    continue
-                breaker = self._read(mark)
-                if breaker is not None and _holder_dead(breaker):
-                    self.store.delete(mark)  # the breaker died mid-break; let the next try break again
-                time.sleep(0.02)
-                continue
-            raise ShuffleLockedError(
-                f"{self.store.url}: another shuffle is writing here (lock {self.store.url_of(LOCK)}: host "
-                f"{other.get('host')!r}, pid {other.get('pid')}, started {other.get('started')}); wait for it to "
-                "finish. If that process is dead on another machine, re-run with --break-lock"
-            )
-        raise ShuffleLockedError(f"{self.store.url}: could not take {LOCK}: other shuffles keep racing for it")
-
-    def _read(self, name: str) -> dict | None:
-        """A lock-like JSON object; None if absent, {} if unreadable (a holder we know nothing about)."""
-        try:
-            v = json.loads(self.store.read(name))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        return v if isinstance(v, dict) else {}
-
-    def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            if json.loads(self.store.read(LOCK)).get("token") == self.token:
-                self.store.delete(LOCK)
-
-
-# ---------------------------------------------------------------------------------------------------
-# One run
-
-
-class _Run(RunState):
-    def __init__(self, srcs: list[str], dst: str, cfg: ShuffleConfig, progress: bool | None):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, srcs: Sequence[str], dst: str, cfg: ShuffleConfig, *, progress: bool | None = None,
+                 scattered: ScatteredDataset | None = None):
+        self.cfg, self.progress, self.scattered = cfg, progress, scattered
         self.datasets = open_sources(srcs)
         self.dst = Storage(dst)
         for ds in self.datasets:
@@ -289,8 +199,7 @@ class _Run(RunState):
                 raise ValueError(f"DST {dst} is also a SRC: the shuffle writes a new dataset, never in place")
         self.schema = self.datasets[0].schema
         self.scratch_base = cfg.scratch.rstrip("/") if cfg.scratch else self.dst.url_of(DEFAULT_SCRATCH)
-        cpus = os.cpu_count() or 1
-        self.workers = cfg.workers or cpus
+        self.workers = cfg.workers or os.cpu_count() or 1
         self.plan = plan_for(self.datasets, cfg, workers=self.workers, scratch_url=self.scratch_base, dst_url=dst)
         self.identity = {
             "format": 1,
@@ -306,9 +215,12 @@ class _Run(RunState):
             "shard_bytes": cfg.shard_bytes,
             "level": cfg.level,
         }
-        blob = json.dumps(self.identity, sort_keys=True).encode()
-        self.run_id = hashlib.sha256(blob).hexdigest()[:16]
-        self.scratch = f"{self.scratch_base}/run-{self.run_id}"
+        if scattered is not None:
+            # Another identity than a two-pass shuffle of the same data (which is possible too: scattered data
+            # is also an ordinary dataset), so neither run mistakes the other's state or output for its own.
+            self.identity["from_scatter"] = scattered.spec.to_json()
+        self.run_id = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        self.scratch = f"{self.scratch_base}/run-{self.run_id}"  # from scatter, only oversize buckets use it
         urls = [self.dst.url, self.scratch] + [d.url for d in self.datasets]
         self.in_process = self.workers == 1 or any(u.startswith("memory://") for u in urls)
         if cfg.executor == "ray":
@@ -316,66 +228,114 @@ class _Run(RunState):
                 raise ValueError(f"executor='ray' cannot reach memory:// URLs ({', '.join(urls)}): Ray workers are "
                                  "other processes; use local paths or object storage")
             self.in_process = False
-        self.faults = _faults()
-        self.only: Callable[[int], bool] | None = None
-        """Array-job stages (stages.py) run only the map and reduce tasks this selects; None runs all."""
+        self.faults = faults()
         self.stats: dict = {"plan": self.plan.to_json(), "workers": self.workers, "in_process": self.in_process}
+        if scattered is not None:
+            self.stats["from_scatter"] = True
 
-    # -- the whole run ---------------------------------------------------------------------------------
+    # -- the whole run on one machine ------------------------------------------------------------------
     def execute(self) -> Manifest:
-        lock = _Lock(self.dst, self.cfg.break_lock)
+        lock = Lock(self.dst, self.cfg.break_lock)
         lock.acquire()
         try:
             if self.faults.get("pause-after-lock"):
                 time.sleep(self.faults["pause-after-lock"])
-            finished = self._check_dst()
+            finished = self.check_dst()
             if finished is not None:
-                self._cleanup()
+                self.cleanup()
                 return finished
-            map_rows = self._start_or_resume()
-            with self._executor() as pool:
+            map_rows = self.start_or_resume()
+            with self.executor() as pool:
                 self.stats["pass1_start"] = time.time()
-                maps = self._pass1(pool, map_rows)
+                maps = self.map(pool, map_rows)
                 self.stats["pass2_start"] = time.time()
                 try:
-                    results = self._pass2(pool, maps)
+                    results = self.reduce(pool, maps)
                 except FormatError as e:
-                    raise self._uncommit_damaged(e) from None
+                    raise self.uncommit_damaged(e) from None
                 self.stats["pass2_end"] = time.time()
-            return self._commit(results)
+            return self.commit(results)
         finally:
             lock.release()
-            self._remove_empty_dirs()
+            self.remove_empty_dirs()
 
-    def _commit(self, results: list[tuple[list[ShardInfo], Fingerprint]]) -> Manifest:
-        """Check every bucket's rows against the sources, write the manifest (last), clean up."""
-        shards = [s for r in results for s in r[0]]
-        fp = sum((r[1] for r in results), Fingerprint())
-        expected = sum((d.manifest.fingerprint for d in self.datasets), Fingerprint())
-        if fp != expected:
-            raise RuntimeError(
-                f"{self.dst.url}: shuffled rows fingerprint {fp} differs from the sources' {expected}; "
-                "nothing was committed (re-run with --overwrite; report this as a bug)"
-            )
-        meta = {
-            "producer": "shuffler shuffle",
-            "shuffle": {
-                "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
-                "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
-            },
-            "source_metadata": [d.metadata for d in self.datasets],
-        }
-        manifest = Manifest(schema=self.schema, shards=tuple(shards), fingerprint=fp, metadata=meta)
-        write_manifest(self.dst, manifest)  # the dataset exists from here on, and not before
-        self._cleanup()
-        return manifest
-
-    def _executor(self):
+    def executor(self):
+        """The executor (shuffler/shuffling/executor.py) the options name, as a context manager."""
         return make_executor(self.cfg.executor, workers=self.workers, in_process=self.in_process,
                              ray_address=self.cfg.ray_address)
 
-    # -- pass 1 ----------------------------------------------------------------------------------------
-    def _pass1(self, pool: _Pool, map_rows: int) -> list[MapOutput]:
+    # -- what is at DST ----------------------------------------------------------------------------------
+    def check_dst(self) -> Manifest | None:
+        """A finished run of this very shuffle returns its manifest; anything else at DST is refused or cleared."""
+        if self.dst.exists(MANIFEST):
+            try:
+                old = read_manifest(self.dst)
+            except (FormatError, SchemaError):
+                old = None
+            if old is not None and old.metadata.get("shuffle", {}).get("run_id") == self.run_id:
+                return old
+            if not self.cfg.overwrite:
+                raise FileExistsError(
+                    f"{self.dst.url} already holds a dataset ({MANIFEST}) that is not this shuffle's output; "
+                    "pass --overwrite to replace it"
+                )
+            self.dst.delete(MANIFEST)  # first: from here on DST is no dataset, never a half-replaced one
+            for s in old.shards if old is not None else ():
+                self.dst.delete(s.name)
+            self._clear_state()
+        if self.dst.exists(RUN):
+            other = self._read_state()
+            if other.get("identity") != self.identity:
+                if not self.cfg.overwrite:
+                    raise FileExistsError(
+                        f"{self.dst.url} holds the unfinished state of another shuffle "
+                        f"({_difference(other.get('identity') or {}, self.identity)}); re-run that command to "
+                        "finish it, or pass --overwrite to discard it"
+                    )
+                self._clear_state(other)
+        return None
+
+    def start_or_resume(self) -> int:
+        """Write run.json for a new run; for a resumed one keep its map split (it fixes the intermediates).
+        Returns the rows per map task."""
+        if self.dst.exists(RUN):
+            map_rows = self._read_state().get("map_rows")
+            # A damaged value only changes the split, and the split never changes the output.
+            return map_rows if isinstance(map_rows, int) and map_rows >= 1 else self.plan.map_rows
+        state = {"identity": self.identity, "run_id": self.run_id, "map_rows": self.plan.map_rows,
+                 "scratch": self.scratch}
+        self.dst.write(RUN, json.dumps(state, indent=1).encode())
+        return self.plan.map_rows
+
+    def _read_state(self) -> dict:
+        """run.json, or {} if it is damaged (then it is no run's state: refused, or cleared by --overwrite)."""
+        try:
+            state = json.loads(self.dst.read(RUN))
+        except (ValueError, FileNotFoundError):
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def _clear_state(self, other: dict | None = None) -> None:
+        if other is None and self.dst.exists(RUN):
+            other = self._read_state()
+        scratch = other.get("scratch") if other else None
+        if isinstance(scratch, str) and scratch != self.scratch and re.search(r"/run-[0-9a-f]{16}$", scratch):
+            # Only objects an intermediate can be named: run.json is data at DST, and must not be able to
+            # make --overwrite delete anything else wherever it points.
+            store = storage(scratch)
+            for name in store.list(""):
+                if re.fullmatch(r"(sub-[0-9.]+/)*map-\d+\.(shard|idx)(\.tmp-[0-9a-f]+)?", name):
+                    store.delete(name)
+        for name in self.dst.list(""):
+            if name.startswith("shard-") or (name.startswith(STATE + "/") and name != LOCK):
+                self.dst.delete(name)
+
+    # -- pass 1 ------------------------------------------------------------------------------------------
+    def map(self, pool, map_rows: int, *, only: Selector | None = None) -> list[MapOutput]:
+        """Run the map tasks of `map_rows` rows each that `only` selects and have not committed; return every
+        committed one's output, in order. From scatter there is none: the producers did pass 1."""
+        if self.scattered is not None:
+            return []
         table = ChunkTable.of_datasets(self.datasets)
         n, B = table.rows, self.plan.buckets
         store = storage(self.scratch)
@@ -395,7 +355,7 @@ class _Run(RunState):
             if m in done and done[m].rows == hi - lo:
                 continue
             done.pop(m, None)
-            if self.only is not None and not self.only(m):
+            if only is not None and not only(m):
                 continue
             sel, skip = table.select(lo, hi)
             calls.append((MapTask(
@@ -406,23 +366,23 @@ class _Run(RunState):
         kill = int(self.faults.get("kill-after-map", 0))
         with Progress("pass 1/2 scatter", n, enabled=self.progress) as bar:
             bar.update(sum(o.rows for o in done.values()))
-            outs = pool.run(_map_worker, calls, bar, lambda k: _die() if kill and k >= kill else None)
+            outs = pool.run(map_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
         for o in outs:
             done[o.index] = o
         return [done[m] for m in sorted(done)]
 
-    # -- pass 2 ----------------------------------------------------------------------------------------
-    def _intermediates(self, maps: list[MapOutput]) -> Intermediates:
-        """Where each bucket's chunks are: pass 1's objects (shuffler/shuffling/from_scatter.py reads producers' instead)."""
-        return Intermediates(self.schema, self.scratch, maps, self.plan.buckets)
-
-    def _pass2(self, pool: _Pool, maps: list[MapOutput]) -> list[tuple[list[ShardInfo], Fingerprint]]:
+    # -- pass 2 ------------------------------------------------------------------------------------------
+    def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None
+               ) -> list[tuple[list[ShardInfo], Fingerprint]]:
+        """Run the reduce tasks of the buckets that `only` selects and have not committed; return every committed
+        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some."""
         B = self.plan.buckets
         results = committed_reduces(self.dst, B)
-        todo = [b for b in range(B) if b not in results and (self.only is None or self.only(b))]
+        todo = [b for b in range(B) if b not in results and (only is None or only(b))]
         calls = []
         if todo:
-            inter = self._intermediates(maps)
+            # Where each bucket's chunks are: pass 1's objects, or the producers' runs.
+            inter = self.scattered if self.scattered is not None else Intermediates(self.schema, self.scratch, maps, B)
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
                 calls.append((ReduceTask(
@@ -434,7 +394,72 @@ class _Run(RunState):
         kill = int(self.faults.get("kill-after-reduce", 0))
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
             bar.update(sum(s.rows for r in results.values() for s in r[0]))
-            outs = pool.run(_reduce_worker, calls, bar, lambda k: _die() if kill and k >= kill else None)
+            outs = pool.run(reduce_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
         for (task, *_), out in zip(calls, outs, strict=True):
             results[task.path[0]] = out
-        return [results[b] for b in range(B) if b in results]  # all B of them, unless self.only chose some
+        return [results[b] for b in range(B) if b in results]
+
+    def uncommit_damaged(self, error: FormatError) -> FormatError:
+        """The error to raise for `error`, found in pass 2. A damaged intermediate loses its commit marker, so
+        the next run redoes its map task (without this, every re-run would stop at the same damaged chunk);
+        a damaged scattered run is the producers' data, and is only named."""
+        if self.scattered is not None:
+            return error
+        m = re.search(re.escape(self.scratch) + r"/(map-\d+)\.shard", str(error))
+        if m is None:
+            return error
+        storage(self.scratch).delete(m.group(1) + ".idx")
+        return type(error)(f"{error}; that intermediate is now uncommitted: re-run the same command to redo it "
+                           "and finish")
+
+    # -- the end -----------------------------------------------------------------------------------------
+    def commit(self, results: list[tuple[list[ShardInfo], Fingerprint]]) -> Manifest:
+        """Check every bucket's rows against the sources, write the manifest (last), clean up."""
+        shards = [s for r in results for s in r[0]]
+        fp = sum((r[1] for r in results), Fingerprint())
+        expected = sum((d.manifest.fingerprint for d in self.datasets), Fingerprint())
+        if fp != expected:
+            raise RuntimeError(
+                f"{self.dst.url}: shuffled rows fingerprint {fp} differs from the sources' {expected}; "
+                "nothing was committed (re-run with --overwrite; report this as a bug)"
+            )
+        meta = {
+            "producer": "shuffler shuffle",
+            "shuffle": {
+                "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
+                "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
+            },
+            "source_metadata": [d.metadata for d in self.datasets],
+        }
+        manifest = Manifest(schema=self.schema, shards=tuple(shards), fingerprint=fp, metadata=meta)
+        write_manifest(self.dst, manifest)  # the dataset exists from here on, and not before
+        self.cleanup()
+        return manifest
+
+    def cleanup(self) -> None:
+        """Delete the run's state and, unless keep_intermediate, its intermediates (the lock stays)."""
+        if not self.cfg.keep_intermediate:
+            storage(self.scratch).delete_prefix("")
+        for name in self.dst.list(""):
+            if (name.startswith("shard-") or name.startswith(MANIFEST + ".")) and ".tmp-" in name:
+                self.dst.delete(name)  # left by a task killed mid-write; we hold the lock, so none is live
+            elif name.startswith(STATE + "/") and name != LOCK:
+                if not (self.cfg.keep_intermediate and name.startswith(DEFAULT_SCRATCH + "/")):
+                    self.dst.delete(name)
+        if not self.cfg.keep_intermediate:
+            self.dst.delete_prefix(DEFAULT_SCRATCH)
+
+    def remove_empty_dirs(self) -> None:
+        """Local disk keeps empty folders where objects were; remove the state folder's, if empty."""
+        if not self.dst.is_local:
+            return
+        base = self.dst.path(STATE)
+        for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -len(t[0])):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)  # fails, harmlessly, while anything (a lock, a marker) is inside
+
+
+def _difference(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    parts = [f"{k}: {json.dumps(a.get(k))[:120]} there, {json.dumps(b.get(k))[:120]} now" for k in keys if a.get(k) != b.get(k)]
+    return "; ".join(parts) or "no recorded identity"
