@@ -52,7 +52,7 @@ def parse_memory(memory: int | str | None) -> int:
 
 def piece_capacity(row_bytes: int, memory: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per piece so that two pieces (served + prefetched) and the read batches fit `memory`."""
-    fixed = 3 * read_batch_bytes(chunk_bytes)  # two compressed batches in flight and one decoding (as scatter.py)
+    fixed = 3 * read_batch_bytes(chunk_bytes)  # two compressed batches in flight and one decoding (as the chunk reader, shuffler/io/chunks.py)
     cap = (memory - fixed) // (2 * (row_bytes + INDEX_BYTES_PER_ROW))
     if cap < 1:
         raise ValueError(

@@ -76,7 +76,7 @@ def test_checker_reports_a_default_or_help_edited_on_one_side():
     @click.command("toy")
     @click.option("--level", type=int, default=3, help="zstd level, spread over two lines.")
     @click.option("--chunk-bytes", default="8MiB", help="Bytes per chunk.")
-    @click.option("--workers", type=int, help="Worker processes; None uses every core. More words.")
+    @click.option("--workers", type=int, help="Worker processes; unset uses every core. More words.")
     def toy(level, chunk_bytes, workers):
         pass
 
@@ -90,7 +90,7 @@ def test_checker_reports_a_default_or_help_edited_on_one_side():
 def test_checker_follows_renames_and_skips_required_options():
     @click.command("toy")
     @click.option("--n", "n", type=int, required=True, help="Rows to make.")
-    @click.option("--jobs", "jobs", type=int, default=4, help="Worker processes; None uses every core.")
+    @click.option("--jobs", "jobs", type=int, default=4, help="Worker processes; unset uses every core.")
     def toy(n, jobs):
         pass
 

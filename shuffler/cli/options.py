@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import re
 import textwrap
 from collections.abc import Callable, Iterable, Mapping
 
@@ -47,8 +48,13 @@ def field_docs(cls: type) -> dict[str, str]:
     for stmt, nxt in itertools.pairwise(node.body):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+            docs[stmt.target.id] = as_help(" ".join(nxt.value.value.split()))
     return docs
+
+
+def as_help(doc: str) -> str:
+    """A field docstring as command-line help: Python's `None` (the option left out) reads as "unset"."""
+    return re.sub(r"\bNone\b", "unset", doc)
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:

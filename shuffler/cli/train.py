@@ -27,7 +27,7 @@ import click
 @click.option("--export-saelens", type=click.Path(file_okay=False), default=None,
               help="At the end, write cfg.json + sae_weights.safetensors here in SAELens's layout.")
 @click.option("--lr", type=float, default=None,
-              help="Adam learning rate; None means 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024 scaling law, as in "
+              help="Adam learning rate; unset means 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024 scaling law, as in "
               "sparsify and dictionary_learning).")
 @click.option("--lr-warmup-steps", type=int, default=0, show_default=True,
               help="Linear learning-rate warm-up over this many steps (sparsify uses 1000; 0 disables).")
@@ -49,14 +49,14 @@ import click
               help="Ranks that split each SAE's latents between them; the world size must be a multiple. The other "
               "factor is data parallelism (OpenAI's n_op_shards x n_replicas).")
 @click.option("--autocast/--no-autocast", default=None,
-              help="bfloat16 autocast for the encoder matmul; None means on for CUDA, off for CPU.")
+              help="bfloat16 autocast for the encoder matmul; unset means on for CUDA, off for CPU.")
 @click.option("--log-every", type=int, default=100, show_default=True,
               help="Steps between JSON-lines log records (metrics are averaged over those steps).")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True,
               help="Steps between checkpoints; 0 writes one only at the end.")
-@click.option("--prefetch", type=int, default=None, help="Batches the reader decodes ahead; None keeps the reader's "
+@click.option("--prefetch", type=int, default=None, help="Batches the reader decodes ahead; unset keeps the reader's "
               "default.")
-@click.option("--threads", type=int, default=None, help="Reader I/O and decode threads; None keeps the reader's "
+@click.option("--threads", type=int, default=None, help="Reader I/O and decode threads; unset keeps the reader's "
               "default.")
 def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrite, export_saelens, lr, lr_warmup_steps, seed,
               k_aux, auxk_coef, dead_tokens, b_dec_init, latent_shards, autocast, log_every, checkpoint_every,

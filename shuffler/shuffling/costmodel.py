@@ -18,7 +18,7 @@ a machine whose cores are already full. So does a fresh worker's first touch of 
 (Rates.first_touch): two pool workers took 250,000 page faults in that shuffle (1.3x their peak), one
 in-process worker 48,000-102,000.
 
-Request counts follow what the code does (shuffler/shuffling/map.py, permute.py, storage.py): a map task reads
+Request counts follow what the code does (shuffler/shuffling/map.py, reduce.py, shuffler/storage/storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
 upload of 16 MiB parts above 64 MiB) and one marker; a reduce task makes one ranged GET per non-empty piece,
 writes its shards the same way and one marker. Prices are per 1,000 requests; storage-time cost is left
