@@ -108,10 +108,14 @@ class MapOutput:
     rows: int
     chunk_start: np.ndarray
     """[buckets + 1] int64: bucket b's chunks are chunk_start[b] .. chunk_start[b+1]-1."""
+    row_start: int = -1
+    """Global index of the first row it holds: a resumed shuffle reuses it only for the very same rows. -1: not
+    recorded (a producer's scattered run, or a marker of version 2)."""
 
     def to_bytes(self) -> bytes:
-        # [version 2, index, size, n_chunks, rows, crc32 of the other elements, *chunk_start] as one .npy.
-        a = np.concatenate([[2, self.index, self.size, self.n_chunks, self.rows, 0], self.chunk_start]).astype("<i8")
+        # [version 3, index, size, n_chunks, rows, crc32 of the other elements, row_start, *chunk_start], one .npy.
+        a = np.concatenate([[3, self.index, self.size, self.n_chunks, self.rows, 0, self.row_start],
+                            self.chunk_start]).astype("<i8")
         a[5] = _marker_crc(a)
         buf = io.BytesIO()
         np.save(buf, a, allow_pickle=False)
@@ -121,19 +125,21 @@ class MapOutput:
     def from_bytes(data: bytes, *, where: str, buckets: int) -> MapOutput:
         """Parse a marker, refusing (FormatError) any byte that differs from what to_bytes could have written:
         the exact .npy header for this bucket count, a CRC over every field, chunk_start rising from 0 to
-        n_chunks. A damaged marker could otherwise move rows between buckets or size a huge read."""
-        n = 6 + buckets + 1
-        head = _npy_header(n)
-        if len(data) != len(head) + 8 * n or bytes(data[: len(head)]) != head:
+        n_chunks. A damaged marker could otherwise move rows between buckets or size a huge read. Version 2
+        (no row_start; scattered datasets written before version 3) still reads, with row_start -1."""
+        layouts = [(v, f) for v, f in ((3, 7), (2, 6)) if _is_npy_of(data, f + buckets + 1)]
+        if not layouts:
             raise FormatError(f"{where}: not an intermediate index for {buckets} buckets ({len(data)} bytes; "
                               "damaged, or written by another version)")
-        a = np.frombuffer(data, dtype="<i8", offset=len(head))
-        cs = a[6:]
-        if a[0] != 2 or a[5] != _marker_crc(a):
+        version, fields = layouts[0]
+        a = np.frombuffer(data, dtype="<i8", offset=len(data) - 8 * (fields + buckets + 1))
+        cs = a[fields:]
+        if a[0] != version or a[5] != _marker_crc(a):
             raise FormatError(f"{where}: intermediate index checksum mismatch (damaged)")
-        if cs[0] != 0 or cs[-1] != a[3] or (np.diff(cs) < 0).any() or a[2] <= 0 or a[4] < 0:
+        row_start = int(a[6]) if version == 3 else -1
+        if cs[0] != 0 or cs[-1] != a[3] or (np.diff(cs) < 0).any() or a[2] <= 0 or a[4] < 0 or row_start < -1:
             raise FormatError(f"{where}: intermediate index is inconsistent (damaged)")
-        return MapOutput(int(a[1]), int(a[2]), int(a[3]), int(a[4]), cs.astype(np.int64))
+        return MapOutput(int(a[1]), int(a[2]), int(a[3]), int(a[4]), cs.astype(np.int64), row_start)
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,6 +148,12 @@ def _npy_header(n: int) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.zeros(n, dtype="<i8"), allow_pickle=False)
     return buf.getvalue()[: -8 * n]
+
+
+def _is_npy_of(data: bytes, n: int) -> bool:
+    """True if `data` is exactly what np.save writes for some [n] little-endian int64 array."""
+    head = _npy_header(n)
+    return len(data) == len(head) + 8 * n and bytes(data[: len(head)]) == head
 
 
 def _marker_crc(a: np.ndarray) -> int:
@@ -169,7 +181,7 @@ def run_map(task: MapTask, progress: Progress = None) -> MapOutput:
         level=task.level, chunk_bytes=task.chunk_bytes, threads=task.threads,
         extra={"shuffle_map": task.index, "buckets": task.buckets, "row_start": task.row_start},
     )
-    out = MapOutput(task.index, size, n_chunks, task.rows, chunk_start)
+    out = MapOutput(task.index, size, n_chunks, task.rows, chunk_start, task.row_start)
     store.write(task.name + ".idx", out.to_bytes())  # the commit marker, written last
     return out
 

@@ -220,7 +220,10 @@ class Run:
             # is also an ordinary dataset), so neither run mistakes the other's state or output for its own.
             self.identity["from_scatter"] = scattered.spec.to_json()
         self.run_id = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
-        self.scratch = f"{self.scratch_base}/run-{self.run_id}"  # from scatter, only oversize buckets use it
+        # Keyed by the destination too: two destinations sharing --scratch never see each other's intermediates
+        # (the map split is checked marker by marker, map()). From scatter, only oversize buckets use it.
+        owner = json.dumps([self.run_id, canonical_url(self.dst.url)]).encode()
+        self.scratch = f"{self.scratch_base}/run-{hashlib.sha256(owner).hexdigest()[:16]}"
         urls = [self.dst.url, self.scratch] + [d.url for d in self.datasets]
         self.in_process = self.workers == 1 or any(u.startswith("memory://") for u in urls)
         if cfg.executor == "ray":
@@ -350,10 +353,13 @@ class Run:
                 done[out.index] = out
         key = stream_key(self.cfg.seed)
         calls = []
+        tasks = -(-n // map_rows)
+        for m in [m for m in done if m >= tasks]:
+            del done[m]  # another split's (the split never changes the output); overwritten or deleted with scratch
         for m, lo in enumerate(range(0, n, map_rows)):
             hi = min(n, lo + map_rows)
-            if m in done and done[m].rows == hi - lo:
-                continue
+            if m in done and done[m].row_start == lo and done[m].rows == hi - lo:
+                continue  # committed, and for exactly these rows
             done.pop(m, None)
             if only is not None and not only(m):
                 continue
