@@ -193,7 +193,8 @@ class ActivationStream:
                 return info.id, info.num_workers
         return 0, 1
 
-    def _plan(self, epoch: int, worker: int | None = None) -> EpochPlan:
+    def epoch_plan(self, epoch: int, worker: int | None = None) -> EpochPlan:
+        """The order of `epoch` and this consumer's share of it (readers/order.py)."""
         w, n = self._split()
         c = self.config
         return EpochPlan(
@@ -214,7 +215,7 @@ class ActivationStream:
     @property
     def batches_per_epoch(self) -> int:
         """Batches this stream (this rank, this worker) yields per epoch, damaged chunks aside."""
-        return self._plan(0).n_batches
+        return self.epoch_plan(0).n_batches
 
     def __len__(self) -> int:
         return self.batches_per_epoch * self.config.epochs
@@ -225,7 +226,8 @@ class ActivationStream:
         return self._epoch
 
     # -- resume ----------------------------------------------------------------------------------------
-    def _settings(self) -> dict:
+    def resume_settings(self) -> dict:
+        """The settings a resume state must match (they fix the order): world, batch, seed and shuffle options."""
         c = self.config
         return {
             "world_size": c.world_size, "num_workers": self._split()[1], "batch_size": c.batch_size, "seed": c.seed,
@@ -237,7 +239,7 @@ class ActivationStream:
         """Where the stream is: the next batch it yields. JSON-serialisable; small."""
         return StreamState(
             fingerprint=self.manifest.fingerprint,
-            settings=self._settings(),
+            settings=self.resume_settings(),
             rank=self.config.rank,
             positions=((self._epoch, self._batch),),
         ).to_dict()
@@ -255,8 +257,8 @@ class ActivationStream:
     def parse_state(self, state: dict, num_workers: int | None = None) -> StreamState:
         """Validate a state against this stream (read with `num_workers` DataLoader workers)."""
         n = self._split()[1] if num_workers is None else num_workers
-        settings = dict(self._settings(), num_workers=n)
-        per_epoch = [self.for_worker(w, n)._plan(0).n_batches for w in range(n)]
+        settings = dict(self.resume_settings(), num_workers=n)
+        per_epoch = [self.for_worker(w, n).epoch_plan(0).n_batches for w in range(n)]
         return parse_state(
             state, fingerprint=self.manifest.fingerprint, settings=settings, url=self.url,
             epochs=self.config.epochs, batches_per_epoch=per_epoch,
@@ -285,7 +287,7 @@ class ActivationStream:
         worker = self._split()[0]
         col_bytes = sum(np.dtype(dict(ds.schema.columns)[n]).itemsize for n in c.columns)
         while self._epoch < c.epochs:
-            plan = self._plan(self._epoch)
+            plan = self.epoch_plan(self._epoch)
             for b, acts, cols, keep in self._epoch_batches(ds, plan, self._batch, bufs):
                 if keep is not None:
                     whole, acts, cols = acts, acts[keep], {k: v[keep] for k, v in cols.items()}

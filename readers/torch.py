@@ -82,7 +82,7 @@ class ActivationLoader:
 
     def _per_epoch(self) -> list[int]:
         s = self.dataset.stream
-        return [s.for_worker(w, self.num_workers)._plan(0).n_batches for w in range(self.num_workers)]
+        return [s.for_worker(w, self.num_workers).epoch_plan(0).n_batches for w in range(self.num_workers)]
 
     def __len__(self) -> int:
         """Batches this rank gets over all epochs (damaged chunks aside)."""
@@ -92,7 +92,7 @@ class ActivationLoader:
         s = self.dataset.stream
         return StreamState(
             fingerprint=s.manifest.fingerprint,
-            settings=dict(s._settings(), num_workers=self.num_workers),
+            settings=dict(s.resume_settings(), num_workers=self.num_workers),
             rank=s.config.rank,
             positions=tuple(self._positions),
             next_worker=self._next,

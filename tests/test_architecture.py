@@ -263,6 +263,21 @@ def test_checkers_see_every_package():
     assert "shuffler.shuffling.run" in graph["shuffler"]  # shuffler/__init__.py imports it
 
 
+def private_imports(root: Path) -> list[str]:
+    """`from m import _name` where m is another module of the project: a private name used across modules."""
+    out = []
+    for name, path in modules(root).items():
+        for line, module, names in imported_names(path, name):
+            if module.split(".")[0] in PACKAGES and module != name:
+                out.extend(f"{path.relative_to(root)}:{line}: imports {module}.{n}, a private name"
+                           for n in names if n.startswith("_") and not n.startswith("__"))
+    return out
+
+
+def test_no_private_names_across_modules():
+    assert private_imports(ROOT) == []
+
+
 # ---------------------------------------------------------------------------------------------------
 # Each rule can fail: the checkers on small bad trees
 
@@ -361,3 +376,12 @@ def test_help_importing_a_heavy_library_fails(tmp_path):
     assert heavy_imports_of_help(root) == ["`python -m shuffler --help` imports pyarrow"]
     (root / "shuffler/cli/__init__.py").write_text("def main():\n    raise RuntimeError('broken')\n")
     assert "did not run" in heavy_imports_of_help(root)[0]
+
+
+def test_importing_a_private_name_from_another_module_fails(tmp_path):
+    root = tree(tmp_path, {
+        "shuffler/a.py": "_hidden = 1\nshown = 2\n",
+        "shuffler/b.py": "def f():\n    from shuffler.a import _hidden, shown\n",
+        "shuffler/c.py": "from shuffler.a import shown\nfrom collections import _chain_rest\n",
+    })
+    assert private_imports(root) == ["shuffler/b.py:2: imports shuffler.a._hidden, a private name"]

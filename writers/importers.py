@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from shuffler.errors import SchemaError
 from shuffler.format.convert import float32_to_bfloat16_bits
-from shuffler.format.schema import _NAME, COLUMN_DTYPES, STANDARD_COLUMNS, Schema
+from shuffler.format.schema import COLUMN_DTYPES, COLUMN_NAME, STANDARD_COLUMNS, Schema
 from shuffler.interop.arrow import (
     arrow_to_acts,
     arrow_to_column,
@@ -197,9 +197,9 @@ def plan_columns(schema: pa.Schema, cfg: ImportConfig, *, where: str, saelens: b
                 f"(one per row, or one list per record); leave it out with --drop-column {f.name}"
             )
         out = ALIASES.get(f.name, f.name)
-        if not _NAME.match(out):
+        if not COLUMN_NAME.match(out):
             raise SchemaError(
-                f"{where} column {f.name!r}: name is not a valid column name ({_NAME.pattern}); "
+                f"{where} column {f.name!r}: name is not a valid column name ({COLUMN_NAME.pattern}); "
                 f"leave it out with --drop-column {f.name!r}"
             )
         if out in seen:
@@ -337,7 +337,7 @@ def _npy_pieces(source: Source, cfg: ImportConfig, report: ImportReport) -> Iter
             raise SchemaError(
                 f"{path} (column {name!r}): shape {c.shape}; expected [{rows}] to match {src} {tuple(a.shape)}"
             )
-        if not _NAME.match(out) or out in cols:
+        if not COLUMN_NAME.match(out) or out in cols:
             raise SchemaError(f"companion column name {name!r} is invalid or given twice")
         cols[out], dts[out] = c.reader((rows,)), STANDARD_COLUMNS.get(out, str(c.dtype))
     report.column, report.source_dtype = source.basename, dtype

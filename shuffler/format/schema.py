@@ -25,7 +25,8 @@ COLUMN_DTYPES = frozenset(
     ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64"]
 )
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: A column name: letters, digits and underscore, at most 64, not starting with a digit.
+COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +51,8 @@ class Schema:
         cols = tuple((str(n), str(t)) for n, t in self.columns)
         seen = set()
         for name, dt in cols:
-            if not _NAME.match(name):
-                raise SchemaError(f"column name {name!r} must match {_NAME.pattern} (letters, digits, underscore)")
+            if not COLUMN_NAME.match(name):
+                raise SchemaError(f"column name {name!r} must match {COLUMN_NAME.pattern} (letters, digits, underscore)")
             if name in seen:
                 raise SchemaError(f"column {name!r} appears twice in {cols}")
             seen.add(name)
