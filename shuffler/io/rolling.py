@@ -1,8 +1,11 @@
-"""RollingShardWriter: rows in, committed shards out. Shared by writers.ShardWriter and the shuffle.
+"""The encode pipeline, and RollingShardWriter (rows in, committed shards out) built on it.
 
-Rows are copied into a small pool of reused chunk buffers; full chunks are split and zstd-encoded by worker
-threads (zstd and numpy release the GIL, so encoding overlaps the caller's work), and frames are written
-in order by the caller's thread, so the output bytes never depend on thread timing.
+EncodePipeline is the one way chunks are encoded: the caller fills (or names rows to gather into) one of a
+bounded set of reused chunk buffers, worker threads byte-split and zstd-encode them (zstd and numpy release
+the GIL, so encoding overlaps the caller's work), and the frames are handed on in submission order by the
+caller's thread, so the output bytes never depend on thread timing. It serves writers.ShardWriter and pass 2's
+output (RollingShardWriter), pass-1 intermediates and scatter-on-write's runs (shuffling/map.py:
+write_intermediate).
 """
 
 from __future__ import annotations
@@ -28,11 +31,83 @@ def rows_per_chunk(schema: Schema, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // schema.row_bytes)
 
 
-class _Buffer:
+class ChunkBuffer:
+    """Room for one chunk's rows: acts [cap, d_model] storage dtype and one array per column, reused."""
+
     def __init__(self, schema: Schema, cap: int):
+        # np.empty maps pages lazily: a buffer costs nothing until rows arrive.
         self.acts = np.empty((cap, schema.d_model), dtype=schema.storage_dtype)  # [cap, d_model]
         self.cols = [np.empty(cap, dtype=np.dtype(t)) for _, t in schema.columns]
-        self.n = 0
+
+
+#: What the pipeline hands on for each chunk, in order: (frame, rows, checksum, fingerprint sum of its rows;
+#: 0 unless the pipeline hashes).
+Emit = Callable[[bytes, int, int, int], None]
+
+
+class EncodePipeline:
+    """Encodes chunks on `threads` threads through at most threads + 2 reused buffers; emits frames in order.
+
+        enc = EncodePipeline(schema, chunk_rows, level=1, threads=2, emit=lambda frame, rows, crc, fsum: ...)
+        buf = enc.buffer(); buf.acts[:n] = ...; enc.encode(buf, n)         # rows the caller copied in
+        enc.encode(enc.buffer(), len(idx), gather=(acts, cols, idx))       # rows acts[idx], gathered on a thread
+        enc.close()                                                        # emits the rest, in order
+
+    `emit` runs on the caller's thread, inside buffer() or close(). A worker's first error is re-raised there.
+    """
+
+    def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False):
+        self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
+        # threads encoding, one finished frame waiting its turn, one being filled by the caller.
+        self.max_buffers = max(1, threads) + 2
+        self.made = 0
+        self.free: list[ChunkBuffer] = []
+        self.inflight: deque[tuple[Future, ChunkBuffer]] = deque()
+
+    def buffer(self) -> ChunkBuffer:
+        """A buffer to fill; when all are in use, waits for the oldest chunk and emits its frame first."""
+        if not self.free and self.made >= self.max_buffers:
+            self._emit_oldest()
+        if self.free:
+            return self.free.pop()
+        self.made += 1
+        return ChunkBuffer(self.schema, self.chunk_rows)
+
+    def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
+        """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
+        self.inflight.append((self.pool.submit(self._encode, buf, rows, gather), buf))
+
+    def _encode(self, buf: ChunkBuffer, n: int, gather) -> tuple[bytes, int, int, int]:
+        if gather is not None:
+            acts, cols, idx = gather
+            # mode="clip": with the default "raise", numpy buffers `out` and gathers at 0.6-1.1 GB/s, against
+            # 2.6-3.2 GB/s here (measured on 8 MiB chunks of 1,552-byte rows); callers' indices are in range.
+            np.take(acts, idx, axis=0, out=buf.acts[:n], mode="clip")
+            for c, d in zip(cols, buf.cols, strict=True):
+                np.take(c, idx, out=d[:n], mode="clip")
+        a, c = buf.acts[:n], [col[:n] for col in buf.cols]
+        frame, checksum = encode_chunk(self.schema, a, c, self.level)
+        return frame, n, checksum, fingerprint_sum(row_hashes(self.schema, a, c)) if self.hashes else 0
+
+    def _emit_oldest(self) -> None:
+        fut, buf = self.inflight.popleft()
+        out = fut.result()  # re-raises the worker's first error here
+        self.free.append(buf)
+        self.emit(*out)
+
+    def close(self) -> None:
+        """Emit every frame still in flight, in order, and stop the threads."""
+        while self.inflight:
+            self._emit_oldest()
+        self.pool.shutdown()
+
+    def abort(self) -> None:
+        """Drop what is in flight (nothing more is emitted) and stop the threads."""
+        for fut, _ in self.inflight:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+        self.inflight.clear()
 
 
 class RollingShardWriter:
@@ -54,11 +129,9 @@ class RollingShardWriter:
         self.header_extra = header_extra
         self.chunk_rows = rows_per_chunk(schema, chunk_bytes)
         self.shard_chunks = max(1, shard_bytes // (self.chunk_rows * schema.row_bytes))
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
-        self.max_inflight = max(1, threads) + 1
-        self.inflight: deque[tuple[Future, _Buffer]] = deque()
-        self.free: list[_Buffer] = []
-        self.buf = _Buffer(schema, self.chunk_rows)
+        self.encoder = EncodePipeline(schema, self.chunk_rows, level=level, threads=threads, emit=self._add, hashes=True)
+        self.buf: ChunkBuffer | None = None
+        self.fill = 0
         self.shards: list[ShardInfo] = []
         self.fingerprint = Fingerprint()
         self.raw_bytes = 0
@@ -71,36 +144,24 @@ class RollingShardWriter:
         """Append rows already in storage form: acts [rows, d_model] storage dtype, cols in schema order."""
         n, pos = acts.shape[0], 0
         while pos < n:
-            b = self.buf
-            take = min(self.chunk_rows - b.n, n - pos)
-            b.acts[b.n : b.n + take] = acts[pos : pos + take]
+            if self.buf is None:
+                self.buf, self.fill = self.encoder.buffer(), 0
+            b, at = self.buf, self.fill
+            take = min(self.chunk_rows - at, n - pos)
+            b.acts[at : at + take] = acts[pos : pos + take]
             for dst, src in zip(b.cols, cols, strict=True):
-                dst[b.n : b.n + take] = src[pos : pos + take]
-            b.n += take
+                dst[at : at + take] = src[pos : pos + take]
+            self.fill += take
             pos += take
-            if b.n == self.chunk_rows:
+            if self.fill == self.chunk_rows:
                 self._submit()
 
     def _submit(self) -> None:
-        b = self.buf
-        if b.n == 0:
-            return
-        self.inflight.append((self.pool.submit(self._encode, b), b))
-        while len(self.inflight) >= self.max_inflight:
-            self._drain_one()
-        self.buf = self.free.pop() if self.free else _Buffer(self.schema, self.chunk_rows)
-        self.buf.n = 0
+        if self.buf is not None and self.fill:
+            self.encoder.encode(self.buf, self.fill)
+            self.buf = None
 
-    def _encode(self, b: _Buffer) -> tuple[bytes, int, int, int]:
-        acts = b.acts[: b.n]
-        cols = [c[: b.n] for c in b.cols]
-        frame, checksum = encode_chunk(self.schema, acts, cols, self.level)
-        return frame, checksum, b.n, fingerprint_sum(row_hashes(self.schema, acts, cols))
-
-    def _drain_one(self) -> None:
-        fut, b = self.inflight.popleft()
-        frame, checksum, rows, fsum = fut.result()  # re-raises the worker's first error here
-        self.free.append(b)
+    def _add(self, frame: bytes, rows: int, checksum: int, fsum: int) -> None:
         sink = self._sink or self._open_shard()
         sink.add(frame, rows, checksum)
         self.fingerprint = self.fingerprint + Fingerprint(rows, fsum)
@@ -131,24 +192,20 @@ class RollingShardWriter:
             return self.shards
         try:
             self._submit()
-            while self.inflight:
-                self._drain_one()
+            self.encoder.close()
             if self._sink is not None:
                 self._close_shard()
         except BaseException:
             self.abort()
             raise
         self._closed = True
-        self.pool.shutdown()
         return self.shards
 
     def abort(self) -> None:
         """Discard the open shard and delete the committed ones: nothing of this writer stays visible."""
         self._closed = True
-        for fut, _ in self.inflight:
-            fut.cancel()
-        self.pool.shutdown(wait=True)
-        self.inflight.clear()
+        self.encoder.abort()
+        self.buf = None
         if self._stack is not None:
             try:
                 self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)

@@ -18,18 +18,17 @@ import functools
 import io
 import threading
 import zlib
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from shuffler.errors import FormatError
-from shuffler.format.codec import encode_chunk
+from shuffler.format.manifest import Fingerprint
 from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardSink, decode_footer, tail_bytes
 from shuffler.io.chunks import ChunkTable, iter_decoded, storage
+from shuffler.io.rolling import EncodePipeline, rows_per_chunk
 from shuffler.keys import bucket_ids
 from shuffler.storage.storage import Storage
 
@@ -176,7 +175,7 @@ def run_map(task: MapTask, progress: Progress = None) -> MapOutput:
     counts = np.bincount(ids, minlength=task.buckets)
     del ids
     store = storage(task.scratch)
-    size, n_chunks, chunk_start = write_intermediate(
+    size, n_chunks, chunk_start, _ = write_intermediate(
         store, task.name + ".shard", schema, acts, cols, order, counts,
         level=task.level, chunk_bytes=task.chunk_bytes, threads=task.threads,
         extra={"shuffle_map": task.index, "buckets": task.buckets, "row_start": task.row_start},
@@ -199,13 +198,15 @@ def write_intermediate(
     chunk_bytes: int,
     threads: int,
     extra: dict,
-) -> tuple[int, int, np.ndarray]:
+    hashes: bool = False,
+) -> tuple[int, int, np.ndarray, Fingerprint]:
     """Write rows acts[order] as bucket segments (counts[b] rows each) into one shard-format object.
 
-    Returns (object size, chunk count, chunk_start [B + 1]). Rows are gathered into a few reused chunk
-    buffers and encoded on `threads` threads; frames are written in order, so the bytes never depend on timing.
+    Returns (object size, chunk count, chunk_start [B + 1], fingerprint of the rows; empty unless `hashes`).
+    Each chunk's rows are gathered into a reused buffer and encoded on `threads` threads by the encode pipeline
+    (shuffler/io/rolling.py); frames are written in order, so the bytes never depend on timing.
     """
-    chunk_rows = max(1, chunk_bytes // schema.row_bytes)
+    chunk_rows = rows_per_chunk(schema, chunk_bytes)
     nch = -(-counts.astype(np.int64) // chunk_rows)  # [B] chunks per bucket
     chunk_start = np.concatenate([[0], np.cumsum(nch)])
     bucket_pos = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -213,36 +214,26 @@ def write_intermediate(
     k = np.arange(len(bucket)) - chunk_start[bucket]
     starts = bucket_pos[bucket] + k * chunk_rows
     ends = np.minimum(starts + chunk_rows, bucket_pos[bucket + 1])
-    bufs = [
-        (np.empty((chunk_rows, schema.d_model), schema.storage_dtype), [np.empty(chunk_rows, np.dtype(t)) for _, t in schema.columns])
-        for _ in range(threads + 2)
-    ]
+    fp = Fingerprint()
 
-    def encode(s: int, e: int, buf) -> tuple[bytes, int, int]:  # (frame, rows, checksum)
-        idx = order[s:e]
-        # mode="clip": with the default "raise", numpy buffers `out` and gathers at 0.6-1.1 GB/s, against
-        # 2.6-3.2 GB/s here (measured on 8 MiB chunks of 1,552-byte rows); argsort's indices are in range.
-        ba = np.take(acts, idx, axis=0, out=buf[0][: e - s], mode="clip")
-        bc = [np.take(c, idx, out=d[: e - s], mode="clip") for c, d in zip(cols, buf[1], strict=True)]
-        frame, checksum = encode_chunk(schema, ba, bc, level)
-        return frame, e - s, checksum
-
-    with store.open_atomic(name) as f, ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="scatter") as pool:
+    with store.open_atomic(name) as f:
         sink = ShardSink(f, schema, level, extra)
-        inflight: deque[tuple[Future, tuple]] = deque()
-        free = list(bufs)
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            if not free:
-                fut, b = inflight.popleft()
-                sink.add(*fut.result())
-                free.append(b)
-            b = free.pop()
-            inflight.append((pool.submit(encode, s, e, b), b))
-        while inflight:
-            fut, b = inflight.popleft()
-            sink.add(*fut.result())
+
+        def emit(frame: bytes, rows: int, checksum: int, fsum: int) -> None:
+            nonlocal fp
+            sink.add(frame, rows, checksum)
+            fp = fp + Fingerprint(rows, fsum)
+
+        enc = EncodePipeline(schema, chunk_rows, level=level, threads=threads, emit=emit, hashes=hashes)
+        try:
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                enc.encode(enc.buffer(), e - s, gather=(acts, cols, order[s:e]))  # argsort's indices: in range
+            enc.close()
+        except BaseException:
+            enc.abort()
+            raise
         size = sink.finish()
-    return size, len(bucket), chunk_start
+    return size, len(bucket), chunk_start, fp if hashes else Fingerprint()
 
 
 def read_intermediate_footer(store: Storage, name: str, out: MapOutput, schema: Schema) -> np.ndarray:

@@ -5,10 +5,11 @@
     # then either:  shuffler shuffle --from-scatter s3://b/acts s3://b/shuffled   (pass 2 only)
     # or read it:   ActivationStream("s3://b/acts", batch_size=4096, permute_buckets=True)
 
-A producer buffers a run of rows (`ScatterSpec.run_bytes`), draws each row's bucket with scatter.py's
+A producer buffers a run of rows (`ScatterSpec.run_bytes`), draws each row's bucket with keys.py's
 `bucket_ids` (the very function pass 1 uses), orders the run by bucket with one stable argsort and writes it
-with scatter.py's `write_intermediate` as `map-000003.shard` plus its `map-000003.idx` marker: byte for byte
-the layout of a pass-1 intermediate, so permute.py reads it unchanged. Each producer writes its runs under its
+with shuffling/map.py's `write_intermediate` (the encode pipeline of io/rolling.py, which also hashes the rows
+for the fingerprint on its threads) as `map-000003.shard` plus its `map-000003.idx` marker: byte for byte
+the layout of a pass-1 intermediate, so pass 2 (shuffling/reduce.py) reads it unchanged. Each producer writes its runs under its
 own folder (`<producer>/map-000000.shard`; a single producer writes at the root). The manifest (or the part
 manifest, joined by `shuffler seal`) lists the runs as shards, so a scattered dataset is also an ordinary
 dataset (inspect, verify and the normal reader work on it; its stored order is grouped by bucket, not shuffled).
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler.errors import FormatError
-from shuffler.format.codec import fingerprint_sum, row_hashes
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.format.schema import Schema
 from shuffler.io.chunks import CHUNK, ChunkTable
@@ -168,12 +168,11 @@ class ScatterSink:
         counts = np.bincount(ids, minlength=self.spec.buckets)
         del ids
         name = self.folder + map_name(index)
-        size, n_chunks, chunk_start = write_intermediate(
+        size, n_chunks, chunk_start, fp = write_intermediate(
             self.store, name + ".shard", self.schema, acts, cols, order, counts, level=self.level,
-            chunk_bytes=self.chunk_bytes, threads=self.threads,
+            chunk_bytes=self.chunk_bytes, threads=self.threads, hashes=True,
             extra=dict(self.extra, shuffle_map=index, buckets=self.spec.buckets, row_start=start),
         )
-        fp = Fingerprint(n, fingerprint_sum(row_hashes(self.schema, acts, cols)))
         self.store.write(name + ".idx", MapOutput(index, size, n_chunks, n, chunk_start).to_bytes())  # its commit
         return ShardInfo(name=name + ".shard", rows=n, bytes=size, chunks=n_chunks), fp
 
