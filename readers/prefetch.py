@@ -1,7 +1,8 @@
 """Background reading: a thread pool does the ranged reads and zstd decodes, straight into batch buffers.
 
-Each work unit (rows lo..hi of one chunk, see plan.py) is one task: read the chunk's bytes with one ranged
-read, decompress the frame (zstd releases the GIL), and un-split the byte planes of just rows lo..hi
+Each work unit (rows lo..hi of one chunk, see order.py) is one task: read and check the chunk's frame with
+the chunk reader (shuffler/io/chunks.py: a memory map's view for local shards, one ranged read otherwise),
+decompress it (zstd releases the GIL), and un-split the byte planes of just rows lo..hi
 directly into the batch buffers those rows belong to. So a row is copied once after decompression, the same
 work as `codec.decode_chunk` (the benchmark's baseline), and batches are assembled with no extra copy and no
 per-row Python loop.
@@ -26,10 +27,9 @@ import numpy as np
 
 from readers.order import Unit
 from shuffler.errors import ChecksumError, FormatError
-from shuffler.format.codec import decompress_chunk
 from shuffler.format.schema import Schema
+from shuffler.io.chunks import ChunkReader
 from shuffler.io.dataset import Dataset
-from shuffler.storage.mapped import LocalMaps
 
 
 def unsplit_rows(
@@ -109,7 +109,8 @@ class Assembler:
         self.stats = stats
         self.alloc = alloc
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="activation-read")
-        self.maps = LocalMaps(dataset.store) if dataset.store.is_local else None
+        # Its own reader (memory maps for local shards), unmapped when this iteration closes.
+        self.reader = ChunkReader(dataset.store)
         self._futures: set[Future] = set()
 
     def close(self) -> None:
@@ -118,8 +119,7 @@ class Assembler:
             f.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._futures.clear()
-        if self.maps is not None:
-            self.maps.close()
+        self.reader.close()
 
     def _task(self, unit: Unit, pieces: list[tuple[_Slot, int, int, int]]) -> BaseException | None:
         ds = self.dataset
@@ -128,23 +128,13 @@ class Assembler:
         start, end = int(e["offset"]), int(e["offset"] + e["comp_len"])
         where = f"{ds.store.url_of(info.name)} chunk {unit.chunk}"
         try:
-            frame = self.maps.read(info.name, start, end) if self.maps is not None else ds.store.read_range(info.name, start, end)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{ds.store.url_of(info.name)}: shard named in the manifest is missing") from None
-        try:
-            if len(frame) != end - start:
-                raise FormatError(f"{where}: read {len(frame)} bytes, index says {end - start} (object truncated?)")
-            raw = decompress_chunk(self.schema, frame, int(e["rows"]), int(e["checksum"]), where=where)
+            raw = self.reader.read(self.schema, info.name, start, end, int(e["rows"]), int(e["checksum"]), where=where)
         except FormatError as err:  # ChecksumError included
             if isinstance(err, ChecksumError):
                 err.obj, err.chunk = info.name, unit.chunk
             if self.skip_damaged:
                 return err
             raise
-        finally:
-            if self.maps is not None:
-                LocalMaps.release(frame, start)
-                del frame  # unexport the map, so it can be closed
         for slot, at, lo, hi in pieces:
             unsplit_rows(self.schema, raw, int(e["rows"]), lo, hi, slot.acts, slot.cols, at)
         return None

@@ -28,9 +28,9 @@ def test_mapped_reads_equal_ranged_reads(tmp_path):
     url = str(tmp_path / "d")
     x = write(url)
     ds = Dataset.open(url)
-    assert ds._maps is not None and len(ds.shards) > 1
+    assert ds.reader.maps is not None and len(ds.shards) > 1
     got = [ds.read_chunk(i, j) for i in range(len(ds.shards)) for j in range(ds.index(i).n_chunks)]
-    assert ds._maps.maps  # the chunks came from maps
+    assert ds.reader.maps.maps  # the chunks came from maps
     # the same bytes through the ranged-read path
     for i in range(len(ds.shards)):
         for j in range(ds.index(i).n_chunks):
@@ -42,7 +42,7 @@ def test_mapped_reads_equal_ranged_reads(tmp_path):
     whole = np.concatenate([ds.read_shard(i).acts for i in range(len(ds.shards))])
     assert np.array_equal(whole.view(np.uint16), x.view(np.uint16))
     ds.close()
-    assert not ds._maps.maps
+    assert not ds.reader.maps.maps
 
 
 def test_missing_and_truncated_shards_are_named(tmp_path):
@@ -88,7 +88,7 @@ def test_threads_reading_more_shards_than_stay_mapped(tmp_path):
     url = str(tmp_path / "d")
     write(url, rows=6000)
     ds = Dataset.open(url)
-    ds._maps.keep = 2
+    ds.reader.maps.keep = 2
     assert len(ds.shards) > 4
     jobs = [(i, j) for i in range(len(ds.shards)) for j in range(ds.index(i).n_chunks)] * 3
     want = {(i, j): ds.decode(i, j, ds.store.read_range(ds.shards[i].name, *ds.chunk_range(i, j))).acts
@@ -96,7 +96,7 @@ def test_threads_reading_more_shards_than_stay_mapped(tmp_path):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda ij: ds.read_chunk(*ij).acts, jobs))
     assert all(np.array_equal(g, want[ij]) for g, ij in zip(got, jobs, strict=True))
-    assert len(ds._maps.maps) <= 2
+    assert len(ds.reader.maps.maps) <= 2
 
 
 def _mapped_rss_kib(path: str) -> int:
@@ -125,7 +125,7 @@ def test_decoded_chunks_pages_leave_the_mapping(tmp_path):
     path = os.path.join(url, ds.shards[0].name)
     for j in range(ds.index(0).n_chunks):
         ds.read_chunk(0, j)
-    assert ds._maps.maps  # still mapped
+    assert ds.reader.maps.maps  # still mapped
     assert _mapped_rss_kib(path) <= 128, _mapped_rss_kib(path)  # at most a fault-around window or two
     # the same reads with the release step disabled keep the whole file resident: the check can fail
     ds2 = Dataset.open(url)
@@ -146,6 +146,6 @@ def test_dataset_as_context_manager_unmaps_and_stays_usable(tmp_path):
     write(url)
     with Dataset.open(url) as ds:
         a = ds.read_chunk(0, 0).acts.copy()
-        assert ds._maps.maps
-    assert not ds._maps.maps
+        assert ds.reader.maps.maps
+    assert not ds.reader.maps.maps
     assert np.array_equal(ds.read_chunk(0, 0).acts, a)  # maps again on demand

@@ -22,15 +22,14 @@ import json
 import os
 import shutil
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from shuffler.interop.arrow import ACTS, numpy_to_arrow
+from shuffler.io.chunks import ChunkTable, iter_decoded
 from shuffler.io.dataset import Batch, Dataset
 from shuffler.storage.storage import Storage
 
@@ -98,21 +97,13 @@ class ExportReport:
 
 
 def iter_batches(ds: Dataset, *, threads: int = 4) -> Iterator[Batch]:
-    """Every chunk of `ds` in stored order, read and decoded `threads` at a time; the first error re-raised."""
-    keys = [(i, j) for i in range(len(ds.shards)) for j in range(ds.index(i).n_chunks)]
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="export-read") as pool:
-        window: deque = deque()
-        it = iter(keys)
-        for k in it:
-            window.append(pool.submit(ds.read_chunk, *k))
-            if len(window) >= 2 * threads:
-                break
-        while window:
-            b = window.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                window.append(pool.submit(ds.read_chunk, *nxt))
-            yield b
+    """Every chunk of `ds` in stored order, read and decoded `threads` at a time by the chunk reader
+    (shuffler/io/chunks.py: memory maps for local shards, batched ranged reads otherwise, about 32 MiB of
+    frames a batch, so memory stays bounded whatever the dataset's size); the first error re-raised."""
+    table = ChunkTable.of_datasets([ds])
+    names = ds.schema.column_names
+    for _, acts, cols in iter_decoded(table, 0, table.rows, threads=threads):
+        yield Batch(acts, dict(zip(names, cols, strict=True)), ds.dtype)
 
 
 def _split_url(dst: str) -> tuple[Storage, str]:

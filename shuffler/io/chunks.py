@@ -1,5 +1,5 @@
-"""The chunk reader: rows held by chunks of shard-format objects, fetched with batched ranged reads and
-decoded on threads, in order.
+"""The chunk reader: rows held by chunks of shard-format objects, fetched (memory maps for local files,
+batched ranged reads otherwise), checked and decoded on threads, in order.
 
     table = ChunkTable.of_datasets([Dataset.open(url)])          # every chunk, in row order
     for pos, acts, cols in iter_decoded(table, skip=0, rows=table.rows):
@@ -8,7 +8,12 @@ decoded on threads, in order.
 A ChunkTable names chunks of any objects (a dataset's shards, a shuffle's intermediates, a producer's
 scattered runs) by (object, byte offset, compressed length, rows, checksum), so one reader serves every
 place that reads chunks: pass 1 reads the sources through it, pass 2 each bucket's pieces of every
-intermediate. Every frame is checked against the index it came with (format/codec.py: decode_chunk).
+intermediate, the readers' bucket pieces (readers/buckets.py) and `shuffler export` a dataset's chunks.
+Every frame is checked against the index it came with (format/codec.py: decompress_chunk).
+
+ChunkReader is the one way a frame is read and checked: Dataset.read_chunk/read_shard and the readers'
+prefetch pool (readers/prefetch.py, which un-splits the rows straight into its batch buffers) call it, and
+iter_decoded reads through one per storage.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler.errors import FormatError
-from shuffler.format.codec import decode_chunk
+from shuffler.format.codec import decompress_chunk, unsplit
 from shuffler.format.schema import Schema
+from shuffler.storage.mapped import LocalMaps
 from shuffler.storage.storage import Storage
 
 #: One chunk of some object: which object, where its frame lies, and what the frame must decode to.
@@ -101,10 +107,62 @@ def _batches(chunks: np.ndarray, batch_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
-def _fetch(table: ChunkTable, lo: int, hi: int) -> list[bytes]:
-    """The frames of chunks lo..hi-1, with one batched ranged read per storage."""
+class ChunkReader:
+    """Reads and checks chunk frames of the objects of one Storage.
+
+    Local files are read through memory maps (storage/mapped.py: zstd decodes straight from the page cache, and
+    each decoded chunk's pages are dropped from this process again); other stores with ranged reads. close()
+    unmaps; the reader stays usable (a later read maps its file again).
+    """
+
+    def __init__(self, store: Storage):
+        self.store = store
+        self.maps = LocalMaps(store) if store.is_local else None
+
+    def frame(self, name: str, start: int, end: int) -> bytes | memoryview:
+        """Bytes [start, end) of shard `name` (shorter if the object is); FileNotFoundError naming it if missing."""
+        try:
+            if self.maps is None:
+                return self.store.read_range(name, start, end)
+            return self.maps.read(name, start, end)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.store.url_of(name)}: shard named in the manifest is missing") from None
+
+    def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes | memoryview]:
+        """Many frames at once: map views if local, else one batched ranged read (concurrent on object stores)."""
+        if self.maps is None:
+            return self.store.read_ranges(names, starts, ends)
+        return [self.maps.read(n, s, e) for n, s, e in zip(names, starts, ends, strict=True)]
+
+    def check(self, schema: Schema, frame: bytes | memoryview, start: int, end: int, rows: int, checksum: int,
+              *, where: str) -> bytes:
+        """The uncompressed bytes of a frame read from [start, end), after the length, size and checksum checks
+        (FormatError or ChecksumError naming `where`). A mapped frame's pages are released either way."""
+        try:
+            if len(frame) != end - start:
+                raise FormatError(f"{where}: read {len(frame)} bytes, index says {end - start} (object truncated?)")
+            return decompress_chunk(schema, frame, rows, checksum, where=where)
+        finally:
+            self.release(frame, start)
+
+    def read(self, schema: Schema, name: str, start: int, end: int, rows: int, checksum: int, *, where: str) -> bytes:
+        """Read one frame and check it: its uncompressed bytes (byte planes, then columns; codec.unsplit)."""
+        return self.check(schema, self.frame(name, start, end), start, end, rows, checksum, where=where)
+
+    def release(self, frame: bytes | memoryview, start: int) -> None:
+        """Drop a decoded mapped frame's pages from this process (the page cache keeps them)."""
+        if self.maps is not None:
+            LocalMaps.release(frame, start)
+
+    def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()
+
+
+def _fetch(table: ChunkTable, readers: dict[str, ChunkReader], lo: int, hi: int) -> list[bytes | memoryview]:
+    """The frames of chunks lo..hi-1, with one batched read per storage."""
     c = table.chunks[lo:hi]
-    frames: list[bytes | None] = [None] * len(c)
+    frames: list[bytes | memoryview | None] = [None] * len(c)
     by_store: dict[str, list[int]] = {}
     for k, o in enumerate(c["obj"].tolist()):
         by_store.setdefault(table.objects[o][0], []).append(k)
@@ -112,10 +170,7 @@ def _fetch(table: ChunkTable, lo: int, hi: int) -> list[bytes]:
         names = [table.objects[int(c["obj"][k])][1] for k in ks]
         starts = [int(c["offset"][k]) for k in ks]
         ends = [int(c["offset"][k] + c["comp_len"][k]) for k in ks]
-        for k, data in zip(ks, storage(url).read_ranges(names, starts, ends), strict=True):
-            if len(data) != int(c["comp_len"][k]):
-                url_name = "/".join(table.objects[int(c["obj"][k])])
-                raise FormatError(f"{url_name}: chunk at byte {starts[0]} is truncated ({len(data)} bytes read)")
+        for k, data in zip(ks, readers[url].frames(names, starts, ends), strict=True):
             frames[k] = data
     return frames  # type: ignore[return-value]
 
@@ -126,37 +181,45 @@ def iter_decoded(
     """Decode rows [skip, skip + rows) of `table` in order: yields (position, acts [n, d_model], columns).
 
     The next batch is fetched while this one decodes; frames decode on `threads` threads (zstd and numpy
-    release the GIL). Every frame's checksum is checked against the index it came with.
+    release the GIL). Every frame's checksum is checked against the index it came with. Memory is bounded
+    by batch_bytes: at most three batches of frames (two of them being fetched) and one batch decoded.
     """
     schema = table.schema
     chunks = table.chunks
     batches = _batches(chunks, batch_bytes)
+    readers = {url: ChunkReader(storage(url)) for url in dict.fromkeys(u for u, _ in table.objects)}
 
-    def decode(j: int, frame: bytes):
+    def decode(j: int, frame: bytes | memoryview):
         e = chunks[j]
         url, name = table.objects[int(e["obj"])]
-        where = f"{url}/{name} chunk at byte {int(e['offset'])}"
-        return decode_chunk(schema, frame, int(e["rows"]), int(e["checksum"]), where=where)
+        start, n = int(e["offset"]), int(e["rows"])
+        where = f"{url}/{name} chunk at byte {start}"
+        raw = readers[url].check(schema, frame, start, start + int(e["comp_len"]), n, int(e["checksum"]), where=where)
+        return unsplit(schema, raw, n)
 
     pos, first = 0, skip
-    with ThreadPoolExecutor(max_workers=max(1, threads) + 1, thread_name_prefix="read") as pool:
-        fetches: deque[Future] = deque(pool.submit(_fetch, table, lo, hi) for lo, hi in batches[:2])
-        for k, (lo, _) in enumerate(batches):
-            frames = fetches.popleft().result()
-            if k + 2 < len(batches):
-                fetches.append(pool.submit(_fetch, table, *batches[k + 2]))
-            decoded = [pool.submit(decode, lo + i, f) for i, f in enumerate(frames)]
-            del frames
-            for fut in decoded:
-                acts, cols = fut.result()
-                a = acts[first : first + rows - pos]
-                if len(a):
-                    yield pos, a, [cols[n][first : first + len(a)] for n in schema.column_names]
-                pos += len(a)
-                first = 0
-                if pos >= rows:
-                    for f in decoded:
-                        f.cancel()
-                    return
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads) + 1, thread_name_prefix="read") as pool:
+            fetches: deque[Future] = deque(pool.submit(_fetch, table, readers, lo, hi) for lo, hi in batches[:2])
+            for k, (lo, _) in enumerate(batches):
+                frames = fetches.popleft().result()
+                if k + 2 < len(batches):
+                    fetches.append(pool.submit(_fetch, table, readers, *batches[k + 2]))
+                decoded = [pool.submit(decode, lo + i, f) for i, f in enumerate(frames)]
+                del frames
+                for fut in decoded:
+                    acts, cols = fut.result()
+                    a = acts[first : first + rows - pos]
+                    if len(a):
+                        yield pos, a, [cols[n][first : first + len(a)] for n in schema.column_names]
+                    pos += len(a)
+                    first = 0
+                    if pos >= rows:
+                        for f in decoded:
+                            f.cancel()
+                        return
+    finally:
+        for r in readers.values():
+            r.close()
     if pos != rows:
         raise FormatError(f"expected {rows} rows from {len(chunks)} chunks, got {pos}: an index is inconsistent")

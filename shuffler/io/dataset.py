@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shuffler.errors import ChecksumError, FormatError, SchemaError
-from shuffler.format.codec import decode_chunk, fingerprint_sum, row_hashes
+from shuffler.format.codec import decode_chunk, fingerprint_sum, row_hashes, unsplit
 from shuffler.format.manifest import MANIFEST, Fingerprint, Manifest, ShardInfo, read_manifest
 from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardIndex, decode_footer, decode_header, tail_bytes
-from shuffler.storage.mapped import LocalMaps
+from shuffler.io.chunks import ChunkReader
 from shuffler.storage.storage import Storage
 
 
@@ -99,7 +99,8 @@ class Dataset:
         self._lock = threading.Lock()
         # Local shards are read through memory maps: a pread copy costs 17-20% of the decode time for float16
         # chunks (benchmarks/codec.py), a mapped read 0-2%.
-        self._maps = LocalMaps(store) if store.is_local else None
+        self.reader = ChunkReader(store)
+        """Reads and checks this dataset's chunk frames (shuffler/io/chunks.py)."""
 
     @classmethod
     def open(cls, url: str | Storage, *, manifest: str = MANIFEST) -> Dataset:
@@ -179,32 +180,21 @@ class Dataset:
         return int(e["offset"]), int(e["offset"] + e["comp_len"])
 
     def read_chunk(self, i: int, j: int) -> Batch:
-        """Chunk j of shard i: one ranged read, checksum checked."""
+        """Chunk j of shard i: one ranged read (a view of the memory map if local), checksum checked."""
         idx = self.index(i)
         if not 0 <= j < idx.n_chunks:
             raise IndexError(f"{self._where(i)} has {idx.n_chunks} chunks; chunk {j} does not exist")
+        e = idx.entries[j]
         start, end = self.chunk_range(i, j)
-        frame = self._read(i, start, end)
-        batch = self.decode(i, j, frame)
-        if self._maps is not None:
-            LocalMaps.release(frame, start)
-        return batch
-
-    def _read(self, i: int, start: int, end: int):
-        """Bytes [start, end) of shard i: a view of its memory map if local, else one ranged read."""
-        name = self.shards[i].name
-        if self._maps is None:
-            return self.store.read_range(name, start, end)
-        try:
-            return self._maps.read(name, start, end)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{self._where(i)}: shard named in the manifest is missing") from None
+        rows = int(e["rows"])
+        raw = self.reader.read(self.schema, self.shards[i].name, start, end, rows, int(e["checksum"]), where=self._where(i, j))
+        acts, cols = unsplit(self.schema, raw, rows)
+        return Batch(acts, cols, self.dtype)
 
     def close(self) -> None:
         """Unmap the local shards this dataset mapped (they are also unmapped when it is garbage collected).
         The dataset stays usable: a later read maps its shard again."""
-        if self._maps is not None:
-            self._maps.close()
+        self.reader.close()
 
     def __enter__(self) -> Dataset:
         return self
@@ -213,19 +203,21 @@ class Dataset:
         self.close()
 
     def read_shard(self, i: int) -> Batch:
-        """Every row of shard i, in stored order."""
+        """Every row of shard i, in stored order: one read of the whole object, each chunk checked."""
         info = self.shards[i]
-        blob = self._read(i, 0, info.bytes)
+        blob = self.reader.frame(info.name, 0, info.bytes)
         if len(blob) != info.bytes:
             raise FormatError(f"{self._where(i)}: read {len(blob)} bytes, manifest says {info.bytes} (truncated)")
         idx = self.index(i)
         mv = memoryview(blob)
-        parts = [
-            self.decode(i, j, mv[int(e["offset"]) : int(e["offset"] + e["comp_len"])])
-            for j, e in enumerate(idx.entries)
-        ]
-        if self._maps is not None:
-            LocalMaps.release(blob, 0)
+        parts = []
+        for j, e in enumerate(idx.entries):
+            a, b, rows = int(e["offset"]), int(e["offset"] + e["comp_len"]), int(e["rows"])
+            raw = self.reader.check(self.schema, mv[a:b], a, b, rows, int(e["checksum"]), where=self._where(i, j))
+            acts, cols = unsplit(self.schema, raw, rows)
+            parts.append(Batch(acts, cols, self.dtype))
+        del mv
+        self.reader.release(blob, 0)
         if not parts:
             return Batch(np.empty((0, self.d_model), self.schema.storage_dtype), self._empty_columns(), self.dtype)
         return Batch.concat(parts)
