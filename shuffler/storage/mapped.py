@@ -1,7 +1,7 @@
 """Local shard files read through read-only memory maps, so zstd decodes chunks straight from the page cache.
 
-Used by Dataset.read_chunk/read_shard and by the readers' prefetch pool (readers/prefetch.py) for local
-stores; object stores are read with ranged GETs instead.
+Used by the chunk reader (shuffler/io/chunks.py: ChunkReader, behind Dataset.read_chunk/read_shard, the
+readers' prefetch pool and iter_decoded) for local stores; object stores are read with ranged GETs instead.
 """
 
 from __future__ import annotations
