@@ -46,27 +46,29 @@ Emit = Callable[[bytes, int, int, int], None]
 
 
 class EncodePipeline:
-    """Encodes chunks on `threads` threads through at most threads + 2 reused buffers; emits frames in order.
+    """Encodes chunks on `threads` threads through at most `buffers` reused buffers; emits frames in order.
 
         enc = EncodePipeline(schema, chunk_rows, level=1, threads=2, emit=lambda frame, rows, crc, fsum: ...)
         buf = enc.buffer(); buf.acts[:n] = ...; enc.encode(buf, n)         # rows the caller copied in
         enc.encode(enc.buffer(), len(idx), gather=(acts, cols, idx))       # rows acts[idx], gathered on a thread
         enc.close()                                                        # emits the rest, in order
 
-    `emit` runs on the caller's thread, inside buffer() or close(). A worker's first error is re-raised there.
+    `emit` runs on the caller's thread, inside encode() or close(). A worker's first error is re-raised there.
     """
 
-    def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False):
+    def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False,
+                 buffers: int | None = None):
         self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
-        # threads encoding, one finished frame waiting its turn, one being filled by the caller.
-        self.max_buffers = max(1, threads) + 2
+        # Default: one per thread encoding, plus the one the caller fills (a frame that finished early waits in
+        # its buffer until its turn). Memory is buffers x chunk, plus the frames in flight.
+        self.max_buffers = max(1, buffers if buffers is not None else max(1, threads) + 1)
         self.made = 0
         self.free: list[ChunkBuffer] = []
         self.inflight: deque[tuple[Future, ChunkBuffer]] = deque()
 
     def buffer(self) -> ChunkBuffer:
-        """A buffer to fill; when all are in use, waits for the oldest chunk and emits its frame first."""
+        """A buffer to fill (encode() keeps one free; should all be in use, the oldest chunk is emitted first)."""
         if not self.free and self.made >= self.max_buffers:
             self._emit_oldest()
         if self.free:
@@ -77,6 +79,8 @@ class EncodePipeline:
     def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
         """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
         self.inflight.append((self.pool.submit(self._encode, buf, rows, gather), buf))
+        while len(self.inflight) >= self.max_buffers:  # emit now: one buffer is free for the caller's next chunk
+            self._emit_oldest()
 
     def _encode(self, buf: ChunkBuffer, n: int, gather) -> tuple[bytes, int, int, int]:
         if gather is not None:
@@ -101,6 +105,7 @@ class EncodePipeline:
         while self.inflight:
             self._emit_oldest()
         self.pool.shutdown()
+        self.free.clear()  # the buffers go now, not when a caller's reference cycle is collected
 
     def abort(self) -> None:
         """Drop what is in flight (nothing more is emitted) and stop the threads."""
@@ -108,6 +113,7 @@ class EncodePipeline:
             fut.cancel()
         self.pool.shutdown(wait=True)
         self.inflight.clear()
+        self.free.clear()
 
 
 class RollingShardWriter:

@@ -224,7 +224,9 @@ def write_intermediate(
             sink.add(frame, rows, checksum)
             fp = fp + Fingerprint(rows, fsum)
 
-        enc = EncodePipeline(schema, chunk_rows, level=level, threads=threads, emit=emit, hashes=hashes)
+        # Rows are gathered on the threads, not by the caller: threads + 2 buffers, the count pass 1 always used.
+        enc = EncodePipeline(schema, chunk_rows, level=level, threads=threads, emit=emit, hashes=hashes,
+                             buffers=max(1, threads) + 2)
         try:
             for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
                 enc.encode(enc.buffer(), e - s, gather=(acts, cols, order[s:e]))  # argsort's indices: in range
