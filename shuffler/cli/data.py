@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -9,6 +10,8 @@ import click
 
 from shuffler.cli import SIZE
 from shuffler.cli.options import format_size, option, options
+from shuffler.format.codec import ROW_HASH_VERSION
+from shuffler.format.manifest import write_manifest
 from shuffler.format.seal import seal
 from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
@@ -94,13 +97,19 @@ def describe(ds: Dataset) -> dict:
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--check", is_flag=True, help="Read every chunk, verify checksums and the fingerprint.")
-def inspect_cmd(url, as_json, check):
+@click.option("--rehash", is_flag=True, help="Read every chunk, verify checksums, and rewrite the manifest's "
+              "fingerprint with the current row hash (version 2). For datasets written before it; refused if any "
+              "chunk is damaged.")
+def inspect_cmd(url, as_json, check, rehash):
     """Describe the dataset at URL; with --check, prove every chunk intact.
 
     --check exits with status 1 and names each damaged shard and chunk, or a fingerprint that differs
     from the manifest's (a shard swapped or edited behind the manifest's back).
     """
     ds = Dataset.open(url)
+    if rehash:
+        _rehash(ds)
+        ds = Dataset.open(url)
     info = describe(ds)
     damage = []
     if check:
@@ -134,13 +143,31 @@ def inspect_cmd(url, as_json, check):
     if check and not info["check"]["fingerprint_ok"]:
         for d in damage:
             click.echo(f"DAMAGED {d}", err=True)
-        if not damage:
+        if not damage and ds.manifest.fingerprint.version != ROW_HASH_VERSION:
+            click.echo(f"FINGERPRINT of row-hash version {ds.manifest.fingerprint.version}: every chunk is intact; run "
+                       f"`shuffler inspect --rehash {url}` to give it a version-{ROW_HASH_VERSION} fingerprint", err=True)
+        elif not damage:
             click.echo(
                 f"FINGERPRINT MISMATCH: read {info['check']['fingerprint_read']}, manifest "
                 f"{ds.manifest.fingerprint.to_json()}",
                 err=True,
             )
         sys.exit(1)
+
+
+def _rehash(ds: Dataset) -> None:
+    """Read every chunk (checksums checked) and rewrite the manifest with the current fingerprint, atomically."""
+    with Progress("rehash", ds.num_rows) as bar:
+        damage, fp = ds.check(progress=bar.update)
+    if damage:
+        for d in damage:
+            click.echo(f"DAMAGED {d}", err=True)
+        raise click.ClickException(f"{ds.url}: {len(damage)} damaged shard(s) or chunk(s); nothing was rewritten")
+    if fp == ds.manifest.fingerprint:
+        click.echo(f"rehash       {ds.url} already has the current fingerprint {fp}", err=True)
+        return
+    write_manifest(ds.store, dataclasses.replace(ds.manifest, fingerprint=fp))
+    click.echo(f"rehash       {ds.url}: fingerprint {ds.manifest.fingerprint} -> {fp}", err=True)
 
 
 @click.command("seal")

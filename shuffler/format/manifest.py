@@ -30,29 +30,60 @@ def check_object_name(name: object, *, where: str) -> str:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """Order-independent content fingerprint: row count and sum mod 2^64 of per-row 64-bit hashes."""
+    """Order-independent content fingerprint: row count and, lane by lane, the sum mod 2^64 of the rows' 128-bit
+    hashes (format/codec.py: row_hashes, version 2), held as one 128-bit int (lane b high).
+
+    Version 1 (datasets written before version 2) summed a 64-bit linear hash that two negated activations of
+    one row could leave unchanged; such fingerprints still parse (version=1), and `require_current` refuses
+    them wherever a fingerprint is evidence (shuffle, verify), naming `shuffler inspect --rehash`.
+    """
 
     rows: int = 0
     hash_sum: int = 0
+    version: int = 2
 
     def __add__(self, other: Fingerprint) -> Fingerprint:
-        return Fingerprint(self.rows + other.rows, (self.hash_sum + other.hash_sum) & (2**64 - 1))
+        if self.version != other.version:
+            raise ValueError(f"cannot add fingerprints of row-hash versions {self.version} and {other.version}")
+        lo = ((self.hash_sum & _LANE) + (other.hash_sum & _LANE)) & _LANE
+        hi = ((self.hash_sum >> 64) + (other.hash_sum >> 64)) & _LANE
+        return Fingerprint(self.rows + other.rows, lo | hi << 64, self.version)
 
     def to_json(self) -> dict:
-        return {"rows": self.rows, "sum": f"{self.hash_sum:016x}"}
+        if self.version == 1:
+            return {"rows": self.rows, "sum": f"{self.hash_sum:016x}"}
+        return {"rows": self.rows, "sum": f"{self.hash_sum:032x}", "hash": self.version}
 
     @classmethod
     def from_json(cls, obj: object, *, where: str) -> Fingerprint:
         try:
             rows, s = obj["rows"], obj["sum"]  # type: ignore[index]
-            if not isinstance(rows, int) or rows < 0:
+            version = obj.get("hash", 1)  # type: ignore[union-attr]
+            if not isinstance(rows, int) or rows < 0 or version not in (1, 2):
                 raise ValueError(rows)
-            return cls(rows, int(s, 16))
-        except (TypeError, KeyError, ValueError):
-            raise FormatError(f"{where}: fingerprint must be {{'rows': int, 'sum': hex}}, got {obj!r}"[:300]) from None
+            value = int(s, 16)
+            if value >> (64 if version == 1 else 128):
+                raise ValueError(s)
+            return cls(rows, value, version)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise FormatError(f"{where}: fingerprint must be {{'rows': int, 'sum': hex, 'hash': 2}}, got {obj!r}"[:300]) from None
+
+    def require_current(self, where: str) -> Fingerprint:
+        """This fingerprint if it is of the current row-hash version; else a FormatError saying how to re-hash."""
+        if self.version != 2:
+            raise FormatError(
+                f"{where}: its fingerprint uses row-hash version {self.version}, which two negated activations of "
+                f"one row can leave unchanged, so it proves nothing; run `shuffler inspect --rehash {where}` once "
+                "(it reads every chunk and rewrites the manifest's fingerprint), then again"
+            )
+        return self
 
     def __str__(self) -> str:
-        return f"{self.rows} rows / {self.hash_sum:016x}"
+        width = 16 if self.version == 1 else 32
+        return f"{self.rows} rows / {self.hash_sum:0{width}x}"
+
+
+_LANE = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

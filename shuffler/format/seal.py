@@ -30,7 +30,7 @@ def seal(url: str, *, allow_empty: bool = False) -> Manifest:
         raise FileNotFoundError(f"{store.url}: no part manifests under {PARTS}/ to seal")
     parts = [(p, read_manifest(store, f"{PARTS}/{p}.json")) for p in sorted(finished)]
     first_name, first = parts[0]
-    shards, fp = [], Fingerprint()
+    shards, fp = [], Fingerprint(version=first.fingerprint.version)
     for p, m in parts:
         if m.schema != first.schema:
             raise SchemaError(
@@ -42,6 +42,12 @@ def seal(url: str, *, allow_empty: bool = False) -> Manifest:
                 f"{store.url}: part {p!r} was written with scatter={m.metadata.get('scatter')}, part {first_name!r} "
                 f"with scatter={first.metadata.get('scatter')}; all producers of one dataset must use the same "
                 "ScatterSpec (or none)"
+            )
+        if m.fingerprint.version != first.fingerprint.version:
+            raise SchemaError(
+                f"{store.url}: part {p!r} has a row-hash version {m.fingerprint.version} fingerprint, part "
+                f"{first_name!r} version {first.fingerprint.version}: seal the parts written by one version of this "
+                "tool, then `shuffler inspect --rehash` the dataset"
             )
         shards.extend(m.shards)
         fp = fp + m.fingerprint

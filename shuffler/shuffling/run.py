@@ -157,6 +157,8 @@ def open_sources(srcs: Sequence[str]) -> list[Dataset]:
     if not srcs:
         raise ValueError("no SRC dataset given")
     datasets = [Dataset.open(u) for u in srcs]
+    for ds in datasets:
+        ds.manifest.fingerprint.require_current(ds.url)  # the end-of-run check compares against it
     for ds in datasets[1:]:
         if ds.schema != datasets[0].schema:
             raise SchemaError(

@@ -2,7 +2,7 @@
 
 Default checks, cheapest first: the schemas agree; every chunk of DST decodes and matches its checksum; the
 fingerprint of the rows read from DST equals DST's manifest; DST's row count and fingerprint equal the sum of
-the sources' (the fingerprint is a sum of 64-bit row hashes, so it ignores order). `full=True` also reads
+the sources' (the fingerprint sums 128-bit row hashes lane by lane, so it ignores order). `full=True` also reads
 every SRC chunk and compares the sorted per-row hashes, which names how many rows are missing or extra,
 where a fingerprint mismatch only says that something differs.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shuffler.format.codec import ROW_HASH
 from shuffler.format.manifest import Fingerprint
 from shuffler.io.dataset import Damage, Dataset
 
@@ -28,7 +29,7 @@ class Scan:
     fingerprint: Fingerprint
     """Of the rows that could be read."""
     hashes: np.ndarray | None = None
-    """[rows] uint64 per-row hashes, when asked for."""
+    """[rows] ROW_HASH (128-bit) per-row hashes, when asked for."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def scan(ds: Dataset, *, hashes: bool = False, threads: int = 4,
             damage.extend(d)
             fp = fp + f
             parts.extend(h)
-    all_hashes = (np.concatenate(parts) if parts else np.zeros(0, np.uint64)) if hashes else None
+    all_hashes = (np.concatenate(parts) if parts else np.zeros(0, ROW_HASH)) if hashes else None
     return Scan(ds.url, tuple(damage), fp, all_hashes)
 
 
@@ -112,6 +113,8 @@ def verify(src: str | Sequence[str], dst: str, *, full: bool = False,
 
 def _verify(srcs: list[Dataset], out: Dataset, full: bool, progress) -> VerifyReport:
     problems = []
+    for d in (*srcs, out):
+        d.manifest.fingerprint.require_current(d.url)  # a version-1 fingerprint is no evidence
     for s in srcs:
         if s.schema != out.schema:
             problems.append(f"schema of {s.url} differs from DST's: {s.schema.describe_difference(out.schema)}")
@@ -136,11 +139,11 @@ def _verify(srcs: list[Dataset], out: Dataset, full: bool, progress) -> VerifyRe
             if not sc.damage and sc.fingerprint != s.manifest.fingerprint:
                 problems.append(f"SRC {s.url} rows read fingerprint {sc.fingerprint}, its manifest says "
                                 f"{s.manifest.fingerprint}")
-        src_h = np.concatenate([sc.hashes for sc in scans]) if scans else np.zeros(0, np.uint64)
+        src_h = np.concatenate([sc.hashes for sc in scans]) if scans else np.zeros(0, ROW_HASH)
         missing, extra = multiset_difference(src_h, dscan.hashes)
         if missing or extra:
             problems.append(f"rows: {missing:,} SRC row(s) are missing from DST and {extra:,} DST row(s) are not in "
-                            "SRC (compared by sorted 64-bit row hashes)")
+                            "SRC (compared by sorted 128-bit row hashes)")
     return VerifyReport(
         src_urls=tuple(s.url for s in srcs), dst_url=out.url, src_rows=src_rows, dst_rows=out.num_rows,
         src_fingerprint=src_fp, dst_fingerprint=dst_fp, full=full, missing_rows=missing, extra_rows=extra,
