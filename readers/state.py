@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shuffler.format.manifest import Fingerprint
+from shuffler.format.manifest import Fingerprint, Manifest
 
 KIND = "activation-shuffler/stream-state"
 VERSION = 1
@@ -52,7 +52,7 @@ class StreamState:
 
 
 def parse_state(
-    state: object, *, fingerprint: Fingerprint, settings: dict, url: str, epochs: int, batches_per_epoch: list[int]
+    state: object, *, manifest: Manifest, settings: dict, url: str, epochs: int, batches_per_epoch: list[int]
 ) -> StreamState:
     """Check a state against this stream and return it; ValueError naming the mismatch otherwise."""
     if not isinstance(state, dict) or state.get("kind") != KIND:
@@ -60,9 +60,9 @@ def parse_state(
     if state.get("version") != VERSION:
         raise ValueError(f"stream state version {state.get('version')!r}; this code reads version {VERSION}")
     saved = Fingerprint.from_json(state.get("dataset"), where="stream state")
-    if saved != fingerprint:
+    if not manifest.names(saved):
         raise ValueError(
-            f"stream state belongs to another dataset (fingerprint {saved}); {url} has fingerprint {fingerprint}"
+            f"stream state belongs to another dataset (fingerprint {saved}); {url} has fingerprint {manifest.fingerprint}"
         )
     for key in ORDER_KEYS + OPTIONAL_ORDER_KEYS:
         if state.get(key) != settings.get(key):

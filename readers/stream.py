@@ -260,7 +260,7 @@ class ActivationStream:
         settings = dict(self.resume_settings(), num_workers=n)
         per_epoch = [self.for_worker(w, n).epoch_plan(0).n_batches for w in range(n)]
         return parse_state(
-            state, fingerprint=self.manifest.fingerprint, settings=settings, url=self.url,
+            state, manifest=self.manifest, settings=settings, url=self.url,
             epochs=self.config.epochs, batches_per_epoch=per_epoch,
         )
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.errors import FormatError
-from shuffler.format.codec import row_hashes
+from shuffler.format.codec import row_hash_sum_v1, row_hashes
 from shuffler.format.schema import Schema, standard_columns
 from shuffler.shuffling.run import shuffle
-from shuffler.shuffling.verify import verify
+from shuffler.shuffling.verify import rehash, verify
 from writers.shard_writer import ShardWriter
 
 from .test_shuffle import SMALL, make_dataset, read_all
@@ -136,22 +137,73 @@ def test_every_one_and_two_bit_change_of_10000_rows_changes_the_row_hash(dtype, 
     assert int((before == after).sum()) == 0
 
 
+def as_version_1(url: str) -> dict:
+    """Rewrite the manifest's fingerprint as row hash version 1 gave it (the genuine sum of its rows)."""
+    batch = read_all(url)
+    schema = Dataset.open(url).schema
+    v1 = row_hash_sum_v1(schema, batch.acts, [batch.columns[n] for n in schema.column_names])
+    path = os.path.join(url, "manifest.json")
+    doc = json.load(open(path))
+    doc["fingerprint"] = {"rows": len(batch), "sum": f"{v1:016x}"}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return doc["fingerprint"]
+
+
 def test_version_1_fingerprints_are_refused_until_rehashed(tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     make_dataset(raw, 300)
-    path = os.path.join(raw, "manifest.json")
-    doc = json.load(open(path))
-    doc["fingerprint"] = {"rows": 300, "sum": "0123456789abcdef"}  # as version 1 wrote it
-    with open(path, "w") as f:
-        json.dump(doc, f)
+    old = as_version_1(raw)
     with pytest.raises(FormatError, match="inspect --rehash"):
         shuffle(raw, out, seed=0, workers=1, progress=False, **SMALL)
-    assert not os.path.exists(out) or not os.path.exists(os.path.join(out, "manifest.json"))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
     r = CliRunner().invoke(main, ["inspect", raw, "--check"])
     assert r.exit_code == 1 and "--rehash" in r.output
     r = CliRunner().invoke(main, ["inspect", raw, "--rehash"])
     assert r.exit_code == 0, r.output
-    assert json.load(open(path))["fingerprint"]["hash"] == 2
+    doc = json.load(open(os.path.join(raw, "manifest.json")))
+    assert doc["fingerprint"]["hash"] == 2 and doc["metadata"]["rehashed_from"] == old
     shuffle(raw, out, seed=0, workers=1, progress=False, **SMALL)
     r = CliRunner().invoke(main, ["verify", raw, out, "--full"])
     assert r.exit_code == 0, r.output
+
+
+def test_rehash_refuses_rows_that_do_not_match_the_manifest(tmp_path):
+    """A rehash must not launder tampering: a version-1 sum the rows do not give, or a version-2 fingerprint that
+    differs from the rows, is refused and nothing is written."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    make_dataset(a, 300)
+    make_dataset(b, 300)
+    wrong_v1 = as_version_1(a)
+    wrong_v1["sum"] = f"{int(wrong_v1['sum'], 16) ^ 1:016x}"
+    for url, fp in ((a, wrong_v1), (b, None)):
+        path = os.path.join(url, "manifest.json")
+        doc = json.load(open(path))
+        if fp is None:  # a version-2 fingerprint off by one bit
+            fp = dict(doc["fingerprint"], sum=f"{int(doc['fingerprint']['sum'], 16) ^ 1:032x}")
+        doc["fingerprint"] = fp
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        before = open(path, "rb").read()
+        with pytest.raises(FormatError, match="changed behind the manifest"):
+            rehash(url)
+        r = CliRunner().invoke(main, ["inspect", url, "--rehash"])
+        assert r.exit_code != 0 and "nothing rewritten" in r.output
+        assert open(path, "rb").read() == before
+
+
+def test_a_stream_state_saved_before_a_rehash_still_resumes(tmp_path):
+    import readers
+
+    raw = str(tmp_path / "raw")
+    make_dataset(raw, 400)
+    as_version_1(raw)
+    stream = readers.ActivationStream(raw, batch_size=32, seed=3, columns=("row_id",))
+    it = iter(stream)
+    next(it)
+    state = stream.state_dict()
+    rest = [b.columns["row_id"].tolist() for b in it]
+    rehash(raw)
+    again = readers.ActivationStream(raw, batch_size=32, seed=3, columns=("row_id",))
+    again.load_state_dict(state)
+    assert [b.columns["row_id"].tolist() for b in again] == rest

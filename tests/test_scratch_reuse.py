@@ -97,3 +97,33 @@ def test_markers_record_their_rows_and_version_2_still_reads():
     damaged[-8 * 5] ^= 1  # the low byte of row_start
     with pytest.raises(FormatError, match="checksum"):
         MapOutput.from_bytes(bytes(damaged), where="m", buckets=3)
+
+
+def test_array_stages_find_the_planned_scratch_however_dst_is_spelled(raw, reference, tmp_path):  # noqa: F811
+    """Array tasks may name DST through another mount point or as file://: every stage uses the plan's scratch."""
+    from shuffler.shuffling.array_job import TaskSlot, run_stage
+
+    real = tmp_path / "real"
+    real.mkdir()
+    os.symlink(real, tmp_path / "link")
+    config = dict(buckets=4, chunk_bytes=4096, shard_bytes=32768, map_rows=1000)
+    run_stage("plan", [raw], str(real / "out"), seed=1, config=config, workers=1)
+    run_stage("scatter", [raw], str(real / "out"), seed=1, slot=TaskSlot(index=0, count=1), workers=1)
+    done = run_stage("permute", [raw], f"file://{tmp_path}/link/out", seed=1, slot=TaskSlot(index=0, count=1),
+                     workers=1)
+    assert done["did"] == 4
+    run_stage("finalize", [raw], str(tmp_path / "link" / "out"), seed=1, workers=1)
+    assert output_bytes(str(real / "out")) == reference
+
+
+def test_a_marker_for_another_bucket_count_is_named_as_such():
+    import numpy as np
+    import pytest
+
+    from shuffler.errors import FormatError
+    from shuffler.shuffling.map import MapOutput
+
+    # A version-3 marker for 2 buckets is as long as a version-2 marker for 3 would be: still "not an index for 3".
+    data = MapOutput(3, 1000, 5, 77, np.array([0, 2, 5], dtype=np.int64), row_start=0).to_bytes()
+    with pytest.raises(FormatError, match="not an intermediate index for 3 buckets"):
+        MapOutput.from_bytes(data, where="x", buckets=3)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from shuffler.format.manifest import Fingerprint
 from trainer import distributed as D
 from trainer.config import TrainConfig
 
@@ -106,7 +107,8 @@ def load(d: Path, cfg: TrainConfig, layout: D.Layout, *, d_in: int, dataset, sae
             f"{d}: checkpoint was written by {meta['world']} process(es) with latent_shards="
             f"{meta['latent_shards']}; this run has {layout.world} with latent_shards={layout.latent_shards}"
         )
-    if meta["d_in"] != d_in or meta["fingerprint"] != dataset.manifest.fingerprint.to_json():
+    saved = Fingerprint.from_json(meta["fingerprint"], where=f"{d}/meta.json")
+    if meta["d_in"] != d_in or not dataset.manifest.names(saved):
         raise ValueError(f"{d}: checkpoint was trained on {meta['dataset']} (d_in={meta['d_in']}, fingerprint "
                          f"{meta['fingerprint']}), not on {dataset.url} (d_in={d_in}); refusing to resume")
     old = TrainConfig.from_json(meta["config"])

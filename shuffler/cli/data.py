@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -11,7 +10,6 @@ import click
 from shuffler.cli import SIZE
 from shuffler.cli.options import format_size, option, options
 from shuffler.format.codec import ROW_HASH_VERSION
-from shuffler.format.manifest import write_manifest
 from shuffler.format.seal import seal
 from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
@@ -97,19 +95,18 @@ def describe(ds: Dataset) -> dict:
 @click.argument("url")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--check", is_flag=True, help="Read every chunk, verify checksums and the fingerprint.")
-@click.option("--rehash", is_flag=True, help="Read every chunk, verify checksums, and rewrite the manifest's "
-              "fingerprint with the current row hash (version 2). For datasets written before it; refused if any "
-              "chunk is damaged.")
+@click.option("--rehash", is_flag=True, help="For datasets written before row hash version 2: read every chunk, "
+              "check that the rows give the manifest's old fingerprint, and rewrite the manifest with a version-2 "
+              "one (the old one kept). Refused, writing nothing, if a chunk is damaged or the rows do not match.")
 def inspect_cmd(url, as_json, check, rehash):
     """Describe the dataset at URL; with --check, prove every chunk intact.
 
     --check exits with status 1 and names each damaged shard and chunk, or a fingerprint that differs
     from the manifest's (a shard swapped or edited behind the manifest's back).
     """
-    ds = Dataset.open(url)
     if rehash:
-        _rehash(ds)
-        ds = Dataset.open(url)
+        _rehash(url)
+    ds = Dataset.open(url)
     info = describe(ds)
     damage = []
     if check:
@@ -155,19 +152,16 @@ def inspect_cmd(url, as_json, check, rehash):
         sys.exit(1)
 
 
-def _rehash(ds: Dataset) -> None:
-    """Read every chunk (checksums checked) and rewrite the manifest with the current fingerprint, atomically."""
-    with Progress("rehash", ds.num_rows) as bar:
-        damage, fp = ds.check(progress=bar.update)
-    if damage:
-        for d in damage:
-            click.echo(f"DAMAGED {d}", err=True)
-        raise click.ClickException(f"{ds.url}: {len(damage)} damaged shard(s) or chunk(s); nothing was rewritten")
-    if fp == ds.manifest.fingerprint:
-        click.echo(f"rehash       {ds.url} already has the current fingerprint {fp}", err=True)
-        return
-    write_manifest(ds.store, dataclasses.replace(ds.manifest, fingerprint=fp))
-    click.echo(f"rehash       {ds.url}: fingerprint {ds.manifest.fingerprint} -> {fp}", err=True)
+def _rehash(url: str) -> None:
+    """`inspect --rehash`: shuffler/shuffling/verify.py's rehash, with a progress bar and one line of outcome."""
+    from shuffler.shuffling.verify import rehash
+
+    with Progress("rehash", Dataset.open(url).num_rows) as bar:
+        old, new = rehash(url, progress=bar.update)
+    if old == new:
+        click.echo(f"rehash       {url} already has a current fingerprint, and its rows match it", err=True)
+    else:
+        click.echo(f"rehash       {url}: fingerprint {old} -> {new} (the old one kept as rehashed_from)", err=True)
 
 
 @click.command("seal")

@@ -232,3 +232,22 @@ def fingerprint_sum(hashes: np.ndarray) -> int:
         lo = int(np.add.reduce(hashes["a"], dtype=np.uint64))
         hi = int(np.add.reduce(hashes["b"], dtype=np.uint64))
     return lo | hi << 64
+
+
+def row_hash_sum_v1(schema: Schema, acts: np.ndarray, columns: list[np.ndarray]) -> int:
+    """Sum mod 2^64 of the version-1 row hashes (docs/format.md, "Fingerprint"), only to check a version-1
+    fingerprint before `rehash` replaces it: splitmix64(sum_j w_j m_j + sum_c v_c m_{W+c}), m_j odd."""
+    rows = acts.shape[0]
+    raw = np.ascontiguousarray(acts).view(np.uint8).reshape(rows, schema.act_row_bytes)
+    aw = (schema.act_row_bytes + 7) // 8
+    words = np.zeros((rows, aw), dtype="<u8")
+    words.view(np.uint8)[:, : schema.act_row_bytes] = raw
+    with np.errstate(over="ignore"):
+        m = splitmix64(np.arange(aw + len(schema.columns), dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        m |= np.uint64(1)
+        h = words @ m[:aw]
+        for i, ((_, dt), col) in enumerate(zip(schema.columns, columns, strict=True)):
+            d = np.dtype(dt)
+            h += np.ascontiguousarray(col, dtype=d).view(f"u{d.itemsize}").astype(np.uint64) * m[aw + i]
+        return int(np.add.reduce(splitmix64(h), dtype=np.uint64)) if rows else 0
+

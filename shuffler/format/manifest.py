@@ -103,6 +103,17 @@ class Manifest:
     fingerprint: Fingerprint
     metadata: dict = field(default_factory=dict)
 
+    def names(self, fp: Fingerprint) -> bool:
+        """True if `fp` identifies this content: the current fingerprint, or the one `shuffler inspect --rehash`
+        replaced (kept in metadata "rehashed_from"), so states and checkpoints saved before a rehash resume."""
+        if fp == self.fingerprint:
+            return True
+        old = self.metadata.get("rehashed_from")
+        try:
+            return old is not None and Fingerprint.from_json(old, where="rehashed_from") == fp
+        except FormatError:
+            return False
+
     @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards)

@@ -46,8 +46,9 @@ def seal(url: str, *, allow_empty: bool = False) -> Manifest:
         if m.fingerprint.version != first.fingerprint.version:
             raise SchemaError(
                 f"{store.url}: part {p!r} has a row-hash version {m.fingerprint.version} fingerprint, part "
-                f"{first_name!r} version {first.fingerprint.version}: seal the parts written by one version of this "
-                "tool, then `shuffler inspect --rehash` the dataset"
+                f"{first_name!r} version {first.fingerprint.version}; a dataset's parts must share one version: "
+                "rewrite the older producers' parts with this version (or seal everything with the older version, "
+                "then `shuffler inspect --rehash` the dataset)"
             )
         shards.extend(m.shards)
         fp = fp + m.fingerprint

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -189,6 +190,13 @@ def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> 
     if run.run_id != plan["run_id"]:
         raise ValueError(f"the sources changed since the plan stage (run {run.run_id}, planned {plan['run_id']}); "
                          "run `--stage plan --overwrite` again")
+    # Every stage uses the scratch folder the plan fixed, however this task spells DST (a node may mount the
+    # same filesystem elsewhere, or say file://).
+    scratch = plan.get("scratch")
+    if not isinstance(scratch, str) or not re.search(r"/run-[0-9a-f]{16}$", scratch):
+        raise FormatError(f"{store.url_of(PLAN)}: 'scratch' is {scratch!r}, not a run folder; run `--stage plan "
+                          "--overwrite` again")
+    run.scratch = scratch
     return run, plan
 
 

@@ -126,7 +126,8 @@ class MapOutput:
         the exact .npy header for this bucket count, a CRC over every field, chunk_start rising from 0 to
         n_chunks. A damaged marker could otherwise move rows between buckets or size a huge read. Version 2
         (no row_start; scattered datasets written before version 3) still reads, with row_start -1."""
-        layouts = [(v, f) for v, f in ((3, 7), (2, 6)) if _is_npy_of(data, f + buckets + 1)]
+        layouts = [(v, f) for v, f in ((3, 7), (2, 6))
+                   if _is_npy_of(data, f + buckets + 1) and np.frombuffer(data[-8 * (f + buckets + 1):][:8], "<i8")[0] == v]
         if not layouts:
             raise FormatError(f"{where}: not an intermediate index for {buckets} buckets ({len(data)} bytes; "
                               "damaged, or written by another version)")

@@ -169,7 +169,10 @@ def open_sources(srcs: Sequence[str]) -> list[Dataset]:
 
 
 def canonical_url(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)
+    """One spelling per location: a local path (or file:// URL) resolved to its real absolute path."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return url if "://" in url else os.path.realpath(url)
 
 
 def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scratch_url: str, dst_url: str) -> Plan:

@@ -9,14 +9,16 @@ where a fingerprint mismatch only says that something differs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from shuffler.format.codec import ROW_HASH
-from shuffler.format.manifest import Fingerprint
+from shuffler.errors import ChecksumError, FormatError
+from shuffler.format.codec import ROW_HASH, fingerprint_sum, row_hash_sum_v1, row_hashes
+from shuffler.format.manifest import Fingerprint, write_manifest
 from shuffler.io.dataset import Damage, Dataset
 
 
@@ -149,3 +151,47 @@ def _verify(srcs: list[Dataset], out: Dataset, full: bool, progress) -> VerifyRe
         src_fingerprint=src_fp, dst_fingerprint=dst_fp, full=full, missing_rows=missing, extra_rows=extra,
         problems=tuple(problems),
     )
+
+
+def rehash(url: str, *, progress: Callable[[int, int], None] | None = None) -> tuple[Fingerprint, Fingerprint]:
+    """Give the dataset at `url` a fingerprint of the current row-hash version; returns (old, new).
+
+    Reads every chunk (checksums checked) and rewrites the manifest atomically, keeping the old fingerprint in
+    metadata "rehashed_from" (so stream states and checkpoints saved before still resume: Manifest.names).
+    Refuses (FormatError, nothing written) if a chunk is damaged, if the rows do not give the old version-1
+    fingerprint, or if a current-version fingerprint differs from the rows (evidence of tampering, which a
+    rehash must not erase: `inspect --check` and `verify` report it).
+    """
+    ds = Dataset.open(url)
+    try:
+        old, schema = ds.manifest.fingerprint, ds.schema
+        new, v1_sum, damage = Fingerprint(), 0, []
+        for i in range(len(ds.shards)):
+            for j in range(ds.index(i).n_chunks):
+                try:
+                    b = ds.read_chunk(i, j)
+                except (ChecksumError, FormatError) as e:
+                    damage.append(f"{ds.shards[i].name} chunk {j}: {e}")
+                    continue
+                cols = [b.columns[n] for n in schema.column_names]
+                new = new + Fingerprint(len(b), fingerprint_sum(row_hashes(schema, b.acts, cols)))
+                if old.version == 1:
+                    v1_sum = (v1_sum + row_hash_sum_v1(schema, b.acts, cols)) & ((1 << 64) - 1)
+                if progress is not None:
+                    progress(len(b), len(b) * schema.row_bytes)
+        if damage:
+            raise FormatError(f"{url}: {len(damage)} damaged chunk(s), nothing rewritten: " + "; ".join(damage[:5]))
+        if old.version == 1 and Fingerprint(new.rows, v1_sum, 1) != old:
+            raise FormatError(f"{url}: its rows give the version-1 fingerprint {Fingerprint(new.rows, v1_sum, 1)}, "
+                              f"its manifest says {old}: the data changed behind the manifest; nothing rewritten")
+        if old.version != 1:
+            if new != old:
+                raise FormatError(f"{url}: its rows give fingerprint {new}, its manifest says {old}: the data "
+                                  "changed behind the manifest (`shuffler inspect --check` names how); nothing rewritten")
+            return old, new
+        meta = dict(ds.manifest.metadata, rehashed_from=old.to_json())
+        write_manifest(ds.store, dataclasses.replace(ds.manifest, fingerprint=new, metadata=meta))
+        return old, new
+    finally:
+        ds.close()
+
