@@ -36,7 +36,6 @@ from shuffler.storage.storage import Storage
 CHUNK = np.dtype([("obj", "<i4"), ("offset", "<u8"), ("comp_len", "<u4"), ("rows", "<u4"), ("checksum", "<u4")])
 
 
-
 @dataclass(frozen=True)
 class ChunkTable:
     """Rows held by chunks of shard-format objects, in row order. Pickles small: only the chunks it names."""
@@ -69,8 +68,8 @@ class ChunkTable:
     @staticmethod
     def of_datasets(datasets) -> ChunkTable:
         """Every chunk of every dataset, datasets in the given order, shards in manifest order."""
-        # One ranged read per shard footer; on object stores they overlap (a GET's latency, about 64 ms on S3
-        # here, dominates a footer's few KiB: docs/benchmarks.md, "Measurements behind the design").
+        # One ranged read per shard footer; on object stores they overlap (a GET's latency, 64 ms against moto's
+        # S3 server here, dominates a footer's few KiB: docs/benchmarks.md, "Measurements behind the design").
         with ThreadPoolExecutor(max_workers=16, thread_name_prefix="footer") as pool:
             for _ in pool.map(lambda t: t[0].index(t[1]), [(ds, i) for ds in datasets for i in range(len(ds.shards))]):
                 pass

@@ -233,9 +233,10 @@ class Dataset:
 
     # -- checking --------------------------------------------------------------------------------------
     def check_shard(
-        self, i: int, *, keep_hashes: bool = False, progress=None
+        self, i: int, *, keep_hashes: bool = False, progress=None, visit=None
     ) -> tuple[list[Damage], Fingerprint, list[np.ndarray]]:
         """Read every chunk of shard i: (damage found, fingerprint of the readable rows, row hashes if kept).
+        visit(batch), if given, sees each readable chunk's rows in the same pass.
 
         The header must agree with the manifest's schema; a shard whose header or index is unreadable is one
         Damage with chunk None, and each damaged chunk is one Damage naming it.
@@ -259,18 +260,21 @@ class Dataset:
                 continue
             h = row_hashes(self.schema, b.acts, [b.columns[n] for n in self.schema.column_names])
             fp = fp + Fingerprint(len(b), fingerprint_sum(h))
+            if visit is not None:
+                visit(b)
             if keep_hashes:
                 kept.append(h)
             if progress is not None:
                 progress(len(b), int(idx.entries[j]["raw_len"]))
         return damage, fp, kept
 
-    def check(self, *, progress=None) -> tuple[list[Damage], Fingerprint]:
-        """Read every chunk; return every damaged shard or chunk found and the fingerprint of what was readable."""
+    def check(self, *, progress=None, visit=None) -> tuple[list[Damage], Fingerprint]:
+        """Read every chunk; return every damaged shard or chunk found and the fingerprint of what was readable.
+        visit(batch), if given, sees each readable chunk's rows in the same pass (shard by shard, in order)."""
         damage: list[Damage] = []
         fp = Fingerprint()
         for i in range(len(self.shards)):
-            d, f, _ = self.check_shard(i, progress=progress)
+            d, f, _ = self.check_shard(i, progress=progress, visit=visit)
             damage.extend(d)
             fp = fp + f
         return damage, fp

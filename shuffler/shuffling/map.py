@@ -126,15 +126,14 @@ class MapOutput:
         the exact .npy header for this bucket count, a CRC over every field, chunk_start rising from 0 to
         n_chunks. A damaged marker could otherwise move rows between buckets or size a huge read. Version 2
         (no row_start; scattered datasets written before version 3) still reads, with row_start -1."""
-        layouts = [(v, f) for v, f in ((3, 7), (2, 6))
-                   if _is_npy_of(data, f + buckets + 1) and np.frombuffer(data[-8 * (f + buckets + 1):][:8], "<i8")[0] == v]
+        layouts = [(v, f) for v, f in ((3, 7), (2, 6)) if _is_npy_of(data, f + buckets + 1, first=v)]
         if not layouts:
             raise FormatError(f"{where}: not an intermediate index for {buckets} buckets ({len(data)} bytes; "
                               "damaged, or written by another version)")
         version, fields = layouts[0]
         a = np.frombuffer(data, dtype="<i8", offset=len(data) - 8 * (fields + buckets + 1))
         cs = a[fields:]
-        if a[0] != version or a[5] != _marker_crc(a):
+        if a[5] != _marker_crc(a):
             raise FormatError(f"{where}: intermediate index checksum mismatch (damaged)")
         row_start = int(a[6]) if version == 3 else -1
         if cs[0] != 0 or cs[-1] != a[3] or (np.diff(cs) < 0).any() or a[2] <= 0 or a[4] < 0 or row_start < -1:
@@ -150,10 +149,11 @@ def _npy_header(n: int) -> bytes:
     return buf.getvalue()[: -8 * n]
 
 
-def _is_npy_of(data: bytes, n: int) -> bool:
-    """True if `data` is exactly what np.save writes for some [n] little-endian int64 array."""
+def _is_npy_of(data: bytes, n: int, *, first: int) -> bool:
+    """True if `data` is what np.save writes for an [n] little-endian int64 array whose first element is `first`."""
     head = _npy_header(n)
-    return len(data) == len(head) + 8 * n and bytes(data[: len(head)]) == head
+    return (len(data) == len(head) + 8 * n and bytes(data[: len(head)]) == head
+            and int.from_bytes(data[len(head) : len(head) + 8], "little", signed=True) == first)
 
 
 def _marker_crc(a: np.ndarray) -> int:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shuffler.errors import ChecksumError, FormatError
-from shuffler.format.codec import ROW_HASH, fingerprint_sum, row_hash_sum_v1, row_hashes
+from shuffler.errors import FormatError
+from shuffler.format.codec import ROW_HASH, row_hash_sum_v1
 from shuffler.format.manifest import Fingerprint, write_manifest
 from shuffler.io.dataset import Damage, Dataset
 
@@ -165,22 +165,17 @@ def rehash(url: str, *, progress: Callable[[int, int], None] | None = None) -> t
     ds = Dataset.open(url)
     try:
         old, schema = ds.manifest.fingerprint, ds.schema
-        new, v1_sum, damage = Fingerprint(), 0, []
-        for i in range(len(ds.shards)):
-            for j in range(ds.index(i).n_chunks):
-                try:
-                    b = ds.read_chunk(i, j)
-                except (ChecksumError, FormatError) as e:
-                    damage.append(f"{ds.shards[i].name} chunk {j}: {e}")
-                    continue
-                cols = [b.columns[n] for n in schema.column_names]
-                new = new + Fingerprint(len(b), fingerprint_sum(row_hashes(schema, b.acts, cols)))
-                if old.version == 1:
-                    v1_sum = (v1_sum + row_hash_sum_v1(schema, b.acts, cols)) & ((1 << 64) - 1)
-                if progress is not None:
-                    progress(len(b), len(b) * schema.row_bytes)
+        v1_sum = 0
+
+        def add_v1(b) -> None:  # the old sum, from the same read as the new fingerprint
+            nonlocal v1_sum
+            cols = [b.columns[n] for n in schema.column_names]
+            v1_sum = (v1_sum + row_hash_sum_v1(schema, b.acts, cols)) & ((1 << 64) - 1)
+
+        damage, new = ds.check(progress=progress, visit=add_v1 if old.version == 1 else None)
         if damage:
-            raise FormatError(f"{url}: {len(damage)} damaged chunk(s), nothing rewritten: " + "; ".join(damage[:5]))
+            raise FormatError(f"{url}: {len(damage)} damaged shard(s) or chunk(s), nothing rewritten: "
+                              + "; ".join(map(str, damage[:5])))
         if old.version == 1 and Fingerprint(new.rows, v1_sum, 1) != old:
             raise FormatError(f"{url}: its rows give the version-1 fingerprint {Fingerprint(new.rows, v1_sum, 1)}, "
                               f"its manifest says {old}: the data changed behind the manifest; nothing rewritten")
