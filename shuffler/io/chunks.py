@@ -29,6 +29,7 @@ import numpy as np
 from shuffler.errors import FormatError
 from shuffler.format.codec import decompress_chunk, unsplit
 from shuffler.format.schema import Schema
+from shuffler.storage.direct import DirectReads
 from shuffler.storage.mapped import LocalMaps
 from shuffler.storage.storage import Storage
 
@@ -114,13 +115,16 @@ class ChunkReader:
     unmaps; the reader stays usable (a later read maps its file again).
     """
 
-    def __init__(self, store: Storage):
+    def __init__(self, store: Storage, *, direct: bool = False):
         self.store = store
-        self.maps = LocalMaps(store) if store.is_local else None
+        self.maps = LocalMaps(store) if store.is_local and not direct else None
+        self.direct = DirectReads(store.path) if store.is_local and direct else None
 
     def frame(self, name: str, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) of shard `name` (shorter if the object is); FileNotFoundError naming it if missing."""
         try:
+            if self.direct is not None:
+                return self.direct.frames([name], [start], [end])[0]
             if self.maps is None:
                 return self.store.read_range(name, start, end)
             return self.maps.read(name, start, end)
@@ -128,7 +132,13 @@ class ChunkReader:
             raise FileNotFoundError(f"{self.store.url_of(name)}: shard named in the manifest is missing") from None
 
     def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes | memoryview]:
-        """Many frames at once: map views if local, else one batched ranged read (concurrent on object stores)."""
+        """Many frames at once: map views (direct: views of one reused buffer) if local, else one batched ranged
+        read (concurrent on object stores)."""
+        if self.direct is not None:
+            try:
+                return self.direct.frames(names, starts, ends)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e.filename}: shard named in the manifest is missing") from None
         if self.maps is None:
             return self.store.read_ranges(names, starts, ends)
         return [self.maps.read(n, s, e) for n, s, e in zip(names, starts, ends, strict=True)]
@@ -149,13 +159,18 @@ class ChunkReader:
         return self.check(schema, self.frame(name, start, end), start, end, rows, checksum, where=where)
 
     def release(self, frame: bytes | memoryview, start: int) -> None:
-        """Drop a decoded mapped frame's pages from this process (the page cache keeps them)."""
+        """Drop a decoded mapped frame's pages from this process (the page cache keeps them), or give a direct
+        read's buffer back once all its frames are decoded."""
         if self.maps is not None:
             LocalMaps.release(frame, start)
+        if self.direct is not None:
+            self.direct.release(frame)
 
     def close(self) -> None:
         if self.maps is not None:
             self.maps.close()
+        if self.direct is not None:
+            self.direct.close()
 
 
 def _fetch(table: ChunkTable, readers: dict[str, ChunkReader], lo: int, hi: int) -> list[bytes | memoryview]:
@@ -175,18 +190,20 @@ def _fetch(table: ChunkTable, readers: dict[str, ChunkReader], lo: int, hi: int)
 
 
 def iter_decoded(
-    table: ChunkTable, skip: int, rows: int, *, threads: int = 2, batch_bytes: int = 32 << 20
+    table: ChunkTable, skip: int, rows: int, *, threads: int = 2, batch_bytes: int = 32 << 20, direct: bool = False
 ) -> Iterator[tuple[int, np.ndarray, list[np.ndarray]]]:
     """Decode rows [skip, skip + rows) of `table` in order: yields (position, acts [n, d_model], columns).
 
     The next batch is fetched while this one decodes; frames decode on `threads` threads (zstd and numpy
     release the GIL). Every frame's checksum is checked against the index it came with. Memory is bounded
     by batch_bytes: at most three batches of frames (two of them being fetched) and one batch decoded.
+    direct=True reads local objects with O_DIRECT into reused buffers (storage/direct.py: DirectReads), for
+    objects not in the page cache and not read again, such as a shuffle's intermediates.
     """
     schema = table.schema
     chunks = table.chunks
     batches = _batches(chunks, batch_bytes)
-    readers = {url: ChunkReader(storage(url)) for url in dict.fromkeys(u for u, _ in table.objects)}
+    readers = {url: ChunkReader(storage(url), direct=direct) for url in dict.fromkeys(u for u, _ in table.objects)}
 
     def decode(j: int, frame: bytes | memoryview):
         e = chunks[j]

@@ -179,7 +179,7 @@ class RollingShardWriter:
     def _open_shard(self) -> ShardSink:
         name = self.name_of(len(self.shards))
         self._stack = contextlib.ExitStack()
-        f = self._stack.enter_context(self.store.open_atomic(name))
+        f = self._stack.enter_context(self.store.open_atomic(name, direct=True))  # past the page cache (storage/direct.py)
         self._sink = ShardSink(f, self.schema, self.level, self.header_extra)
         self._name = name
         return self._sink

@@ -27,6 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from shuffler import env
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.io.chunks import storage
+from shuffler.io.pages import keep_freed_memory
 from shuffler.progress import Progress
 from shuffler.shuffling.map import MapOutput, MapTask, release_buffers, run_map
 from shuffler.shuffling.markers import reduce_marker, reduce_marker_bytes
@@ -62,6 +63,7 @@ _report: Callable[[int, int], None] | None = None
 def _init_worker(q, parent: int) -> None:
     global _report
     _report = lambda rows, nbytes: q.put((rows, nbytes))  # noqa: E731
+    keep_freed_memory()  # chunk-sized buffers are reused, not faulted in afresh per chunk (io/pages.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the coordinator, which stops the pool
     # A coordinator killed with SIGKILL cannot stop its pool, and workers left running would go on writing
     # intermediates after a re-run has cleaned up. Linux kills us with our parent (PR_SET_PDEATHSIG);

@@ -103,7 +103,8 @@ def run_reduce(
     schema = task.table.schema
     perm = permutation(n, bucket_permutation(task.seed, task.path))  # [n] int64: row k goes to perm[k]
     acts, cols = row_buffers(schema, n, "rows")  # [n, d_model], reused across buckets
-    for pos, a, c in iter_decoded(task.table, 0, n, threads=task.threads, batch_bytes=task.batch_bytes):
+    # The intermediates were written past the page cache (map.write_intermediate): read them past it too.
+    for pos, a, c in iter_decoded(task.table, 0, n, threads=task.threads, batch_bytes=task.batch_bytes, direct=True):
         dest = perm[pos : pos + len(a)]
         acts[dest] = a
         for d, s in zip(cols, c, strict=True):

@@ -22,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from shuffler import env
+from shuffler.storage.direct import DirectWriter, open_direct
 
 #: Objects up to this size go to S3 as one PUT; larger ones stream as a multipart upload.
 SINGLE_PUT_BYTES = 64 << 20
@@ -149,16 +150,26 @@ class Storage:
             f.write(data)
 
     @contextlib.contextmanager
-    def open_atomic(self, name: str) -> Iterator[io.RawIOBase]:
-        """A binary file whose content becomes visible under `name` only when the block exits cleanly."""
+    def open_atomic(self, name: str, *, direct: bool = False) -> Iterator[io.RawIOBase]:
+        """A binary file whose content becomes visible under `name` only when the block exits cleanly.
+
+        direct=True: a local file is written with O_DIRECT, past the page cache (storage/direct.py); for large
+        objects written front to back and not read back at once (shards)."""
         path = self.path(name)
         with explain(self.url_of(name), "writing"):
             if self.is_local:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
                 try:
-                    with open(tmp, "wb") as f:
+                    f = open_direct(tmp) if direct else open(tmp, "wb")
+                    try:
                         yield f
+                    except BaseException:
+                        if isinstance(f, DirectWriter):
+                            f.discard()  # nothing more to write: the file is deleted below
+                        raise
+                    finally:
+                        f.close()
                     os.replace(tmp, path)
                 except BaseException:
                     with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,59 @@
+"""Memory the kernel does not have to hand out again: the shuffle workers' allocator settings and huge-page
+buffers for the large arrays a task reuses.
+
+Why: on the project's 2-core VM, half of a shuffle's CPU was the kernel's (docs/benchmarks.md, "Where the
+kernel's time went"), and a third of that was first-touch page faults: every fresh page is faulted in and
+zeroed (`clear_page_erms` under `do_anonymous_page` in `perf record -g`), and on a VM whose guest memory is
+backed lazily the first touch of a page that was free for a while costs more again. The faults came from
+allocations made and freed per chunk (the decoded chunk, zstd's output bytes, a new thread's scratch): glibc
+serves an allocation above its mmap threshold with a fresh mmap and gives freed memory back to the kernel at
+once (its dynamic threshold adapts only up to 32 MiB, and trimming returns the top of each arena), so each
+8 MiB chunk was 2,048 fresh pages. `keep_freed_memory` makes the allocator keep and reuse that memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+
+import numpy as np
+
+_M_TRIM_THRESHOLD = -1  # glibc malloc.h
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 << 20
+"""glibc's largest allowed mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, mallopt(3)): chunk-sized
+allocations (8 MiB by default) come from the arenas and are reused."""
+_TRIM_THRESHOLD = (1 << 31) - 1
+"""Never give an arena's freed top back (mallopt takes an int): a worker's peak is what the plan budgets anyway
+(shuffling/plan.py)."""
+HUGE_MIN = 4 << 20
+"""Buffers from this size up are mapped with MADV_HUGEPAGE: a 2 MiB page is one fault instead of 512."""
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel (process-wide: call it only
+    in processes this project owns, such as the shuffle's pool workers). False where mallopt is not glibc's."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
+        ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+        return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
+    return False
+
+
+def huge_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty(shape, dtype), backed by an anonymous map advised MADV_HUGEPAGE when it is large (HUGE_MIN), so
+    that first touch faults 2 MiB at a time where transparent huge pages are on (mode `madvise` or `always`).
+    The map is freed with the array (numpy keeps the mmap object alive through the array's base)."""
+    dt = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if nbytes < HUGE_MIN or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype=dt)
+    # Private: mmap's default for anonymous maps is MAP_SHARED, which is shmem, where MADV_HUGEPAGE does not apply.
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
