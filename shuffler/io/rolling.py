@@ -11,9 +11,10 @@ write_intermediate).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from shuffler.format.codec import encode_chunk, fingerprint_sum, row_hashes
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardSink
+from shuffler.io.pages import huge_empty
+from shuffler.io.threads import shared_threads
 from shuffler.storage.storage import Storage
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # 8 MiB: ratio-neutral, and out of S3's per-request-latency range (docs/benchmarks.md, "Measurements behind the design")
@@ -35,9 +38,38 @@ class ChunkBuffer:
     """Room for one chunk's rows: acts [cap, d_model] storage dtype and one array per column, reused."""
 
     def __init__(self, schema: Schema, cap: int):
-        # np.empty maps pages lazily: a buffer costs nothing until rows arrive.
-        self.acts = np.empty((cap, schema.d_model), dtype=schema.storage_dtype)  # [cap, d_model]
+        # Pages are mapped lazily: a buffer costs nothing until rows arrive (then 2 MiB at a time: io/pages.py).
+        self.acts = huge_empty((cap, schema.d_model), schema.storage_dtype)  # [cap, d_model]
         self.cols = [np.empty(cap, dtype=np.dtype(t)) for _, t in schema.columns]
+
+
+# Chunk buffers outlive one pipeline, as its threads do (io/threads.py): a pool worker running many tasks, or a
+# program writing many datasets, does not fault in fresh pages for each (docs/benchmarks.md, "Where the
+# kernel's time went").
+_shared_lock = threading.Lock()
+_spare: dict[tuple[Schema, int], list[ChunkBuffer]] = {}
+_SPARE_MAX = 8
+"""Chunk buffers kept between pipelines (threads + 1 per pipeline by default: 3 for two threads)."""
+
+
+def _spare_buffer(schema: Schema, cap: int) -> ChunkBuffer | None:
+    with _shared_lock:
+        have = _spare.get((schema, cap))
+        return have.pop() if have else None
+
+
+def _keep_buffers(schema: Schema, cap: int, bufs: list[ChunkBuffer]) -> None:
+    """Keep a finished pipeline's buffers for the next one of the same shape (only one shape is kept)."""
+    with _shared_lock:
+        have = _spare.get((schema, cap), [])
+        _spare.clear()
+        _spare[(schema, cap)] = (have + bufs)[:_SPARE_MAX]
+
+
+def release_spares() -> None:
+    """Drop the chunk buffers kept between pipelines (a coordinator about to leave the work to its pool)."""
+    with _shared_lock:
+        _spare.clear()
 
 
 #: What the pipeline hands on for each chunk, in order: (frame, rows, checksum, fingerprint sum of its rows;
@@ -54,12 +86,13 @@ class EncodePipeline:
         enc.close()                                                        # emits the rest, in order
 
     `emit` runs on the caller's thread, inside encode() or close(). A worker's first error is re-raised there.
+    The threads (io/threads.py) and, after close(), the buffers are shared with later pipelines of this process.
     """
 
     def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False,
                  buffers: int | None = None):
         self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="encode")
+        self.pool = shared_threads("encode", max(1, threads))
         # Default: one per thread encoding, plus the one the caller fills (a frame that finished early waits in
         # its buffer until its turn). Memory is buffers x chunk, plus the frames in flight.
         self.max_buffers = max(1, buffers if buffers is not None else max(1, threads) + 1)
@@ -74,7 +107,7 @@ class EncodePipeline:
         if self.free:
             return self.free.pop()
         self.made += 1
-        return ChunkBuffer(self.schema, self.chunk_rows)
+        return _spare_buffer(self.schema, self.chunk_rows) or ChunkBuffer(self.schema, self.chunk_rows)
 
     def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
         """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
@@ -104,16 +137,16 @@ class EncodePipeline:
         """Emit every frame still in flight, in order, and stop the threads."""
         while self.inflight:
             self._emit_oldest()
-        self.pool.shutdown()
-        self.free.clear()  # the buffers go now, not when a caller's reference cycle is collected
+        _keep_buffers(self.schema, self.chunk_rows, self.free)
+        self.free = []  # the buffers go now, not when a caller's reference cycle is collected
 
     def abort(self) -> None:
-        """Drop what is in flight (nothing more is emitted) and stop the threads."""
+        """Drop what is in flight (nothing more is emitted), once the shared threads are done with it."""
         for fut, _ in self.inflight:
             fut.cancel()
-        self.pool.shutdown(wait=True)
+        wait([fut for fut, _ in self.inflight])
         self.inflight.clear()
-        self.free.clear()
+        self.free = []
 
 
 class RollingShardWriter:

@@ -29,7 +29,7 @@ from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardSink, decode_footer, tail_bytes
 from shuffler.io.chunks import ChunkTable, iter_decoded, storage
 from shuffler.io.pages import huge_empty
-from shuffler.io.rolling import EncodePipeline, rows_per_chunk
+from shuffler.io.rolling import EncodePipeline, release_spares, rows_per_chunk
 from shuffler.keys import bucket_ids
 from shuffler.storage.storage import Storage
 
@@ -62,6 +62,7 @@ def row_buffers(schema: Schema, rows: int, slot: str) -> tuple[np.ndarray, list[
 
 def release_buffers() -> None:
     _local.bufs = {}
+    release_spares()
 
 
 # ---------------------------------------------------------------------------------------------------

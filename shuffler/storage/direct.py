@@ -32,19 +32,23 @@ _POOL_KEEP = 6
 """Buffers kept for reuse per process: two files being written at once, and three read batches in flight."""
 _pool: list[mmap.mmap] = []
 _pool_lock = threading.Lock()
+_largest = 0
 
 
 def _take_buffer(nbytes: int = BUFFER_BYTES) -> mmap.mmap:
-    """A page-aligned buffer of at least nbytes: one given back earlier in this process, else a fresh map.
-    Reusing it is the point: a fresh map costs a page fault per 4 KiB on first touch, 2,048 per 8 MiB (fewer
-    where transparent huge pages are allowed, which it asks for)."""
+    """A page-aligned buffer of at least nbytes: one given back earlier in this process, else a fresh map as large
+    as the largest made so far (read batches vary in size; equal buffers keep fitting the next one). Reusing it
+    is the point: a fresh map costs a page fault per 4 KiB on first touch, 2,048 per 8 MiB (fewer where
+    transparent huge pages are allowed, which it asks for)."""
+    global _largest
     with _pool_lock:
         fits = [b for b in _pool if len(b) >= nbytes]
         if fits:
             b = min(fits, key=len)
             _pool.remove(b)
             return b
-    buf = mmap.mmap(-1, -(-nbytes // (2 << 20)) * (2 << 20), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _largest = size = max(_largest, -(-nbytes // (2 << 20)) * (2 << 20))
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError, AttributeError):
         buf.madvise(mmap.MADV_HUGEPAGE)
     return buf
