@@ -107,7 +107,7 @@ def test_open_atomic_direct_commits_whole_or_leaves_nothing(tmp_path):
 
 
 def test_direct_writer_buffers_are_reused(tmp_path):
-    direct._pool.clear()
+    direct._write_pool.free.clear()
     f = open_direct(str(tmp_path / "x"))
     buf = f.buf
     f.write(b"x" * 10)

@@ -24,9 +24,9 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 << 20
 """glibc's largest allowed mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, mallopt(3)): chunk-sized
 allocations (8 MiB by default) come from the arenas and are reused."""
-_TRIM_THRESHOLD = (1 << 31) - 1
-"""Never give an arena's freed top back (mallopt takes an int): a worker's peak is what the plan budgets anyway
-(shuffling/plan.py)."""
+_TRIM_THRESHOLD = 64 << 20
+"""Give an arena's freed top back only past 64 MiB: freed chunk-sized blocks stay for the next chunk, while a
+task's large temporary arrays (above the mmap threshold anyway) do not pile up beyond the planned peak."""
 HUGE_MIN = 4 << 20
 """Buffers from this size up are mapped with MADV_HUGEPAGE: a 2 MiB page is one fault instead of 512."""
 

@@ -28,40 +28,48 @@ import threading
 ALIGN = 4096
 BUFFER_BYTES = 8 << 20
 """Bytes gathered before each O_DIRECT write: large enough that the device sees few requests."""
-_POOL_KEEP = 6
-"""Buffers kept for reuse per process: two files being written at once, and three read batches in flight."""
-_pool: list[mmap.mmap] = []
-_pool_lock = threading.Lock()
-_largest = 0
+_lock = threading.Lock()
 
 
-def _take_buffer(nbytes: int = BUFFER_BYTES) -> mmap.mmap:
-    """A page-aligned buffer of at least nbytes: one given back earlier in this process, else a fresh map as large
-    as the largest made so far (read batches vary in size; equal buffers keep fitting the next one). Reusing it
-    is the point: a fresh map costs a page fault per 4 KiB on first touch, 2,048 per 8 MiB (fewer where
-    transparent huge pages are allowed, which it asks for)."""
-    global _largest
-    with _pool_lock:
-        fits = [b for b in _pool if len(b) >= nbytes]
-        if fits:
-            b = min(fits, key=len)
-            _pool.remove(b)
-            return b
-        _largest = size = max(_largest, -(-nbytes // (2 << 20)) * (2 << 20))
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(OSError, AttributeError):
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    return buf
+class _Pool:
+    """Page-aligned buffers kept for reuse in this process, at most `keep` of them: reusing them is the point,
+    since a fresh map costs a page fault per 4 KiB on first touch (2,048 per 8 MiB; fewer where transparent
+    huge pages are allowed, which it asks for). New buffers are as large as the largest made so far (read
+    batches vary in size: equal buffers keep fitting the next one)."""
+
+    def __init__(self, keep: int):
+        self.keep, self.largest = keep, 0
+        self.free: list[mmap.mmap] = []
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        with _lock:
+            fits = [b for b in self.free if len(b) >= nbytes]
+            if fits:
+                b = min(fits, key=len)
+                self.free.remove(b)
+                return b
+            self.largest = size = max(self.largest, -(-nbytes // (2 << 20)) * (2 << 20))
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(OSError, AttributeError):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        return buf
+
+    def give_back(self, buf: mmap.mmap) -> None:
+        """Keep `buf` for reuse, unless `keep` are kept already or a larger size has been made since (a smaller
+        buffer may not fit the next request, and kept beside its successors it would only hold memory)."""
+        with _lock:
+            if len(self.free) < self.keep and len(buf) >= self.largest:
+                self.free.append(buf)
+                return
+        with contextlib.suppress(BufferError):  # frames of it still alive: unmapped when the last one goes
+            buf.close()
 
 
-def _give_back(buf: mmap.mmap) -> None:
-    with _pool_lock:
-        _pool.append(buf)
-        if len(_pool) <= _POOL_KEEP:
-            return
-        small = min(_pool, key=len)
-        _pool.remove(small)
-    small.close()
+# Kept: two files written at once (a shuffle task writes one; a scatter sink, a writer beside it), and the three
+# read batches in flight that the plan counts for a task (shuffling/plan.py: "3 x read batch"), so what stays
+# mapped between tasks is within the task's planned peak.
+_write_pool = _Pool(keep=2)
+_read_pool = _Pool(keep=3)
 
 
 class DirectWriter(io.RawIOBase):
@@ -71,7 +79,7 @@ class DirectWriter(io.RawIOBase):
         super().__init__()
         self.fd = fd
         self.cap = BUFFER_BYTES
-        self.buf = _take_buffer()  # page-aligned (a map), reused for every block of this file and later files
+        self.buf = _write_pool.take(BUFFER_BYTES)  # page-aligned (a map), reused for this file and later files
         self.view = memoryview(self.buf)
         self.fill = 0
         self.pos = 0
@@ -132,7 +140,7 @@ class DirectWriter(io.RawIOBase):
                 self.fill = 0
         finally:
             self.view.release()
-            _give_back(self.buf)
+            _write_pool.give_back(self.buf)
             os.close(self.fd)
             super().close()
 
@@ -205,7 +213,7 @@ class DirectReads:
             else:
                 runs.append((names[i], starts[i], ends[i], [i]))
         spans = [(s // ALIGN * ALIGN, -(-e // ALIGN) * ALIGN) for _, s, e, _ in runs]
-        buf = _take_buffer(sum(b - a for a, b in spans) or ALIGN)
+        buf = _read_pool.take(sum(b - a for a, b in spans) or ALIGN)
         view = memoryview(buf)
         out: list[memoryview | None] = [None] * len(names)
         at = 0
@@ -255,7 +263,7 @@ class DirectReads:
                 self.users[id(buf)] = left - 1
                 return
             del self.users[id(buf)]
-        _give_back(buf)
+        _read_pool.give_back(buf)
 
     def close(self) -> None:
         with self.lock:
