@@ -33,12 +33,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, ROOT)
 
 from shuffler import Dataset  # noqa: E402
 from shuffler.format.codec import decode_chunk, encode_chunk, fingerprint_sum, row_hashes  # noqa: E402
 from shuffler.format.convert import float32_to_bfloat16_bits  # noqa: E402
 from shuffler.format.schema import standard_columns  # noqa: E402
+from shuffler.io.chunks import ChunkReader  # noqa: E402
 from shuffler.keys import bucket_ids, stream_key  # noqa: E402
 from shuffler.shuffling.costmodel import Cluster, Rates, estimate  # noqa: E402
 from shuffler.shuffling.plan import LOCAL_SCRATCH_LEVEL  # noqa: E402
@@ -76,20 +78,23 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-# An anonymous mmap, not np.empty: numpy asks for huge pages on large arrays (2 MiB faults, 4-12 GB/s here),
-# while the shuffle's bytes objects and buffers fault 4 KiB at a time (1.0-1.3 GB/s here).
+# The shuffle's large buffers (run buffers, chunk buffers, direct-I/O buffers) are anonymous private maps
+# advised MADV_HUGEPAGE (shuffler/io/pages.py: huge_empty), faulted 2 MiB at a time where transparent huge
+# pages allow it; what a new process pays to touch them is what each pool worker pays once for its peak.
 _TOUCH = """
-import mmap, time, numpy as np
-t = time.perf_counter(); a = np.frombuffer(mmap.mmap(-1, 256 << 20), np.uint8); a[::4096] = 1
+import time
+from shuffler.io.pages import huge_empty
+t = time.perf_counter(); a = huge_empty((256 << 20,), "u1"); a[::4096] = 1
 print(a.nbytes / (time.perf_counter() - t))
 """
 
 
 def first_touch() -> float:
-    """Bytes/s at which a fresh process faults in new memory, 4 KiB pages: the median of three new processes
-    touching 256 MiB each (what each shuffle worker does with its buffers)."""
-    runs = [float(subprocess.run([sys.executable, "-c", _TOUCH], capture_output=True, text=True, check=True).stdout)
-            for _ in range(3)]
+    """Bytes/s at which a fresh process faults in new memory as the shuffle's buffers do: the median of three
+    new processes touching 256 MiB each (what each shuffle worker does with its buffers)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    runs = [float(subprocess.run([sys.executable, "-c", _TOUCH], capture_output=True, text=True, check=True,
+                                 env=env).stdout) for _ in range(3)]
     return float(np.median(runs))
 
 
@@ -171,20 +176,28 @@ def calibrate(work: str) -> tuple[Rates, float, str]:
     src = os.path.join(work, "cal")
     make_data(src, 32)
     rates = Rates(**codec_rates(src))
-    # Disk: write then read back 1 GiB through Storage, as the shuffle's objects go (no fsync: below the page
-    # cache's size the bytes never wait for the device). Its wall time gives the disk bound; its CPU time (user
-    # + sys: the kernel's copies and page faults) gives Rates.local_io, the core-seconds local I/O takes from
-    # the codec. One pass swings 2x here (519 vs 1,313 MB/s seconds apart, docs/scale.md), so take the median
-    # of three.
+    # Disk: write then read back 1 GiB as the shuffle's objects go: written with O_DIRECT from a reused buffer
+    # (Storage.open_atomic(direct=True)), read back with O_DIRECT into reused buffers (ChunkReader(direct=True),
+    # pass 2's reads of the intermediates). Its wall time gives the disk bound; its CPU time (user + sys: the
+    # copy into the aligned buffer, the system calls) gives Rates.local_io, the core-seconds local I/O takes
+    # from the codec. One pass swings 2x here (519 vs 1,313 MB/s seconds apart, docs/scale.md), so take the
+    # median of three.
     store = Storage(os.path.join(work, "disk"))
     blob = np.random.default_rng(0).integers(0, 255, 64 * MiB, dtype=np.uint8).tobytes()
     walls, cpus = [], []
     for _ in range(3):
         t, c = time.perf_counter(), time.process_time()
         for i in range(16):
-            store.write(f"b{i}", blob)
+            with store.open_atomic(f"b{i}", direct=True) as f:
+                for j in range(0, len(blob), 8 * MiB):  # frames of a chunk's size, as ShardSink writes them
+                    f.write(blob[j : j + 8 * MiB])
+        reader = ChunkReader(store, direct=True)
         for i in range(16):
-            store.read(f"b{i}")
+            for j in range(0, len(blob), 32 * MiB):  # batches of the plan's read size
+                for frame in reader.frames([f"b{i}"] * 4, [j + k * 8 * MiB for k in range(4)],
+                                           [j + (k + 1) * 8 * MiB for k in range(4)]):
+                    reader.release(frame, 0)
+        reader.close()
         walls.append(time.perf_counter() - t)
         cpus.append(time.process_time() - c)
         store.delete_prefix("")
