@@ -133,7 +133,7 @@ def child(args, step: str, cmd: list[str] | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([code, ROOT, os.environ.get("PYTHONPATH", "")]),
                SHUFFLER_NO_PROGRESS="1")
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=code)  # not ROOT: `-m shuffler` imports from cwd first
     out = p.stdout.read()
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
