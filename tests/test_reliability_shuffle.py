@@ -57,8 +57,8 @@ put_if_absent = Storage.put_if_absent
 delete = Storage.delete
 
 @contextlib.contextmanager
-def traced_open_atomic(self, name):
-    with open_atomic(self, name) as f:
+def traced_open_atomic(self, name, **options):
+    with open_atomic(self, name, **options) as f:
         event("open", self, name)
         yield f
         event("written", self, name)

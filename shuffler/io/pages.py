@@ -31,9 +31,22 @@ HUGE_MIN = 4 << 20
 """Buffers from this size up are mapped with MADV_HUGEPAGE: a 2 MiB page is one fault instead of 512."""
 
 
+_keeping = False
+
+
+def keeping() -> bool:
+    """True in a process that called keep_freed_memory: there, encode pipelines also share their threads and
+    keep their chunk buffers for the next pipeline (io/rolling.py). Elsewhere (a user's program) they free
+    what they used when they close, as memory bounds of a writer promise."""
+    return _keeping
+
+
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc reuse freed memory instead of returning it to the kernel (process-wide: call it only
-    in processes this project owns, such as the shuffle's pool workers). False where mallopt is not glibc's."""
+    """Make glibc's malloc reuse freed memory instead of returning it to the kernel, and the encode pipelines
+    keep theirs (process-wide: call it only in processes this project owns, such as the shuffle's pool
+    workers). False where mallopt is not glibc's."""
+    global _keeping
+    _keeping = True
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt

@@ -14,7 +14,7 @@ import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from shuffler.format.codec import encode_chunk, fingerprint_sum, row_hashes
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.format.schema import Schema
 from shuffler.format.shard import ShardSink
-from shuffler.io.pages import huge_empty
+from shuffler.io.pages import huge_empty, keeping
 from shuffler.io.threads import shared_threads
 from shuffler.storage.storage import Storage
 
@@ -86,13 +86,17 @@ class EncodePipeline:
         enc.close()                                                        # emits the rest, in order
 
     `emit` runs on the caller's thread, inside encode() or close(). A worker's first error is re-raised there.
-    The threads (io/threads.py) and, after close(), the buffers are shared with later pipelines of this process.
+    In a shuffle worker (io/pages.py: keeping()) the threads (io/threads.py) and, after close(), the buffers are
+    shared with later pipelines of the process.
     """
 
     def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False,
                  buffers: int | None = None):
         self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
-        self.pool = shared_threads("encode", max(1, threads))
+        # In a shuffle worker (pages.keeping()) threads and buffers outlive the pipeline; elsewhere they are its own.
+        self.shared = keeping()
+        self.pool = shared_threads("encode", max(1, threads)) if self.shared else ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="encode")
         # Default: one per thread encoding, plus the one the caller fills (a frame that finished early waits in
         # its buffer until its turn). Memory is buffers x chunk, plus the frames in flight.
         self.max_buffers = max(1, buffers if buffers is not None else max(1, threads) + 1)
@@ -107,7 +111,8 @@ class EncodePipeline:
         if self.free:
             return self.free.pop()
         self.made += 1
-        return _spare_buffer(self.schema, self.chunk_rows) or ChunkBuffer(self.schema, self.chunk_rows)
+        spare = _spare_buffer(self.schema, self.chunk_rows) if self.shared else None
+        return spare or ChunkBuffer(self.schema, self.chunk_rows)
 
     def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
         """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
@@ -137,14 +142,19 @@ class EncodePipeline:
         """Emit every frame still in flight, in order, and stop the threads."""
         while self.inflight:
             self._emit_oldest()
-        _keep_buffers(self.schema, self.chunk_rows, self.free)
+        if self.shared:
+            _keep_buffers(self.schema, self.chunk_rows, self.free)
+        else:
+            self.pool.shutdown()
         self.free = []  # the buffers go now, not when a caller's reference cycle is collected
 
     def abort(self) -> None:
-        """Drop what is in flight (nothing more is emitted), once the shared threads are done with it."""
+        """Drop what is in flight (nothing more is emitted), once the threads are done with it."""
         for fut, _ in self.inflight:
             fut.cancel()
         wait([fut for fut, _ in self.inflight])
+        if not self.shared:
+            self.pool.shutdown(wait=True)
         self.inflight.clear()
         self.free = []
 

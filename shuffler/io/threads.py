@@ -1,4 +1,5 @@
-"""Thread pools shared by every encode pipeline of this process (shuffler/io/rolling.py).
+"""Thread pools shared by every encode pipeline of a shuffle worker process (shuffler/io/rolling.py; in other
+processes each pipeline has its own, see io/pages.py: keeping).
 
 Encoding keeps per-thread state (zstd contexts, the split scratch and row-hash work arrays: format/codec.py).
 A pool created per writer or task started fresh threads each time, whose state was allocated and faulted in
