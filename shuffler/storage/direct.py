@@ -24,6 +24,7 @@ import io
 import mmap
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 ALIGN = 4096
 BUFFER_BYTES = 8 << 20
@@ -65,24 +66,33 @@ class _Pool:
             buf.close()
 
 
-# Kept: two files written at once (a shuffle task writes one; a scatter sink, a writer beside it), and the three
+# Kept: two files written at once, two buffers each (a shuffle task writes one; a scatter sink, a writer beside it), and the three
 # read batches in flight that the plan counts for a task (shuffling/plan.py: "3 x read batch"), so what stays
 # mapped between tasks is within the task's planned peak.
-_write_pool = _Pool(keep=2)
+_write_pool = _Pool(keep=4)
 _read_pool = _Pool(keep=3)
 
 
 class DirectWriter(io.RawIOBase):
-    """A write-only binary file opened with O_DIRECT; write() gathers bytes into an aligned buffer."""
+    """A write-only binary file opened with O_DIRECT; write() gathers bytes into aligned buffers.
+
+    Two buffers take turns: while the device reads one (an O_DIRECT write returns only when the device has the
+    bytes), the caller fills the other, so a writer does not wait for the disk chunk by chunk. A failed write
+    raises from the next write() that fills a buffer, or from close()."""
 
     def __init__(self, fd: int):
         super().__init__()
         self.fd = fd
         self.cap = BUFFER_BYTES
-        self.buf = _write_pool.take(BUFFER_BYTES)  # page-aligned (a map), reused for this file and later files
-        self.view = memoryview(self.buf)
+        # Page-aligned maps, reused for this file and later files.
+        self.bufs = [_write_pool.take(BUFFER_BYTES), _write_pool.take(BUFFER_BYTES)]
+        self.views = [memoryview(b) for b in self.bufs]
+        self.cur = 0
+        self.view = self.views[0]
         self.fill = 0
         self.pos = 0
+        self.pending: Future | None = None
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-write")
 
     def writable(self) -> bool:
         return True
@@ -104,20 +114,33 @@ class DirectWriter(io.RawIOBase):
         return n
 
     def _flush_aligned(self) -> None:
-        """Write the buffer's whole blocks with O_DIRECT; keep the partial block at the front of the buffer."""
+        """Hand the buffer's whole blocks to the writing thread and go on in the other buffer, the partial block
+        first (once that buffer's own write is done)."""
+        self._wait()
         whole = self.fill // ALIGN * ALIGN
+        other = 1 - self.cur
+        rest = self.fill - whole
+        if rest:
+            self.views[other][:rest] = self.view[whole : self.fill]
+        if whole:
+            self.pending = self.thread.submit(self._write_all, self.view[:whole])
+        self.cur, self.view, self.fill = other, self.views[other], rest
+
+    def _wait(self) -> None:
+        """Wait for the write in flight; its error is raised here."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _write_all(self, data: memoryview) -> None:
         done = 0
-        while done < whole:
+        while done < len(data):
             try:
-                done += os.write(self.fd, self.view[done:whole])
+                done += os.write(self.fd, data[done:])
             except OSError as e:
                 if e.errno != errno.EINVAL or not self._buffered():
                     raise
                 # Opened, but the filesystem refuses direct writes (some FUSE mounts): on through the page cache.
-        rest = self.fill - whole
-        if rest:
-            self.view[:rest] = self.view[whole : self.fill]
-        self.fill = rest
 
     def _buffered(self) -> bool:
         """Turn O_DIRECT off for the rest of the file. False if it was off already."""
@@ -132,21 +155,25 @@ class DirectWriter(io.RawIOBase):
             return
         try:
             self._flush_aligned()
+            self._wait()
             if self.fill:  # the last partial block, through the page cache
                 self._buffered()
-                done = 0
-                while done < self.fill:
-                    done += os.write(self.fd, self.view[done : self.fill])
+                self._write_all(self.view[: self.fill])
                 self.fill = 0
         finally:
-            self.view.release()
-            _write_pool.give_back(self.buf)
+            self.thread.shutdown(wait=True)  # no write may outlive the descriptor
+            for v in self.views:
+                v.release()
+            for b in self.bufs:
+                _write_pool.give_back(b)
             os.close(self.fd)
             super().close()
 
     def discard(self) -> None:
         """Close without writing what is still buffered (the caller deletes the file)."""
         self.fill = 0
+        with contextlib.suppress(OSError):
+            self._wait()
         self.close()
 
 
