@@ -78,20 +78,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-# The shuffle's large buffers (run buffers, chunk buffers, direct-I/O buffers) are anonymous private maps
-# advised MADV_HUGEPAGE (shuffler/io/pages.py: huge_empty), faulted 2 MiB at a time where transparent huge
-# pages allow it; what a new process pays to touch them is what each pool worker pays once for its peak.
+# A worker's peak is about half large buffers (run, read and chunk buffers: anonymous maps advised
+# MADV_HUGEPAGE, shuffler/io/pages.py: huge_empty, faulted 2 MiB at a time where transparent huge pages allow)
+# and half malloc arenas, faulted 4 KiB at a time: touch 128 MiB of each, as each pool worker does once.
 _TOUCH = """
-import time
+import mmap, time, numpy as np
 from shuffler.io.pages import huge_empty
-t = time.perf_counter(); a = huge_empty((256 << 20,), "u1"); a[::4096] = 1
-print(a.nbytes / (time.perf_counter() - t))
+t = time.perf_counter()
+a = huge_empty((128 << 20,), "u1"); a[::4096] = 1
+b = np.frombuffer(mmap.mmap(-1, 128 << 20), np.uint8); b[::4096] = 1
+print((a.nbytes + b.nbytes) / (time.perf_counter() - t))
 """
 
 
 def first_touch() -> float:
-    """Bytes/s at which a fresh process faults in new memory as the shuffle's buffers do: the median of three
-    new processes touching 256 MiB each (what each shuffle worker does with its buffers)."""
+    """Bytes/s at which a fresh process faults in new memory as a shuffle worker does: the median of three
+    new processes touching 256 MiB each, half of it in huge-page buffers."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     runs = [float(subprocess.run([sys.executable, "-c", _TOUCH], capture_output=True, text=True, check=True,
                                  env=env).stdout) for _ in range(3)]

@@ -16,7 +16,9 @@ counts on the CPU too because, below the page cache's size, it is kernel work on
 was 0.6-2.3 s of a 4.5 s shuffle of 768 MiB here); counting it only as a separate disk bound under-predicts
 a machine whose cores are already full. So does a fresh worker's first touch of its memory
 (Rates.first_touch): two pool workers took 250,000 page faults in that shuffle (1.3x their peak), one
-in-process worker 48,000-102,000.
+in-process worker 48,000-102,000. Since issue 21 shards and intermediates bypass the page cache (O_DIRECT,
+storage/direct.py), so local I/O costs a fraction of that (Rates.local_io), and workers reuse their memory
+(io/pages.py): 85,000-107,000 faults for a 1 GiB shuffle with two workers.
 
 Request counts follow what the code does (shuffler/shuffling/map.py, reduce.py, shuffler/storage/storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
@@ -124,12 +126,15 @@ class Rates:
     encode_output: float = 530e6
     """Encoding at zstd level 1 (output shards, and intermediates on object stores); for output shards this
     includes the per-row hashes of the fingerprint (calibrated so)."""
-    local_io: float = 1.5e9
-    """Moving bytes to or from a local filesystem (kernel copies and page faults): bytes per core-second."""
+    local_io: float = 1e10
+    """Moving bytes to or from a local filesystem: bytes per core-second. With O_DIRECT through reused buffers
+    (storage/direct.py) that is one copy into an aligned buffer and the system calls: 9.6-14.6 GB/s here
+    (1.5 GB/s through the page cache before issue 21)."""
     first_touch: float = 1.2e9
-    """A fresh worker process's first touch of its memory, in 4 KiB page faults: bytes per core-second. Each
-    worker of a pool that gets a task faults in its peak once, in the pass that starts the pool (1.0-1.3 GB/s
-    on this VM; bare metal is several times faster)."""
+    """A fresh worker process's first touch of its memory: bytes per core-second. Each worker of a pool that
+    gets a task faults in its peak once, in the pass that starts the pool: about half of it huge-page buffers,
+    half malloc arenas in 4 KiB pages (1.2-2.7 GB/s on this VM, which varies with how readily the kernel
+    finds free 2 MiB pages; bare metal is several times faster)."""
     threads_per_task: float = 1.6
     """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O ((user + sys) / wall of
     a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.78)."""
