@@ -207,27 +207,21 @@ class DirectReads:
     just keeps its buffer out of the pool). Files refusing O_DIRECT (EINVAL) are read with plain preads.
     """
 
-    def __init__(self, root_path, keep: int = 8):
-        self.path_of, self.keep = root_path, keep
-        self.fds: dict[str, int] = {}
+    def __init__(self, root_path):
+        self.path_of = root_path
         self.lock = threading.Lock()
         self.users: dict[int, int] = {}  # id(buffer) -> its frames not yet released
 
-    def _fd(self, name: str) -> int:
-        with self.lock:
-            fd = self.fds.get(name)
-            if fd is None:
-                path = self.path_of(name)
-                try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise  # FileNotFoundError when the object is missing
-                    fd = os.open(path, os.O_RDONLY)
-                self.fds[name] = fd
-                while len(self.fds) > self.keep:
-                    os.close(self.fds.pop(next(iter(self.fds))))
-            return fd
+    def _open(self, name: str) -> int:
+        # Per call, not cached: fetches run on several threads, and a descriptor closed (evicted) while another
+        # thread reads through it could be reused by an unrelated open.
+        path = self.path_of(name)
+        try:
+            return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise  # FileNotFoundError when the object is missing
+            return os.open(path, os.O_RDONLY)
 
     def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[memoryview]:
         """Bytes [start, end) of each named object (shorter at an object's end), read into one buffer: each
@@ -244,17 +238,20 @@ class DirectReads:
         view = memoryview(buf)
         out: list[memoryview | None] = [None] * len(names)
         at = 0
+        fds: dict[str, int] = {}
         try:
             for (name, _, _, idx), (a, b) in zip(runs, spans, strict=True):
-                got = self._read(self._fd(name), view[at : at + b - a], a)
+                if name not in fds:
+                    fds[name] = self._open(name)
+                got = self._read(fds[name], view[at : at + b - a], a)
                 for i in idx:
                     lo = min(at + starts[i] - a, at + got)
                     out[i] = view[lo : min(at + ends[i] - a, at + got)]
                 at += b - a
-        except BaseException:
+        finally:
             view.release()
-            raise
-        view.release()
+            for fd in fds.values():
+                os.close(fd)
         with self.lock:
             self.users[id(buf)] = len(names)
         return out  # type: ignore[return-value]
@@ -267,10 +264,11 @@ class DirectReads:
             try:
                 n = os.preadv(fd, [dst[got:]], offset + got)
             except OSError as e:
-                if e.errno != errno.EINVAL or got % ALIGN:
+                fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if e.errno != errno.EINVAL or not fl & os.O_DIRECT:
                     raise
                 # Opened with O_DIRECT, but the filesystem refuses the read: on through the page cache.
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
                 continue
             if n == 0:
                 break
@@ -293,7 +291,4 @@ class DirectReads:
         _read_pool.give_back(buf)
 
     def close(self) -> None:
-        with self.lock:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds.clear()
+        """Nothing stays open between calls (frames() closes what it opens); here for ChunkReader's symmetry."""
