@@ -1,4 +1,4 @@
-"""CLI commands of the shuffle: shuffle, plan, verify (docs/shuffle.md)."""
+"""CLI commands of the shuffle: shuffle, plan, cost, verify (docs/shuffle.md, docs/scale.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from shuffler.format.schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
 from shuffler.progress import Progress, human_bytes
 from shuffler.shuffling.executor import EXECUTORS
 from shuffler.shuffling.plan import PlanRequest, make_plan
+from shuffler.shuffling.recompute import Economics, Workload
 from shuffler.shuffling.run import ShuffleConfig
 
 _MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this."
@@ -259,6 +260,72 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         click.echo(plan.report())
         if est is not None:
             click.echo(est.report())
+
+
+@click.command("cost")
+@option(Workload, "tokens", type=float, required=True, extra="1e9 is fine.")
+@option(Workload, "d_model", type=click.IntRange(1), required=True)
+@option(Workload, "dtype", choices=sorted(ACT_DTYPES))
+@option(Workload, "hooks", type=click.IntRange(1))
+@option(Workload, "reads", type=click.IntRange(1))
+@option(Workload, "shared_forward", "--shared-forward/--no-shared-forward", show_default=True)
+@option(Workload, "compression", type=click.FloatRange(0, min_open=True))
+@option(Economics, "capture_rate", type=click.FloatRange(0, min_open=True), required=True)
+@option(Economics, "gpu_price", type=click.FloatRange(0))
+@option(Economics, "storage_price", type=click.FloatRange(0))
+@option(Economics, "months", type=click.FloatRange(0))
+@option(Economics, "node_price", type=click.FloatRange(0))
+@click.option("--memory", type=SIZE, help="Memory budget of one shuffle task [default: a quarter of --node-memory, "
+              "so that pass 2's ranged reads stay large on S3].")
+@click.option("--nodes", type=click.IntRange(1), default=16, show_default=True, help="Shuffle cluster: machines.")
+@click.option("--cores", type=click.IntRange(1), default=32, show_default=True, help="Shuffle cluster: cores per node.")
+@click.option("--node-memory", type=SIZE, default="256GiB", show_default=True, help="Shuffle cluster: RAM per node.")
+@click.option("--network", type=SIZE, default="3.125GB", show_default=True,
+              help="Shuffle cluster: bytes/s per node to object storage (25 Gbit/s).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cost_cmd(tokens, d_model, dtype, hooks, reads, shared_forward, compression, capture_rate, gpu_price, storage_price, months,
+             node_price, memory, nodes, cores, node_memory, network, as_json):
+    """Store or recompute? Print what storing activations costs (capture once, write, shuffle, keep, read per
+    run) against regenerating them for every training run, and the break-even number of runs.
+
+    The shuffle's cost comes from the cost model (`shuffler plan` with a cluster, docs/scale.md) on S3; the
+    capture's from --capture-rate (measure it with benchmarks/capture.py on your GPU) and --gpu-price.
+    docs/scale.md ("Store or recompute?") works through Gemma Scope and Llama Scope.
+
+    \b
+    Examples:
+      shuffler cost --tokens 4e9 --d-model 3584 --capture-rate 20000 --reads 8
+      shuffler cost --tokens 8e9 --d-model 4096 --hooks 128 --capture-rate 25000 --reads 2 --json
+    """
+    from shuffler.shuffling.costmodel import Cluster, estimate
+    from shuffler.shuffling.recompute import compare
+
+    if tokens != math.floor(tokens) or not 1 <= tokens <= 2**63:
+        raise click.BadParameter(f"{tokens!r} is not a whole number of tokens >= 1", param_hint="--tokens")
+    workload = Workload(tokens=int(tokens), d_model=d_model, dtype=dtype, hooks=hooks, reads=reads,
+                        shared_forward=shared_forward, compression=compression)
+    economics = Economics(capture_rate=capture_rate, gpu_price=gpu_price, storage_price=storage_price,
+                          months=months, node_price=node_price)
+    cluster = Cluster(nodes=nodes, cores=cores, memory=node_memory, network=network)
+    schema = Schema(dtype=dtype, d_model=d_model)
+    memory = memory or node_memory // 4
+    request = PlanRequest(rows=workload.tokens * hooks, schema=schema, memory=memory, workers=cores,
+                          stored_bytes=workload.stored_bytes, scratch_remote=True, dst_remote=True, machine_memory=0)
+    plan = make_plan(request)
+    fit = min(cores, max(1, node_memory // max(plan.peak_task_bytes, 1)))
+    if fit != cores:
+        plan = make_plan(dataclasses.replace(request, workers=fit))
+    est = estimate(plan, cluster, src_remote=True)
+    c = compare(workload, economics, shuffle=est)
+    if as_json:
+        click.echo(json.dumps({**c.to_json(), "shuffle": est.to_json()}, indent=1))
+        return
+    click.echo(c.report())
+    click.echo(f"shuffle     ~{est.wall_s / 3600:,.1f} h on {nodes} node(s) x {cores} cores, {human_bytes(memory)} per "
+               f"task; `shuffler plan --rows {workload.tokens * hooks} --d-model {d_model} --dtype {dtype} --memory "
+               f"{human_bytes(memory).replace(' ', '')} --dst s3://b/out --nodes {nodes} ...` shows its passes")
+    for warning in (*plan.warnings, *est.warnings):
+        click.echo(f"WARNING: {warning}")
 
 
 def _cluster(path, nodes, cores, memory, network, disk):
