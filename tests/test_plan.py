@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -133,3 +134,18 @@ def test_plan_of_a_dataset_is_what_shuffle_runs(tmp_path):
     m = shuffle(src, str(tmp_path / "out"), seed=0, memory=memory, workers=1, **SMALL)
     assert planned["buckets"] == m.metadata["shuffle"]["buckets"] > 1
     assert planned["capacity_rows"] == m.metadata["shuffle"]["capacity_rows"]
+
+
+def test_threads_leave_the_buckets_and_add_their_buffers_to_the_peak():
+    from shuffler.shuffling.plan import ENCODE_THREADS, fixed_overhead
+
+    req = PlanRequest(rows=10**8, schema=Schema(dtype="bfloat16", d_model=1024), memory=4 << 30, workers=2)
+    base = make_plan(req)
+    assert req.threads == ENCODE_THREADS
+    for threads, extra in ((1, 0), (2, 0), (16, fixed_overhead(req.chunk_bytes, 16) - fixed_overhead(req.chunk_bytes))):
+        p = make_plan(dataclasses.replace(req, threads=threads))
+        assert (p.buckets, p.capacity_rows, p.map_rows) == (base.buckets, base.capacity_rows, base.map_rows)
+        assert p.peak_task_bytes == base.peak_task_bytes + extra
+    assert fixed_overhead(req.chunk_bytes, 16) - fixed_overhead(req.chunk_bytes) == 2 * 14 * req.chunk_bytes
+    with pytest.raises(ValueError, match="threads=0 must be >= 1"):
+        dataclasses.replace(req, threads=0)

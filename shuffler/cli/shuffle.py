@@ -32,6 +32,8 @@ _MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up 
 @click.option("--from-scatter", is_flag=True, help="SRC was written scattered (ShardWriter scatter=, synth/capture "
               "--scatter): run pass 2 only, with the producers' buckets.")
 @option(ShuffleConfig, "workers", type=click.IntRange(1))
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="One task can use every core of a node: "
+        "--workers 1 --threads 64.")
 @option(ShuffleConfig, "scratch", extra="E.g. local NVMe while DST is on S3.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
 @options(ShuffleConfig, "keep_intermediate", "overwrite", "break_lock")
@@ -47,7 +49,7 @@ _MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up 
               "JOB_COMPLETION_INDEX or AWS Batch].")
 @click.option("--num-tasks", type=click.IntRange(1), help="How many array tasks share a stage [default: from the "
               "scheduler; required with JOB_COMPLETION_INDEX].")
-def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, scratch_level, keep_intermediate,
+def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, scratch, scratch_level, keep_intermediate,
                 overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address, stage,
                 task_index, num_tasks):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
@@ -75,7 +77,8 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
             raise click.UsageError("--stage does not apply to --from-scatter")
         if seed is None:
             raise click.UsageError("Missing option '--seed' (every stage needs the same one)")
-        _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
+        _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
+               break_lock,
                dict(memory=memory, buckets=buckets, scratch=scratch, scratch_level=scratch_level,
                     keep_intermediate=keep_intermediate, level=level, chunk_bytes=chunk_bytes,
                     shard_bytes=shard_bytes, map_rows=map_rows))
@@ -83,14 +86,14 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
     if task_index is not None or num_tasks is not None:
         raise click.UsageError("--task-index/--num-tasks need --stage scatter or --stage permute")
     if from_scatter:
-        _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate,
+        _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, scratch_level, keep_intermediate,
                       overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address)
         return
     if seed is None:
         raise click.UsageError("Missing option '--seed' (every shuffle needs one, except --from-scatter)")
     t0 = time.perf_counter()
     stats: dict = {}
-    m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
+    m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, threads=threads, scratch=scratch,
                 scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
                 break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
                 executor=executor, ray_address=ray_address, stats=stats)
@@ -103,8 +106,8 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
 
 
-def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
-           planned: dict) -> None:
+def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
+           break_lock, planned: dict) -> None:
     from shuffler.shuffling.array_job import resolve_slot, run_stage
 
     t0 = time.perf_counter()
@@ -119,14 +122,15 @@ def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray
         config = {k: v for k, v in planned.items()
                   if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
     slot = resolve_slot(task_index, num_tasks) if stage in ("scatter", "permute") else None
-    out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, executor=executor,
+    out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, threads=threads,
+                    executor=executor,
                     ray_address=ray_address, overwrite=overwrite, break_lock=break_lock)
     who = f" task {slot.index}/{slot.count}" if slot else ""
     facts = ", ".join(f"{k} {v}" for k, v in out.items() if k not in ("stage", "did"))
     click.echo(f"stage {stage}{who} of {dst}: done ({facts}), {time.perf_counter() - t0:.1f} s")
 
 
-def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
+def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, scratch_level, keep_intermediate, overwrite,
                   break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address) -> None:
     from shuffler.shuffling.from_scatter import shuffle_from_scatter
 
@@ -137,7 +141,8 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
             raise click.UsageError(f"{name} does not apply to --from-scatter: the producers fixed the buckets and runs")
     t0 = time.perf_counter()
     stats: dict = {}
-    m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, scratch=scratch,
+    m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, threads=threads,
+                             scratch=scratch,
                              scratch_level=scratch_level, overwrite=overwrite, break_lock=break_lock, level=level,
                              chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, executor=executor,
                              ray_address=ray_address, stats=stats)
@@ -158,6 +163,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @option(ShuffleConfig, "buckets", type=click.IntRange(1))
 @option(ShuffleConfig, "workers", type=click.IntRange(1), extra="With a cluster: per node [default: as many as a "
         "node's cores and memory allow].")
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="With a cluster: a node's cores over its workers.")
 @click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
 @option(ShuffleConfig, "scratch", extra="Without --dst: local.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
@@ -178,7 +184,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
               help="Per-core codec rates, JSON (fields of shuffler.shuffling.costmodel.Rates; `python benchmarks/costmodel.py "
               "--save-rates FILE` measures them on the machine it runs on).")
-def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, dst, scratch, scratch_level,
+def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, threads, dst, scratch, scratch_level,
              level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
              put_price, get_price, rates_file):
     """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory;
@@ -220,8 +226,10 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
             raise click.BadParameter(f"{compression} must be > 0", param_hint="--compression")
         stored = round(n * schema.row_bytes / compression) if compression else None
     scratch_url = scratch or (f"{dst.rstrip('/')}/.shuffle/scratch" if dst else None)
+    node_cores = cluster.cores if cluster else os.cpu_count() or 1
     request = PlanRequest(
-        rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers, stored_bytes=stored,
+        rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers,
+        threads=threads or -(-node_cores // workers), stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         machine_memory=machine_memory,
@@ -230,10 +238,15 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
     if cluster is not None and machine_memory == 0:
         # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,
         # so the plan's own figures (total peak, task split) speak of the workers that will run.
-        fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
-        if fit != workers:
+        # The threads then share out the cores; their buffers raise the peak a little, so fit again (this settles
+        # in two or three rounds: the peak grows by two chunks per thread).
+        for _ in range(4):
+            fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
+            per_task = threads or -(-node_cores // fit)
+            if (fit, per_task) == (workers, plan.request.threads):
+                break
             workers = fit
-            plan = make_plan(dataclasses.replace(request, workers=fit))
+            plan = make_plan(dataclasses.replace(request, workers=fit, threads=per_task))
     est = None
     if cluster is not None or put_price is not None or get_price is not None or rates_file:
         from shuffler.shuffling.costmodel import Cluster, Prices, Rates, estimate

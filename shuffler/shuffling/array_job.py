@@ -85,6 +85,7 @@ def run_stage(
     slot: TaskSlot | None = None,
     config: dict | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
     overwrite: bool = False,
@@ -95,6 +96,7 @@ def run_stage(
 
     `config` holds the ShuffleConfig fields of PLANNED for the plan stage; later stages read them from the
     plan and refuse a `config` that contradicts it (the same command line for every stage is fine).
+    `workers` and `threads` are this task's (a node's cores), never planned: they do not change the output.
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {', '.join(STAGES)}")
@@ -106,8 +108,8 @@ def run_stage(
         raise ValueError(f"stage {stage!r} needs a task slot (--task-index/--num-tasks or an array job)")
     srcs = list(srcs)
     if stage == "plan":
-        return _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress)
-    loaded = _load(srcs, dst, seed, config, workers, executor, ray_address, progress)
+        return _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress)
+    loaded = _load(srcs, dst, seed, config, workers, threads, executor, ray_address, progress)
     if loaded is None:
         return {"stage": stage, "did": 0, "note": f"{dst} is finalized already; nothing to do"}
     run, plan = loaded
@@ -137,8 +139,9 @@ def run_stage(
     return {"stage": stage, "did": sum(map(slot.owns, range(run.plan.buckets))), "of": run.plan.buckets}
 
 
-def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> dict:
-    cfg = ShuffleConfig(seed=seed, workers=workers, overwrite=overwrite, break_lock=break_lock, **config)
+def _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress) -> dict:
+    cfg = ShuffleConfig(seed=seed, workers=workers, threads=threads, overwrite=overwrite, break_lock=break_lock,
+                        **config)
     run = Run(srcs, dst, cfg, progress=progress)
     lock = Lock(run.dst, break_lock)
     lock.acquire()  # no one-machine shuffle may be writing here while we lay out the run
@@ -166,7 +169,7 @@ def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> 
         lock.release()
 
 
-def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> tuple[Run, dict] | None:
+def _load(srcs, dst, seed, config, workers, threads, executor, ray_address, progress) -> tuple[Run, dict] | None:
     store = Storage(dst)
     try:
         plan = json.loads(store.read(PLAN))
@@ -185,7 +188,8 @@ def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> 
         if plan["config"].get(k) != v:
             raise ValueError(f"{k}={v!r} differs from the plan's {plan['config'].get(k)!r} ({store.url_of(PLAN)}): "
                              "later stages take every planned option from the plan")
-    cfg = ShuffleConfig(seed=seed, workers=workers, executor=executor, ray_address=ray_address, **plan["config"])
+    cfg = ShuffleConfig(seed=seed, workers=workers, threads=threads, executor=executor, ray_address=ray_address,
+                        **plan["config"])
     run = Run(plan["sources"], dst, cfg, progress=progress)
     if run.run_id != plan["run_id"]:
         raise ValueError(f"the sources changed since the plan stage (run {run.run_id}, planned {plan['run_id']}); "

@@ -57,7 +57,6 @@ from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_mar
 )
 from shuffler.shuffling.plan import (
     DEFAULT_MEMORY,
-    ENCODE_THREADS,
     Plan,
     PlanRequest,
     make_plan,
@@ -86,6 +85,8 @@ class ShuffleConfig:
     """Bucket count; None sizes it from memory (docs/shuffle.md)."""
     workers: int | None = None
     """Worker processes; None uses every core. Never changes the output."""
+    threads: int | None = None
+    """Codec threads per task (decode, byte-split, zstd: they release the GIL); None fills the cores: cores / workers, rounded up. Never changes the output."""
     scratch: str | None = None
     """URL for intermediates (may be another filesystem than DST); None: DST/.shuffle/scratch."""
     scratch_level: int | None = None
@@ -121,6 +122,9 @@ class ShuffleConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^64)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be an integer >= 1 (codec threads per task)")
 
 
 #: The options shuffle() takes: every ShuffleConfig field, defined once there.
@@ -175,10 +179,15 @@ def canonical_url(url: str) -> str:
     return url if "://" in url else os.path.realpath(url)
 
 
+def threads_for(cfg: ShuffleConfig, workers: int) -> int:
+    """Codec threads per task: cfg.threads, or the node's cores shared among its workers, rounded up."""
+    return cfg.threads or -(-(os.cpu_count() or 1) // workers)
+
+
 def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scratch_url: str, dst_url: str) -> Plan:
     return make_plan(PlanRequest(
         rows=sum(d.num_rows for d in datasets), schema=datasets[0].schema, memory=cfg.memory, buckets=cfg.buckets,
-        workers=workers, stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
+        workers=workers, threads=threads_for(cfg, workers), stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
         scratch_remote=not Storage(scratch_url).is_local, dst_remote=not Storage(dst_url).is_local,
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
         map_rows=cfg.map_rows,
@@ -371,7 +380,7 @@ class Run:
             sel, skip = table.select(lo, hi)
             calls.append((MapTask(
                 index=m, table=sel, skip=skip, rows=hi - lo, row_start=lo, key=key, buckets=B, scratch=self.scratch,
-                level=self.plan.scratch_level, chunk_bytes=self.cfg.chunk_bytes, threads=ENCODE_THREADS,
+                level=self.plan.scratch_level, chunk_bytes=self.cfg.chunk_bytes, threads=self.plan.request.threads,
                 batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
             ),))
         kill = int(self.faults.get("kill-after-map", 0))
@@ -400,7 +409,7 @@ class Run:
                     path=(b,), table=inter.table(b), seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows,
                     dst=self.dst.url, chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes,
                     level=self.cfg.level, scratch=self.scratch, scratch_level=self.plan.scratch_level,
-                    threads=ENCODE_THREADS, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
+                    threads=self.plan.request.threads, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
                 ), self.dst.url, kill_in if i == 0 else 0))
         kill = int(self.faults.get("kill-after-reduce", 0))
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
