@@ -14,8 +14,10 @@ bucket committed and that the rows' fingerprint equals the sources', then writes
 is byte for byte that of `shuffler shuffle SRC... DST --seed S` on one machine.
 
 Each stage is a plain Run (shuffler/shuffling/run.py) taking the steps of its share: plan = check_dst and
-start_or_resume under DST's lock (shuffler/shuffling/lock.py); scatter = map(only=this task's); permute =
-reduce(only=this task's); finalize = commit under the lock.
+start_or_resume under DST's lock (shuffler/shuffling/lock.py); scatter = map(only=this task's), and the
+scatter task that finds every map task committed writes the bucket index (shuffler/shuffling/bucket_index.py);
+permute = reduce(only=this task's), reading only its own buckets' index objects (or, without an index, every
+intermediate's footer); finalize = commit under the lock.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shuffler import env
 from shuffler.errors import FormatError
 from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
+from shuffler.io.chunks import storage
+from shuffler.shuffling.bucket_index import BucketIndex, DamagedIndex, discard, write_index
 from shuffler.shuffling.lock import Lock
+from shuffler.shuffling.map import map_name
 from shuffler.shuffling.markers import PLAN, committed_reduces
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
 from shuffler.storage.storage import Storage
@@ -121,7 +127,23 @@ def run_stage(
     if stage == "scatter":
         with run.executor() as pool:
             run.map(pool, map_rows, only=slot.owns)
-        return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps}
+            indexed = _index_if_last(run, pool, map_rows, maps)
+        return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps, "indexed": indexed}
+    B = run.plan.buckets
+    index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, buckets=B)
+    if index is not None:
+        # The index exists only once every map task committed: O(this task's buckets) small reads from here on,
+        # instead of every intermediate's marker and footer (shuffling/bucket_index.py).
+        with run.executor() as pool:
+            try:
+                run.reduce(pool, [], only=slot.owns, tables=index)
+                return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": True}
+            except DamagedIndex as e:
+                warnings.warn(f"{e}; reading the intermediates' footers instead", stacklevel=1)
+                discard(run.scratch)
+            except FormatError as e:
+                discard(run.scratch)  # a damaged intermediate is redone; the index is written again after it
+                raise run.uncommit_damaged(e) from None
     with run.executor() as pool:
         done = run.map(pool, map_rows, only=lambda m: False)  # only collect what the scatter stage committed
         if len(done) != maps:
@@ -136,7 +158,20 @@ def run_stage(
             run.reduce(pool, done, only=slot.owns)
         except FormatError as e:
             raise run.uncommit_damaged(e) from None
-    return {"stage": stage, "did": sum(map(slot.owns, range(run.plan.buckets))), "of": run.plan.buckets}
+    return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": False}
+
+
+def _index_if_last(run: Run, pool, map_rows: int, maps: int) -> bool:
+    """Write the bucket index if every map task has committed (this task is among the last to finish); a LIST
+    decides, so only those tasks read the markers. True if it wrote it."""
+    names = set(storage(run.scratch).list(""))
+    if any(f"{map_name(m)}.idx" not in names for m in range(maps)):
+        return False
+    done = run.map(pool, map_rows, only=lambda m: False)
+    if len(done) != maps:
+        return False  # a damaged marker: its task is redone by the next scatter attempt, which indexes then
+    write_index(run.scratch, run.schema, done, run.plan.buckets, run_id=run.run_id)
+    return True
 
 
 def _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress) -> dict:

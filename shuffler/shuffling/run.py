@@ -392,17 +392,20 @@ class Run:
         return [done[m] for m in sorted(done)]
 
     # -- pass 2 ------------------------------------------------------------------------------------------
-    def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None
+    def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None, tables=None
                ) -> list[tuple[list[ShardInfo], Fingerprint]]:
         """Run the reduce tasks of the buckets that `only` selects and have not committed; return every committed
-        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some."""
+        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some. `tables` (with a
+        .table(b) method, e.g. shuffling/bucket_index.BucketIndex) says where each bucket's chunks are; None:
+        the intermediates' footers, read here."""
         B = self.plan.buckets
-        results = committed_reduces(self.dst, B)
+        results = committed_reduces(self.dst, B, only=only)
         todo = [b for b in range(B) if b not in results and (only is None or only(b))]
         calls = []
         if todo:
             # Where each bucket's chunks are: pass 1's objects, or the producers' runs.
-            inter = self.scattered if self.scattered is not None else Intermediates(self.schema, self.scratch, maps, B)
+            inter = tables if tables is not None else self.scattered if self.scattered is not None else (
+                Intermediates(self.schema, self.scratch, maps, B))
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
                 calls.append((ReduceTask(
