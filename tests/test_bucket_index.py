@@ -10,10 +10,11 @@ import json
 import numpy as np
 import pytest
 
+from shuffler import Dataset
 from shuffler.errors import FormatError
 from shuffler.shuffling import bucket_index
 from shuffler.shuffling.array_job import TaskSlot, run_stage
-from shuffler.shuffling.bucket_index import DONE, DamagedIndex, decode, encode, index_name
+from shuffler.shuffling.bucket_index import DONE, BucketIndex, DamagedIndex, decode, encode, index_name
 from shuffler.shuffling.plan import fixed_overhead
 from shuffler.shuffling.run import shuffle
 from shuffler.storage.storage import Storage
@@ -148,3 +149,43 @@ def test_index_objects_refuse_what_encode_could_not_write():
     with pytest.raises(DamagedIndex, match="outside 0..2"):
         decode(data, 7, where="x", maps=3)
     assert issubclass(DamagedIndex, FormatError)
+
+
+def test_a_damaged_footer_is_redone_by_the_indexing_scatter_task(case, tmp_path):
+    src, ref = case
+    dst = str(tmp_path / "dst")
+    run_stage("plan", [src], dst, seed=5, config=CONFIG, workers=1)
+    for i in range(N - 1):
+        run_stage("scatter", [src], dst, seed=5, slot=TaskSlot(index=i, count=N), workers=1)
+    scratch = json.loads(Storage(dst).read(".shuffle/plan.json"))["scratch"]
+    store = Storage(scratch)
+    data = bytearray(store.read("map-000000.shard"))
+    data[-12] ^= 0xFF  # in the footer: reading it fails, so the index cannot be built from it
+    store.write("map-000000.shard", bytes(data))
+    with pytest.warns(UserWarning, match=r"map-000000.shard.*redoing it before writing the bucket index"):
+        out = run_stage("scatter", [src], dst, seed=5, slot=TaskSlot(index=N - 1, count=N), workers=1)
+    assert out["indexed"] is True and store.read("map-000000.shard") != bytes(data)
+    # A re-run of the finished scatter stage neither redoes nor re-indexes anything.
+    before = store.read(DONE)
+    again = [run_stage("scatter", [src], dst, seed=5, slot=TaskSlot(index=i, count=N), workers=1) for i in range(N)]
+    assert not any(o["indexed"] for o in again) and store.read(DONE) == before
+    for i in range(N):
+        assert run_stage("permute", [src], dst, seed=5, slot=TaskSlot(index=i, count=N), workers=1)["indexed"]
+    run_stage("finalize", [src], dst, seed=5, workers=1)
+    assert output_bytes(dst) == ref
+
+
+def test_an_index_of_another_split_or_run_is_not_used(case, tmp_path):
+    src, _ = case
+    dst = str(tmp_path / "dst")
+    _scatter_all(src, dst)
+    plan = json.loads(Storage(dst).read(".shuffle/plan.json"))
+    schema = Dataset.open(src).schema
+    key = dict(run_id=plan["run_id"], maps=M, map_rows=plan["map_rows"], buckets=B)
+    assert BucketIndex.open(plan["scratch"], schema, **key) is not None
+    for change in (dict(map_rows=plan["map_rows"] + 1), dict(run_id="0" * 16), dict(maps=M - 1), dict(buckets=B + 1)):
+        assert BucketIndex.open(plan["scratch"], schema, **{**key, **change}) is None
+    store = Storage(plan["scratch"])
+    doc = json.loads(store.read(DONE))
+    store.write(DONE, json.dumps({**doc, "maps": M - 1}).encode())  # the CRC no longer matches
+    assert BucketIndex.open(plan["scratch"], schema, **key) is None

@@ -20,12 +20,16 @@ from shuffler.shuffling.plan import DTYPE_RATIO, PlanRequest, make_plan
 from shuffler.shuffling.recompute import Economics, Workload, compare
 
 
-def _compare(workload: Workload, economics: Economics):
+def _estimate(workload: Workload):
     plan = make_plan(PlanRequest(rows=workload.tokens * workload.hooks,
                                  schema=Schema(dtype=workload.dtype, d_model=workload.d_model), memory=64 << 30,
                                  workers=8, stored_bytes=workload.stored_bytes, scratch_remote=True, dst_remote=True,
                                  machine_memory=0))
-    return compare(workload, economics, shuffle=estimate(plan, Cluster(nodes=4, cores=8, memory=512 << 30)))
+    return estimate(plan, Cluster(nodes=4, cores=8, memory=512 << 30))
+
+
+def _compare(workload: Workload, economics: Economics):
+    return compare(workload, economics, shuffle=_estimate(workload))
 
 
 BASE = Workload(tokens=10**9, d_model=4096, dtype="bfloat16")
@@ -52,7 +56,11 @@ def test_break_even_is_where_storing_stops_costing_more(hooks, shared, months):
 
 def test_each_input_moves_the_side_it_should():
     c = _compare(BASE, ECON)
-    assert c.store == pytest.approx(c.capture + c.write + c.shuffle + c.keep + c.read)
+    assert c.store == pytest.approx(c.capture + c.write + c.shuffle + c.hold + c.keep + c.read)
+    # Storage while the shuffle runs: source and output plus the intermediates at their peak.
+    est = _estimate(BASE)
+    held = 2 * BASE.stored_bytes + est.scratch_bytes
+    assert c.hold == pytest.approx(held / 1e9 * 0.023 * est.wall_s / 3600 / 730) and c.hold > 0
     assert c.recompute == pytest.approx(c.capture)
     assert c.capture == pytest.approx(10**9 / 20_000 / 3600 * 2.5)
     raw = 10**9 * Schema(dtype="bfloat16", d_model=4096).row_bytes
@@ -115,6 +123,8 @@ def test_cost_cli_report_json_and_errors():
     assert doc["verdict"] == "store" and doc["break_even_reads"] <= 50
     assert doc["dollars"]["recompute"] == pytest.approx(50 * doc["dollars"]["capture"])
     assert doc["shuffle"]["passes"][0]["name"] == "pass 1 scatter"
+    r = CliRunner().invoke(main, [*args, "--threads", "3", "--json"])
+    assert json.loads(r.output)["shuffle"]["plan"]["request"]["threads"] == 3
     r = CliRunner().invoke(main, ["cost", "--tokens", "1.5", "--d-model", "8", "--capture-rate", "1"])
     assert r.exit_code == 2 and "--tokens" in r.output and "whole number of tokens" in r.output
     r = CliRunner().invoke(main, ["cost", "--tokens", "1e9", "--d-model", "8"])

@@ -14,7 +14,7 @@ from shuffler import Dataset
 from shuffler.errors import DatasetNotFoundError, SchemaError
 from shuffler.format.schema import standard_columns
 from shuffler.io.dataset import Batch
-from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.plan import fixed_overhead, usable_cores
 from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
@@ -103,7 +103,7 @@ def test_threads_never_change_the_bytes_and_size_nothing_but_the_peak(raw, tmp_p
     # The default shares this machine's cores among the workers, rounded up.
     stats = {}
     shuffle(raw, str(tmp_path / "c"), seed=11, workers=2, buckets=4, stats=stats, **SMALL)
-    assert stats["plan"]["request"]["threads"] == -(-(os.cpu_count() or 1) // 2)
+    assert stats["plan"]["request"]["threads"] == -(-usable_cores() // 2)
     assert output_bytes(str(tmp_path / "c")) == output_bytes(str(tmp_path / "a"))
     with pytest.raises(ValueError, match="threads=0 must be an integer >= 1"):
         shuffle(raw, str(tmp_path / "d"), seed=11, threads=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -16,11 +15,12 @@ from shuffler.cli.options import option, options
 from shuffler.format.schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
 from shuffler.progress import Progress, human_bytes
 from shuffler.shuffling.executor import EXECUTORS
-from shuffler.shuffling.plan import PlanRequest, make_plan
+from shuffler.shuffling.plan import PlanRequest, make_plan, usable_cores
 from shuffler.shuffling.recompute import Economics, Workload
 from shuffler.shuffling.run import ShuffleConfig
 
-_MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this."
+_MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this, plus two chunk "
+              "buffers for each thread past 2 (`shuffler plan` prints the peak).")
 
 
 @click.command("shuffle")
@@ -226,7 +226,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
             raise click.BadParameter(f"{compression} must be > 0", param_hint="--compression")
         stored = round(n * schema.row_bytes / compression) if compression else None
     scratch_url = scratch or (f"{dst.rstrip('/')}/.shuffle/scratch" if dst else None)
-    node_cores = cluster.cores if cluster else os.cpu_count() or 1
+    node_cores = cluster.cores if cluster else usable_cores()
     request = PlanRequest(
         rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers,
         threads=threads or -(-node_cores // workers), stored_bytes=stored,
@@ -234,19 +234,15 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         machine_memory=machine_memory,
     )
-    plan = make_plan(request)
     if cluster is not None and machine_memory == 0:
         # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,
         # so the plan's own figures (total peak, task split) speak of the workers that will run.
-        # The threads then share out the cores; their buffers raise the peak a little, so fit again (this settles
-        # in two or three rounds: the peak grows by two chunks per thread).
-        for _ in range(4):
-            fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
-            per_task = threads or -(-node_cores // fit)
-            if (fit, per_task) == (workers, plan.request.threads):
-                break
-            workers = fit
-            plan = make_plan(dataclasses.replace(request, workers=fit, threads=per_task))
+        from shuffler.shuffling.costmodel import fit_to_node
+
+        plan = fit_to_node(request, cluster, threads=threads)
+        workers = plan.request.workers
+    else:
+        plan = make_plan(request)
     est = None
     if cluster is not None or put_price is not None or get_price is not None or rates_file:
         from shuffler.shuffling.costmodel import Cluster, Prices, Rates, estimate
@@ -290,6 +286,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
 @option(Economics, "node_price", type=click.FloatRange(0))
 @click.option("--memory", type=SIZE, help="Memory budget of one shuffle task [default: a quarter of --node-memory, "
               "so that pass 2's ranged reads stay large on S3].")
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="Of the shuffle's tasks.")
 @click.option("--nodes", type=click.IntRange(1), default=16, show_default=True, help="Shuffle cluster: machines.")
 @click.option("--cores", type=click.IntRange(1), default=32, show_default=True, help="Shuffle cluster: cores per node.")
 @click.option("--node-memory", type=SIZE, default="256GiB", show_default=True, help="Shuffle cluster: RAM per node.")
@@ -297,7 +294,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
               help="Shuffle cluster: bytes/s per node to object storage (25 Gbit/s).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def cost_cmd(tokens, d_model, dtype, hooks, reads, shared_forward, compression, capture_rate, gpu_price, storage_price, months,
-             node_price, memory, nodes, cores, node_memory, network, as_json):
+             node_price, memory, threads, nodes, cores, node_memory, network, as_json):
     """Store or recompute? Print what storing activations costs (capture once, write, shuffle, keep, read per
     run) against regenerating them for every training run, and the break-even number of runs.
 
@@ -310,7 +307,7 @@ def cost_cmd(tokens, d_model, dtype, hooks, reads, shared_forward, compression, 
       shuffler cost --tokens 4e9 --d-model 3584 --capture-rate 20000 --reads 8
       shuffler cost --tokens 8e9 --d-model 4096 --hooks 128 --capture-rate 25000 --reads 2 --json
     """
-    from shuffler.shuffling.costmodel import Cluster, estimate
+    from shuffler.shuffling.costmodel import Cluster, estimate, fit_to_node
     from shuffler.shuffling.recompute import compare
 
     if tokens != math.floor(tokens) or not 1 <= tokens <= 2**63:
@@ -322,20 +319,18 @@ def cost_cmd(tokens, d_model, dtype, hooks, reads, shared_forward, compression, 
     cluster = Cluster(nodes=nodes, cores=cores, memory=node_memory, network=network)
     schema = Schema(dtype=dtype, d_model=d_model)
     memory = memory or node_memory // 4
-    request = PlanRequest(rows=workload.tokens * hooks, schema=schema, memory=memory, workers=cores,
-                          stored_bytes=workload.stored_bytes, scratch_remote=True, dst_remote=True, machine_memory=0)
-    plan = make_plan(request)
-    fit = min(cores, max(1, node_memory // max(plan.peak_task_bytes, 1)))
-    if fit != cores:
-        plan = make_plan(dataclasses.replace(request, workers=fit))
+    request = PlanRequest(rows=workload.tokens * hooks, schema=schema, memory=memory,
+                          stored_bytes=workload.stored_bytes, scratch_remote=True, dst_remote=True)
+    plan = fit_to_node(request, cluster, threads=threads)
     est = estimate(plan, cluster, src_remote=True)
     c = compare(workload, economics, shuffle=est)
     if as_json:
-        click.echo(json.dumps({**c.to_json(), "shuffle": est.to_json()}, indent=1))
+        click.echo(json.dumps({**c.to_json(), "shuffle": {**est.to_json(), "plan": plan.to_json()}}, indent=1))
         return
     click.echo(c.report())
-    click.echo(f"shuffle     ~{est.wall_s / 3600:,.1f} h on {nodes} node(s) x {cores} cores, {human_bytes(memory)} per "
-               f"task; `shuffler plan --rows {workload.tokens * hooks} --d-model {d_model} --dtype {dtype} --memory "
+    click.echo(f"shuffle     ~{est.wall_s / 3600:,.1f} h on {nodes} node(s) x {cores} cores: {plan.request.workers} "
+               f"task(s) of {human_bytes(memory)} and {plan.request.threads} thread(s) each; `shuffler plan --rows "
+               f"{workload.tokens * hooks} --d-model {d_model} --dtype {dtype} --memory "
                f"{human_bytes(memory).replace(' ', '')} --dst s3://b/out --nodes {nodes} ...` shows its passes")
     for warning in (*plan.warnings, *est.warnings):
         click.echo(f"WARNING: {warning}")

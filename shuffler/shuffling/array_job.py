@@ -130,7 +130,7 @@ def run_stage(
             indexed = _index_if_last(run, pool, map_rows, maps)
         return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps, "indexed": indexed}
     B = run.plan.buckets
-    index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, buckets=B)
+    index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B)
     if index is not None:
         # The index exists only once every map task committed: O(this task's buckets) small reads from here on,
         # instead of every intermediate's marker and footer (shuffling/bucket_index.py).
@@ -140,6 +140,10 @@ def run_stage(
                 return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": True}
             except DamagedIndex as e:
                 warnings.warn(f"{e}; reading the intermediates' footers instead", stacklevel=1)
+                discard(run.scratch)
+            except FileNotFoundError as e:
+                # An intermediate gone since the index was written: the footer path below names what to redo.
+                warnings.warn(f"{e}; the bucket index is dropped", stacklevel=1)
                 discard(run.scratch)
             except FormatError as e:
                 discard(run.scratch)  # a damaged intermediate is redone; the index is written again after it
@@ -157,21 +161,36 @@ def run_stage(
         try:
             run.reduce(pool, done, only=slot.owns)
         except FormatError as e:
+            discard(run.scratch)  # an index written before this damage showed must not outlive the redo
             raise run.uncommit_damaged(e) from None
     return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": False}
 
 
 def _index_if_last(run: Run, pool, map_rows: int, maps: int) -> bool:
-    """Write the bucket index if every map task has committed (this task is among the last to finish); a LIST
-    decides, so only those tasks read the markers. True if it wrote it."""
+    """Write the bucket index if every map task has committed (this task is among the last to finish) and no
+    valid index exists; a LIST decides, so only those tasks read the markers. True if it wrote it.
+
+    An intermediate found damaged while its footer is read is uncommitted and redone here (any task may redo
+    any map task: the bytes are the same), then the index is written; so the scatter stage can always finish."""
+    B = run.plan.buckets
     names = set(storage(run.scratch).list(""))
     if any(f"{map_name(m)}.idx" not in names for m in range(maps)):
         return False
-    done = run.map(pool, map_rows, only=lambda m: False)
-    if len(done) != maps:
-        return False  # a damaged marker: its task is redone by the next scatter attempt, which indexes then
-    write_index(run.scratch, run.schema, done, run.plan.buckets, run_id=run.run_id)
-    return True
+    if BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B):
+        return False  # a re-run of a finished scatter stage: nothing to redo
+    for attempt in (1, 2):
+        done = run.map(pool, map_rows, only=None if attempt == 2 else lambda m: False)
+        if len(done) != maps:
+            continue  # a damaged marker: the second round redoes its task
+        try:
+            write_index(run.scratch, run.schema, done, B, run_id=run.run_id, map_rows=map_rows)
+            return True
+        except FormatError as e:
+            if attempt == 2:
+                raise
+            err = run.uncommit_damaged(e)  # its marker goes: the second round redoes that map task
+            warnings.warn(f"{err}; redoing it before writing the bucket index", stacklevel=1)
+    return False
 
 
 def _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress) -> dict:

@@ -10,7 +10,7 @@ buckets' chunks: M x B of metadata per task, 2 TB of GETs for the 1 PB plan with
 `done` object. The index is written once, after the last map task commits, by the scatter task that sees it:
 
     <scratch>/index/b-00000012.idx   bucket 12's chunks: CHUNK entries whose "obj" is the map task's index
-    <scratch>/index/done.json        written last: run id, map tasks, buckets, CRC; the index counts only then
+    <scratch>/index/done.json        written last: run id, map split, buckets, CRC; the index counts only then
 
 Concurrent writers write the same bytes under the same names (the map tasks are deterministic), so the race
 of two "last" scatter tasks is harmless (shuffler/shuffling/markers.py). An index object that is missing or
@@ -72,7 +72,8 @@ def decode(data: bytes, b: int, *, where: str, maps: int) -> np.ndarray:
     return entries
 
 
-def write_index(scratch: str, schema: Schema, maps: list[MapOutput], buckets: int, *, run_id: str) -> None:
+def write_index(scratch: str, schema: Schema, maps: list[MapOutput], buckets: int, *, run_id: str,
+                map_rows: int) -> None:
     """Read every intermediate's footer once and write each bucket's index, then the `done` object (last).
     `maps`: every map task's committed output, 0..M-1."""
     assert [o.index for o in sorted(maps, key=lambda o: o.index)] == list(range(len(maps))), "not every map task"
@@ -80,7 +81,7 @@ def write_index(scratch: str, schema: Schema, maps: list[MapOutput], buckets: in
     inter = Intermediates(schema, scratch, maps, buckets)
     for b in range(buckets):
         store.write(index_name(b), encode(b, inter.entries(b)))
-    doc = {"format": 1, "run_id": run_id, "maps": len(maps), "buckets": buckets}
+    doc = {"format": 1, "run_id": run_id, "maps": len(maps), "map_rows": map_rows, "buckets": buckets}
     doc["crc"] = crc(doc)
     store.write(DONE, json.dumps(doc, sort_keys=True).encode())
 
@@ -97,7 +98,8 @@ class BucketIndex:
         self.scratch, self.store, self.schema, self.maps = scratch, storage(scratch), schema, maps
 
     @classmethod
-    def open(cls, scratch: str, schema: Schema, *, run_id: str, maps: int, buckets: int) -> BucketIndex | None:
+    def open(cls, scratch: str, schema: Schema, *, run_id: str, maps: int, map_rows: int, buckets: int
+             ) -> BucketIndex | None:
         """The run's index, or None when it is absent, damaged, or another run's or split's."""
         store = storage(scratch)
         try:
@@ -106,12 +108,14 @@ class BucketIndex:
             return None
         if not isinstance(doc, dict) or doc.get("crc") != crc(doc):
             return None
-        if (doc.get("format"), doc.get("run_id"), doc.get("maps"), doc.get("buckets")) != (1, run_id, maps, buckets):
+        key = (doc.get("format"), doc.get("run_id"), doc.get("maps"), doc.get("map_rows"), doc.get("buckets"))
+        if key != (1, run_id, maps, map_rows, buckets):
             return None
         return cls(scratch, schema, maps)
 
     def table(self, b: int) -> ChunkTable:
-        """Bucket b's chunks from every intermediate, in map-task order (so in global row order)."""
+        """Bucket b's chunks from every intermediate, in map-task order (so in global row order). The objects
+        it names were committed when the index was written (a missing one surfaces when the task reads it)."""
         name = index_name(b)
         try:
             data = self.store.read(name)

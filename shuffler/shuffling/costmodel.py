@@ -28,12 +28,13 @@ out (intermediates live for hours). Checked against measured runs by benchmarks/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 from shuffler.progress import human_bytes
-from shuffler.shuffling.plan import ENCODE_THREADS, GiB, Plan, read_batch_bytes
+from shuffler.shuffling.plan import ENCODE_THREADS, GiB, Plan, PlanRequest, make_plan, read_batch_bytes
 from shuffler.storage.storage import SINGLE_PUT_BYTES
 from shuffler.units import parse_size
 
@@ -241,6 +242,21 @@ def _objects_puts(total_bytes: float, objects: int) -> int:
     return objects * per
 
 
+def fit_to_node(request: PlanRequest, cluster: Cluster, *, threads: int | None = None) -> Plan:
+    """The plan of `request` with as many workers per node as the node's cores and memory (at the plan's peak per
+    task) allow, and `threads` per task (None: the cores shared among those workers, rounded up). Each thread
+    past ENCODE_THREADS raises the peak by two chunks, so this fits again until it settles (2-3 rounds)."""
+    plan = make_plan(dataclasses.replace(request, workers=cluster.cores, machine_memory=0,
+                                         threads=threads or 1))
+    for _ in range(4):
+        fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
+        per_task = threads or -(-cluster.cores // fit)
+        if (fit, per_task) == (plan.request.workers, plan.request.threads):
+            break
+        plan = make_plan(dataclasses.replace(plan.request, workers=fit, threads=per_task))
+    return plan
+
+
 def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: Rates | None = None, *,
              src_remote: bool | None = None) -> Estimate:
     """Cost of running `plan` on `cluster`. `src_remote`: SRC on object storage (default: where DST is)."""
@@ -253,10 +269,11 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     usable = cluster.nodes * min(cluster.cores, workers * busy)
     raw = plan.raw_bytes
     warnings = []
-    if fit * req.threads < cluster.cores:
-        warnings.append(f"memory allows {fit} task(s) per node at {human_bytes(plan.peak_task_bytes)} each, with "
-                        f"{req.threads} codec thread(s) each, fewer than the {cluster.cores} cores; raise --threads "
-                        "or lower --memory to use them all")
+    if min(fit, req.workers) * req.threads < cluster.cores:
+        warnings.append(f"{min(fit, req.workers)} task(s) per node (memory allows {fit} at "
+                        f"{human_bytes(plan.peak_task_bytes)} each, --workers {req.workers}) of {req.threads} codec "
+                        f"thread(s) keep fewer than the {cluster.cores} cores busy; raise --threads (or --workers, "
+                        "or lower --memory) to use them all")
     tasks = max(plan.map_tasks, 1)
     if plan.map_tasks < cluster.nodes * workers or plan.reduce_tasks < cluster.nodes * workers:
         warnings.append(f"{plan.map_tasks:,} map and {plan.reduce_tasks:,} reduce task(s) for "

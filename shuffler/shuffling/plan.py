@@ -304,6 +304,12 @@ def make_plan(req: PlanRequest) -> Plan:
             "task holds in memory: they will be re-shuffled recursively (exact, but one more pass over them); "
             f"use --buckets {buckets_for(n, capacity)} or more, or more --memory"
         )
+    if max(peak_map, peak_reduce) > req.memory and req.threads > ENCODE_THREADS:
+        warnings.append(
+            f"{req.threads} codec threads raise a task's peak to {human_bytes(max(peak_map, peak_reduce))}, above "
+            f"--memory {human_bytes(req.memory)} (two {human_bytes(req.chunk_bytes)} chunk buffers per thread past "
+            f"{ENCODE_THREADS}); leave room for it, or give fewer --threads"
+        )
     ram = _machine_ram() if req.machine_memory is None else req.machine_memory
     total = max(peak_map, peak_reduce) * req.workers
     if ram and total > ram:
@@ -345,6 +351,15 @@ def make_plan(req: PlanRequest) -> Plan:
         driver_index_bytes=driver,
         warnings=tuple(warnings),
     )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what SLURM, taskset and cgroup cpusets leave it),
+    not os.cpu_count(), which counts the whole node."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _machine_ram() -> int | None:

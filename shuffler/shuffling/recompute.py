@@ -6,19 +6,19 @@
 
 Two ways to feed R training runs (SAEs, sweeps, epochs) that each read every activation once:
     store      capture once on GPUs, write, shuffle globally (shuffler/shuffling/costmodel.py's estimate: requests
-               plus node-hours), keep for `months`, then read R times (GET requests)
-                   store(R) = capture + write + shuffle + keep + R x read
+               plus node-hours, plus the storage of source, intermediates and output while it runs), keep for
+               `months`, then read R times (GET requests)
+                   store(R) = capture + write + shuffle + hold + keep + R x read
     recompute  run the model again for every run, as Llama Scope did (He et al. 2024, arXiv:2410.20526, section
                on infrastructure: 8 KB per token made storage the bottleneck)
                    recompute(R) = R x capture             (x hooks without shared_forward)
-Storing pays from the break-even R* = (capture + write + shuffle + keep) / (capture - read) runs on, and
-never when a read costs as much as a capture. One forward pass yields every hook point at once, so `hooks`
+Storing pays from the break-even R* = (capture + write + shuffle + hold + keep) / (regenerate - read) runs on,
+where regenerate is one capture (x hooks without shared_forward), and never when a read costs as much. One forward pass yields every hook point at once, so `hooks`
 multiplies what is stored but not what a capture costs; it multiplies what recomputing costs only when each
 hook's SAEs train in runs of their own (shared_forward off).
 
 Left out, and why: the SAE's own training compute (the same either way); egress (reads stay in the region);
-the brief overlap of source and output during the shuffle (the source is deleted after `verify`); and the
-quality difference: recomputing shuffles only inside a buffer, which docs/bench-shuffle-matters.md measures.
+the source after the shuffle (deleted after `verify`); and the quality difference: recomputing shuffles only inside a buffer, which docs/bench-shuffle-matters.md measures.
 """
 
 from __future__ import annotations
@@ -113,13 +113,15 @@ class Comparison:
     capture: float
     write: float
     shuffle: float
+    hold: float
+    """Dollars of storage while the shuffle runs: source, intermediates at their peak and output."""
     keep: float
     read: float
     """Dollars of one run's reads."""
 
     @property
     def store(self) -> float:
-        return self.capture + self.write + self.shuffle + self.keep + self.workload.reads * self.read
+        return self.capture + self.write + self.shuffle + self.hold + self.keep + self.workload.reads * self.read
 
     @property
     def regenerate(self) -> float:
@@ -136,7 +138,7 @@ class Comparison:
         margin = self.regenerate - self.read
         if margin <= 0:
             return None
-        return max(1, math.ceil((self.capture + self.write + self.shuffle + self.keep) / margin))
+        return max(1, math.ceil((self.capture + self.write + self.shuffle + self.hold + self.keep) / margin))
 
     @property
     def verdict(self) -> str:
@@ -146,7 +148,8 @@ class Comparison:
         return {
             "workload": asdict(self.workload), "economics": asdict(self.economics),
             "stored_bytes": self.workload.stored_bytes, "gpu_hours": self.gpu_hours,
-            "dollars": {"capture": self.capture, "write": self.write, "shuffle": self.shuffle, "keep": self.keep,
+            "dollars": {"capture": self.capture, "write": self.write, "shuffle": self.shuffle, "hold": self.hold,
+                        "keep": self.keep,
                         "read": self.read, "store": self.store, "recompute": self.recompute},
             "regenerate_per_run": self.regenerate, "break_even_reads": self.break_even, "verdict": self.verdict,
         }
@@ -160,8 +163,9 @@ class Comparison:
             f"{human_bytes(w.raw_bytes)} raw, {human_bytes(w.stored_bytes)} stored at {w.ratio:.3g}x",
             f"capture     {self.gpu_hours:,.0f} GPU-hours at {e.capture_rate:,.0f} tokens/s/GPU, "
             f"${e.gpu_price}/GPU-hour = ${self.capture:,.0f} per capture",
-            f"store       capture ${self.capture:,.0f} + write ${self.write:,.0f} + shuffle ${self.shuffle:,.0f} + "
-            f"keep {e.months:g} month(s) ${self.keep:,.0f} + {r} x read ${self.read:,.2f} = ${self.store:,.0f}",
+            f"store       capture ${self.capture:,.0f} + write ${self.write:,.0f} + shuffle ${self.shuffle:,.0f} "
+            f"(+ storage meanwhile ${self.hold:,.0f}) + keep {e.months:g} month(s) ${self.keep:,.0f} + {r} x read "
+            f"${self.read:,.2f} = ${self.store:,.0f}",
             f"recompute   {r} x {'capture' if w.shared_forward else f'{w.hooks} captures'} "
             f"${self.regenerate:,.0f} = ${self.recompute:,.0f}",
             f"break-even  {'never: a read costs as much as a capture' if be is None else f'{be} run(s)'}; "
@@ -182,8 +186,12 @@ def compare(workload: Workload, economics: Economics, *, shuffle: Estimate) -> C
     write = p2.puts / 1000 * shuffle.prices.put
     node_hours = shuffle.wall_s / 3600 * shuffle.cluster.nodes
     gets = math.ceil(w.stored_bytes / read_batch_bytes(req.chunk_bytes))
+    # While it runs the source, the intermediates (at their peak) and the output all sit in storage: at PiB
+    # scale a shuffle takes days, so that is not negligible. 730 hours make a month.
+    held = 2 * w.stored_bytes + shuffle.scratch_bytes
     return Comparison(
         workload=w, economics=e, gpu_hours=gpu_hours, capture=gpu_hours * e.gpu_price, write=write,
         shuffle=shuffle.dollars + node_hours * e.node_price,
+        hold=held / 1e9 * e.storage_price * shuffle.wall_s / 3600 / 730,
         keep=w.stored_bytes / 1e9 * e.storage_price * e.months, read=gets / 1000 * shuffle.prices.get,
     )

@@ -61,6 +61,7 @@ from shuffler.shuffling.plan import (
     PlanRequest,
     make_plan,
     read_batch_bytes,
+    usable_cores,
 )
 from shuffler.shuffling.reduce import Intermediates, ReduceTask
 from shuffler.storage.storage import Storage
@@ -180,8 +181,9 @@ def canonical_url(url: str) -> str:
 
 
 def threads_for(cfg: ShuffleConfig, workers: int) -> int:
-    """Codec threads per task: cfg.threads, or the node's cores shared among its workers, rounded up."""
-    return cfg.threads or -(-(os.cpu_count() or 1) // workers)
+    """Codec threads per task: cfg.threads, or the cores this process may use shared among its workers, rounded
+    up (a SLURM job's CPUs, not the node's)."""
+    return cfg.threads or -(-usable_cores() // workers)
 
 
 def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scratch_url: str, dst_url: str) -> Plan:
@@ -341,7 +343,8 @@ class Run:
             # make --overwrite delete anything else wherever it points.
             store = storage(scratch)
             for name in store.list(""):
-                if re.fullmatch(r"(sub-[0-9.]+/)*map-\d+\.(shard|idx)(\.tmp-[0-9a-f]+)?", name):
+                if re.fullmatch(r"((sub-[0-9.]+/)*map-\d+\.(shard|idx)|index/(b-\d+\.idx|done\.json))(\.tmp-[0-9a-f]+)?",
+                                name):
                     store.delete(name)
         for name in self.dst.list(""):
             if name.startswith("shard-") or (name.startswith(STATE + "/") and name != LOCK):
