@@ -108,6 +108,8 @@ class Layout:
     def __post_init__(self) -> None:
         if self.consumers < 1 or self.batch_size < 1 or self.start < 0:
             raise ValueError(f"layout needs consumers >= 1, batch_size >= 1, start >= 0: {self}")
+        # rows of each pending epoch, counted once (bounds() is called for every consumer)
+        object.__setattr__(self, "_pending_rows", tuple(span_rows(p) for p in self.pending))
 
     def base(self) -> tuple[int, tuple[Spans, ...]]:
         """(start, pending): what another layout over the same rows needs."""
@@ -124,7 +126,8 @@ class Layout:
 
     def bounds(self, epoch: int, k: int) -> tuple[int, int]:
         """Consumer k's rows [a, b) of the concatenated epoch_spans(epoch), drop_last applied."""
-        m = span_rows(self.epoch_spans(epoch))
+        i = epoch - self.start
+        m = 0 if i < 0 else self._pending_rows[i] if i < len(self.pending) else self.num_rows
         a, b = consumer_bounds(m, self.consumers, k)
         if self.drop_last:
             b = a + (m // self.consumers) // self.batch_size * self.batch_size
