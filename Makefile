@@ -1,4 +1,5 @@
 # Two commands on a fresh clone: `make demo` and `make test`. Everything they need is installed here.
+# `make test-cluster` (CI runs it after `make test`) adds the cluster tests of tests/cluster: see README.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,9 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_DIR ?= demo-out
 
-.PHONY: venv demo test lint bench clean
+CLUSTER_STAMP := $(VENV)/.cluster-$(shell cat pyproject.toml Makefile | cksum | cut -d" " -f1)
+
+.PHONY: venv demo test test-cluster cluster-deps lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +26,26 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -x --durations=15
+	$(BIN)/python -m pytest -x --durations=15 --ignore=tests/cluster
+
+# Debian's SLURM (slurmctld, slurmd, sbatch, sacct) and iproute2 (`ip`, for tests/cluster/netns.sh), installed
+# as root with apt-get when missing, plus the `cluster` extra. The daemons are started by the tests, never as
+# services. The tests run in a network namespace of their own whose only device is lo (unshare --net), so
+# every server they start is reachable on loopback only.
+cluster-deps: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP)
+	@if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sacct >/dev/null \
+	    || ! command -v ip >/dev/null; then \
+	  echo "== apt-get install slurm-wlm iproute2"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm iproute2 >/dev/null; \
+	fi
+	$(BIN)/python -m pip install -q -e '.[cluster]'
+	rm -f $(VENV)/.cluster-*
+	touch $@
+
+test-cluster: cluster-deps
+	unshare --net tests/cluster/netns.sh $(BIN)/python -m pytest -x --durations=15 tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
