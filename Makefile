@@ -12,7 +12,7 @@ DEMO_DIR ?= demo-out
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev]'
+	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev,saelens]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

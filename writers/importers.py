@@ -76,6 +76,12 @@ class ImportConfig:
     """Uncompressed bytes per stored shard."""
     level: int = 1
     """zstd level of the stored chunks."""
+    position_offset: int = 0
+    """[records, context, d_model] input (SAELens caches): the model position of each record's first row.
+    A SAELens cache made with seqpos_slice=(START, ...) holds positions START, START+1, ... and does not
+    record the slice, so give START here (default 0: whole contexts)."""
+    position_step: int = 1
+    """Like position_offset, for a seqpos_slice with a step: positions are offset + i * step."""
     allow_nonfinite: bool = False
     """Store NaN/inf values instead of refusing them."""
     overwrite: bool = False
@@ -90,6 +96,10 @@ class ImportConfig:
             raise ValueError(
                 f"source_dtype={self.source_dtype!r} is not supported; expected one of {', '.join(DTYPES)}, float64"
             )
+        for name, low in (("position_offset", 0), ("position_step", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name}={v!r} must be an integer >= {low} (SAELens's seqpos_slice start and step)")
         if self.batch_bytes < 1:
             raise ValueError(f"batch_bytes={self.batch_bytes} must be >= 1")
         if self.companions and self.format not in ("npy", "auto"):
@@ -386,7 +396,8 @@ def import_activations(
     ctx = first.per
     names = list(first.columns)
     # Records of [context, d_model] (SAELens) carry no position column: the index inside the record is the
-    # position the model saw (SAELens caches whole contexts in order: docs/interop.md), so it is filled in.
+    # position the model saw (SAELens caches whole contexts in order: docs/interop.md), so it is filled in,
+    # shifted by position_offset/step where the cache was made with a seqpos_slice (which it does not record).
     derive_pos = first.nested and "position" not in names
     if derive_pos:
         names.append("position")
@@ -399,8 +410,18 @@ def import_activations(
             "source_dtype": report.source_dtype}
     if first.nested:
         meta["context_size"] = ctx
+        if derive_pos and (cfg.position_offset, cfg.position_step) != (0, 1):
+            meta["position_offset"], meta["position_step"] = cfg.position_offset, cfg.position_step
     if fmt == "saelens":
         meta["hook_name"] = report.column
+    if (cfg.position_offset, cfg.position_step) != (0, 1) and not derive_pos:
+        raise ValueError(f"{src}: position_offset/position_step apply to [records, context, d_model] input without a "
+                         "position column (a SAELens cache); this input has none to shift")
+    positions = cfg.position_offset + cfg.position_step * np.arange(ctx, dtype=np.int64)
+    if derive_pos and positions[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"position_offset={cfg.position_offset}, position_step={cfg.position_step}: positions up to "
+                         f"{positions[-1]} do not fit the int32 position column")
+    positions = positions.astype(np.int32)
     with ShardWriter(dst, d_model=schema.d_model, dtype=dtype, columns=columns, chunk_bytes=cfg.chunk_bytes,
                      shard_bytes=cfg.shard_bytes, level=cfg.level, metadata=meta,
                      allow_nonfinite=cfg.allow_nonfinite, overwrite=cfg.overwrite) as w:
@@ -409,7 +430,7 @@ def import_activations(
             n = piece.acts.shape[0]
             cols = piece.columns
             if derive_pos:
-                cols = {**cols, "position": np.tile(np.arange(ctx, dtype=np.int32), n // ctx)}
+                cols = {**cols, "position": np.tile(positions, n // ctx)}
             w.write(to_dtype(piece.acts, report.source_dtype, dtype), **cols)
             report.rows += n
             if progress is not None:
