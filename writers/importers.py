@@ -1,4 +1,5 @@
-"""`shuffler import`: activations cached by other tools (SAELens, Parquet, Arrow IPC, .npy) into a dataset.
+"""`shuffler import`: activations cached by other tools (SAELens, Parquet, Arrow IPC, .npy; Activault and
+Llamascopium through writers/tensor_caches.py) into a dataset.
 
 SRC is a local path or any fsspec URL (s3://, memory://; shuffler/interop/sources.py opens it). Every source
 is read in pieces of at most `batch_bytes` of activations, so memory stays bounded whatever the input size:
@@ -57,7 +58,8 @@ class ImportConfig:
     """How `shuffler import` reads SRC and writes DST."""
 
     format: str = "auto"
-    """One of auto, saelens, parquet, arrow, npy. auto looks at the suffix, then the magic bytes."""
+    """One of auto, saelens, parquet, arrow, npy, activault, llamascopium. auto looks at a folder's files,
+    then the suffix, then the magic bytes."""
     column: str | None = None
     """Activation column (SAELens: the hook name). None picks the only list-of-floats column."""
     dtype: str | None = None
@@ -383,6 +385,13 @@ def import_activations(
         if not source.isdir():
             raise ValueError(f"{src}: a SAELens cache is a folder (state.json + data-*.arrow), not a file")
         pieces = _arrow_pieces(_saelens_files(source), "saelens", cfg, report)
+    elif fmt in ("activault", "llamascopium"):
+        from writers import tensor_caches
+
+        if not source.isdir():
+            raise ValueError(f"{src}: an {fmt} cache is a hook's folder of tensor files, not a file")
+        read = tensor_caches.activault_pieces if fmt == "activault" else tensor_caches.llamascopium_pieces
+        pieces = (Piece(*p) for p in read(source, cfg.batch_bytes, report))
     else:
         pieces = _arrow_pieces(files(source, EXTS[fmt]), fmt, cfg, report)
     first = next(pieces, None)
@@ -412,8 +421,8 @@ def import_activations(
         meta["context_size"] = ctx
         if derive_pos and (cfg.position_offset, cfg.position_step) != (0, 1):
             meta["position_offset"], meta["position_step"] = cfg.position_offset, cfg.position_step
-    if fmt == "saelens":
-        meta["hook_name"] = report.column
+    if fmt in ("saelens", "activault", "llamascopium"):
+        meta["hook_name"] = report.column  # the hook column; for the tensor caches, the hook's folder name
     if (cfg.position_offset, cfg.position_step) != (0, 1) and not derive_pos:
         raise ValueError(f"{src}: position_offset/position_step apply to [records, context, d_model] input without a "
                          "position column (a SAELens cache); this input has none to shift")

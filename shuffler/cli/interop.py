@@ -54,6 +54,8 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, pos
                                    become provenance columns (token_ids -> token_id)
       .npy                         [rows, d_model] or [records, context, d_model], memory-mapped;
                                    --companion NAME=PATH (a path or URL) adds provenance columns
+      an Activault hook folder     *.saved.pt megabatches (torch.load(weights_only=True)): every token
+      a Llamascopium hook folder   chunk-N.safetensors: the tokens whose mask is set
 
     Rows keep their order. Input is read --batch-bytes at a time. On any error (a ragged list, a wrong
     width, a non-numeric column) nothing is left at DST.
