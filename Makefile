@@ -12,7 +12,9 @@ DEMO_DIR ?= demo-out
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev,saelens]'
+	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev,saelens,dictlearn]'
+	# without their dependencies: see the dictlearn extra in pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps 'dictionary-learning==0.1.0' 'nnsight==0.3.7'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
