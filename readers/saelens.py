@@ -1,9 +1,12 @@
 """The stream as a data provider for SAELens's own trainer (sae-lens 6.x, the `saelens` extra).
 
     from readers.saelens import data_provider
-    from sae_lens import SAETrainer, SAETrainerConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
 
-    cfg = SAETrainerConfig(total_training_samples=50_000_000, train_batch_size_samples=4096, lr=3e-4, device="cuda")
+    cfg = SAETrainerConfig(total_training_samples=50_000_000, train_batch_size_samples=4096, lr=3e-4, lr_end=3e-4,
+                           device="cuda")
     provider = data_provider("s3://bucket/acts-shuffled", batch_size=4096,
                              total_training_samples=cfg.total_training_samples, device="cuda")
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=provider.d_in, d_sae=16384, k=32))
@@ -14,6 +17,7 @@ SAELens's `SAETrainer(cfg, sae, data_provider)` takes any iterator of `[batch, d
 (`sae_lens/training/sae_trainer.py`, `fit`). `StreamProvider` is that iterator over an ActivationStream, so
 every SAELens architecture (standard, TopK, BatchTopK, JumpReLU, Matryoshka) trains on our globally shuffled,
 rank-sharded (torchrun's RANK/WORLD_SIZE), resumable stream. This module does not import sae_lens.
+dictionary_learning's `trainSAE(data, ...)` iterates the same kind of object (docs/trainer.md).
 
 SAELens counts samples by `batch.shape[0]` and stops at total_training_samples, so batches are whole
 (`drop_last`) and `data_provider` opens enough epochs for the run; a stream that still runs out raises an
