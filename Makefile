@@ -10,12 +10,14 @@ DEMO_DIR ?= demo-out
 
 CLUSTER_STAMP := $(VENV)/.cluster-$(shell cat pyproject.toml Makefile | cksum | cut -d" " -f1)
 
-.PHONY: venv demo test test-cluster cluster-deps lint bench clean
+.PHONY: venv demo test test-cluster cluster-deps lint bench clean node-install
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev]'
+	$(BIN)/python -m pip install -q -e '.[s3,torch,ray,capture,dev,saelens,dictlearn]'
+	# without their dependencies: see the dictlearn extra in pyproject.toml
+	$(BIN)/python -m pip install -q --no-deps 'dictionary-learning==0.1.0' 'nnsight==0.3.7'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -55,6 +57,21 @@ BENCHES := codec read shuffle fused train capture interop storage peers scaling 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
+
+# The cluster-node install (install-node.sh, docs/cluster.md) in a fresh venv, then a small array-job shuffle
+# through it, as a node runs one. CI runs it after the tests (.ci/run).
+NODE_VENV ?= /tmp/activation-shuffler-node
+node-install:
+	rm -rf $(NODE_VENV)
+	sh install-node.sh $(NODE_VENV)
+	$(NODE_VENV)/bin/shuffler synth $(NODE_VENV)/raw --rows 20000 --d-model 16
+	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage plan --num-tasks 2
+	for s in scatter permute; do for i in 0 1; do \
+	  $(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage $$s --task-index $$i --num-tasks 2 || exit 1; \
+	done; done
+	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage finalize
+	$(NODE_VENV)/bin/shuffler verify $(NODE_VENV)/raw $(NODE_VENV)/shuffled --full
+	rm -rf $(NODE_VENV)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import ctypes
+import inspect
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -96,6 +99,78 @@ def reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[
     return shards, fp
 
 
+def unguarded_main_line(frame=None) -> tuple[str, int] | None:
+    """(script, line) if the running call comes from top-level code of the `__main__` script that is not
+    under an `if __name__ == "__main__":` block, else None.
+
+    A spawned process first re-runs the parent's main script (as "__mp_main__") to rebuild its globals:
+    Python's "safe importing of main module" rule
+    (https://docs.python.org/3/library/multiprocessing.html#the-spawn-and-forkserver-start-methods). An
+    unguarded call would run again in every worker, where multiprocessing refuses to start processes and the
+    worker dies. Scripts run as `python -m pkg` with a `pkg/__main__.py` and code without a file (`python -c`,
+    notebooks) are not re-run (multiprocessing/spawn.py, get_preparation_data and _fixup_main_from_name).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not path:
+        return None
+    name = getattr(getattr(main, "__spec__", None), "name", None) or ""
+    if name == "__main__" or name.endswith(".__main__"):
+        return None
+    line = None
+    f = frame or inspect.currentframe()
+    while f is not None:
+        if f.f_globals is vars(main) and f.f_code.co_name == "<module>":
+            line = f.f_lineno  # the outermost: the script's own top-level statement
+        f = f.f_back
+    if line is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            tree = ast.parse(fh.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return None if under_main_guard(tree.body, line) else (path, line)
+
+
+def under_main_guard(body: list[ast.stmt], line: int) -> bool:
+    """Whether source line `line` of a module whose statements are `body` runs only under
+    `if __name__ == "__main__":` (at any depth of if/with/try/for blocks)."""
+    for node in body:
+        if not node.lineno <= line <= (node.end_lineno or node.lineno):
+            continue
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            return any(c.lineno <= line <= (c.end_lineno or c.lineno) for c in node.body)
+        children = [getattr(node, k) for k in ("body", "orelse", "finalbody", "handlers") if hasattr(node, k)]
+        return any(under_main_guard([c for c in part if isinstance(c, ast.stmt | ast.excepthandler)], line)
+                   for part in children if isinstance(part, list))
+    return False
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    """`__name__ == "__main__"`, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = {type(test.left), type(test.comparators[0])}
+    names = [x.id for x in (test.left, test.comparators[0]) if isinstance(x, ast.Name)]
+    consts = [x.value for x in (test.left, test.comparators[0]) if isinstance(x, ast.Constant)]
+    return sides == {ast.Name, ast.Constant} and names == ["__name__"] and consts == ["__main__"]
+
+
+def require_main_guard(what: str) -> None:
+    """Refuse at once, naming the guard, to start worker processes from an unguarded top-level call."""
+    found = unguarded_main_line(inspect.currentframe())
+    if found is not None:
+        path, line = found
+        raise RuntimeError(
+            f"{path}, line {line}: {what} starts worker processes with spawn, which re-runs this script in each "
+            "worker, and the call sits at the top level of the script. Put it under "
+            "`if __name__ == \"__main__\":` (Python's rule for scripts that start processes: "
+            "https://docs.python.org/3/library/multiprocessing.html#the-spawn-and-forkserver-start-methods), "
+            "or pass workers=1 to run in this process"
+        )
+
+
 class LocalExecutor:
     """Runs tasks in this process (workers == 1, or memory:// URLs that other processes cannot see) or on
     a pool of spawned processes; the first task error stops the rest and is re-raised."""
@@ -114,6 +189,7 @@ class LocalExecutor:
 
     def _start(self) -> ProcessPoolExecutor:
         if self.executor is None:
+            require_main_guard(f"a shuffle with workers={self.workers}")
             # spawn, not fork: the coordinator may hold s3fs/aiohttp threads, which do not survive fork.
             ctx = multiprocessing.get_context("spawn")
             self.queue = ctx.Queue()
