@@ -104,7 +104,6 @@ class LocalExecutor:
         self.workers, self.in_process = workers, in_process
         self.executor: ProcessPoolExecutor | None = None
         self.queue = None
-        self.task_nodes: list[str] = []  # every task runs on this machine: nothing to report (RayExecutor fills it)
 
     def __enter__(self) -> LocalExecutor:
         return self

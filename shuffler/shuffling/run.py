@@ -430,9 +430,11 @@ class Run:
 
     def record_nodes(self, what: str, pool) -> None:
         """stats["task_nodes"][what]: the cluster node each task of that pass ran on (Ray node ids, in task
-        order), when the executor knows them; the CLI prints a summary, so a user sees the spread."""
-        if pool.task_nodes:
-            self.stats.setdefault("task_nodes", {})[what] = list(pool.task_nodes)
+        order), when the executor reports them (RayExecutor.task_nodes; a local pool has one node and reports
+        none); the CLI prints a summary, so a user sees the spread."""
+        nodes = getattr(pool, "task_nodes", None)
+        if nodes:
+            self.stats.setdefault("task_nodes", {})[what] = list(nodes)
 
     def uncommit_damaged(self, error: FormatError) -> FormatError:
         """The error to raise for `error`, found in pass 2. A damaged intermediate loses its commit marker, so
