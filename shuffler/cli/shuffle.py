@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 
 import click
 
@@ -104,6 +105,17 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, sc
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
     click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
+    _echo_nodes(stats)
+
+
+def _echo_nodes(stats: dict) -> None:
+    """With Ray, one line saying where the tasks ran: per pass, the task count per node (the first 8 hex digits
+    of the Ray node id, as `ray list nodes` shows it), so a user sees whether the work spread over the cluster."""
+    for what, nodes in stats.get("task_nodes", {}).items():
+        counts = Counter(nodes)
+        spread = ", ".join(f"{node[:8]} x{n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        label = {"pass1": "pass 1", "pass2": "pass 2"}.get(what, what)
+        click.echo(f"ray {label}: {len(nodes)} task(s) on {len(counts)} node(s): {spread}")
 
 
 def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
@@ -149,6 +161,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, s
     info = m.metadata["shuffle"]
     click.echo(f"shuffled {m.num_rows:,} scattered rows of {srcs[0]} into {dst} (pass 2 only): {info['buckets']} "
                f"bucket(s), {len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")
+    _echo_nodes(stats)
 
 
 @click.command("plan")

@@ -146,7 +146,8 @@ def shuffle(
 
     Returns the output manifest. `options` are the fields of ShuffleConfig (`seed` is required); `memory`
     also takes "8GiB". `progress` forces the progress bars on or off (default: on when stderr is a terminal).
-    `stats`, if given, is filled with the plan, the worker count and each pass's start and end (time.time()).
+    `stats`, if given, is filled with the plan, the worker count and each pass's start and end (time.time()),
+    and on Ray with `task_nodes`: {"pass1": [...], "pass2": [...]}, the Ray node id each task ran on.
     """
     check_options("shuffle()", options, OPTIONS)
     run = Run([src] if isinstance(src, str) else list(src), dst, ShuffleConfig(**options), progress=progress)
@@ -390,6 +391,7 @@ class Run:
         with Progress("pass 1/2 scatter", n, enabled=self.progress) as bar:
             bar.update(sum(o.rows for o in done.values()))
             outs = pool.run(map_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
+        self.record_nodes("pass1", pool)
         for o in outs:
             done[o.index] = o
         return [done[m] for m in sorted(done)]
@@ -421,9 +423,18 @@ class Run:
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
             bar.update(sum(s.rows for r in results.values() for s in r[0]))
             outs = pool.run(reduce_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
+        self.record_nodes("pass2", pool)
         for (task, *_), out in zip(calls, outs, strict=True):
             results[task.path[0]] = out
         return [results[b] for b in range(B) if b in results]
+
+    def record_nodes(self, what: str, pool) -> None:
+        """stats["task_nodes"][what]: the cluster node each task of that pass ran on (Ray node ids, in task
+        order), when the executor reports them (RayExecutor.task_nodes; a local pool has one node and reports
+        none); the CLI prints a summary, so a user sees the spread."""
+        nodes = getattr(pool, "task_nodes", None)
+        if nodes:
+            self.stats.setdefault("task_nodes", {})[what] = list(nodes)
 
     def uncommit_damaged(self, error: FormatError) -> FormatError:
         """The error to raise for `error`, found in pass 2. A damaged intermediate loses its commit marker, so
