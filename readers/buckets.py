@@ -9,8 +9,8 @@ every epoch's order is a uniformly random permutation of all rows. Only the buck
 all epochs (docs/readers.md, "permute_buckets").
 
 The epoch's order is thus rows 0..N-1 = bucket order[0]'s permuted rows, then order[1]'s, and so on. Ranks and
-DataLoader workers split it exactly as the normal stream does (plan.py: consumer k of P reads the contiguous
-range [kN/P, (k+1)N/P), drop_last as there), and a resume position is (epoch, batch) as there (state.py).
+DataLoader workers split it exactly as the normal stream does (readers/layout.py: contiguous ranges of what is
+left of the epoch, drop_last as there), and a resume, at any world size, works as there (state.py).
 
 Each consumer cuts its range into pieces: the part of one bucket's permuted order that falls in the range,
 at most `capacity` rows. A piece is loaded by reading the bucket's chunks that hold any of its rows and
@@ -114,20 +114,21 @@ def bucket_permutation(seed: int, epoch: int, b: int, n: int) -> np.ndarray:
 
 def pieces(bk: Buckets, plan: EpochPlan, first_row: int) -> Iterator[Piece]:
     """The pieces covering this consumer's rows [first_row, plan.rows), in order."""
-    g0, g1 = plan.start + first_row, plan.start + plan.rows
     order = epoch_order(plan.seed, plan.epoch, bk.buckets)
     sizes = bk.sizes[order]
     ends = np.cumsum(sizes)  # [B] global end row of each bucket in epoch order
-    k = int(np.searchsorted(ends, g0, side="right"))
-    while k < len(order) and g0 < g1:
-        start = int(ends[k] - sizes[k])
-        a, z = g0 - start, min(g1, int(ends[k])) - start
-        while a < z:  # a bucket's part larger than the capacity is served in several pieces
-            e = min(z, a + bk.capacity)
-            yield Piece(int(order[k]), a, e, start + a - plan.start)
-            a = e
-        g0 = int(ends[k])
-        k += 1
+    for g0, g1, pos in plan.sequence(first_row):  # each span of this consumer's rows (readers/layout.py)
+        k = int(np.searchsorted(ends, g0, side="right"))
+        while k < len(order) and g0 < g1:
+            start = int(ends[k] - sizes[k])
+            a, z = g0 - start, min(g1, int(ends[k])) - start
+            while a < z:  # a bucket's part larger than the capacity is served in several pieces
+                e = min(z, a + bk.capacity)
+                yield Piece(int(order[k]), a, e, pos)
+                pos += e - a
+                a = e
+            g0 = int(ends[k])
+            k += 1
 
 
 class _Loaded:

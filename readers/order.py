@@ -1,17 +1,15 @@
-"""The order of one epoch, and who reads which part of it.
+"""The order of one epoch, and the units a consumer reads of it.
 
 An epoch's global order is: shards in a permuted order, and inside each shard its chunks in a permuted order
 (rows inside a chunk keep their stored order; the data is already globally shuffled by `shuffler shuffle`).
 Both permutations come from a counter-based RNG keyed by (seed, epoch[, shard]), so every process computes
-the same order with no communication and no state beyond those integers.
+the same order with no communication and no state beyond those integers. With buffer_shuffle=N the order is
+further permuted within consecutive blocks of N positions of it (readers/stream.py), keyed by (seed, epoch,
+block): the order never depends on the world size, the worker count or the batch size.
 
-The split is exact by construction. The epoch's ordered rows 0..N-1 are cut into P = world_size x num_workers
-contiguous ranges, consumer k = rank * num_workers + worker getting rows [floor(kN/P), floor((k+1)N/P)):
-the ranges tile 0..N-1, so every row is read once, and sizes differ by at most one row. A range may start or
-end inside a chunk; each consumer then reads that chunk and keeps only its rows (two consumers decode one
-boundary chunk, at most P-1 extra chunk decodes per epoch). With drop_last, every consumer keeps the same
-number of full batches, floor(floor(N/P) / batch_size), so every rank takes the same number of steps (DDP
-hangs when ranks disagree) and at most batch_size rows per consumer are left out.
+Which positions of that order a consumer reads is its *spans* (readers/layout.py: contiguous ranges, exact by
+construction, re-cut on an elastic resume). A range may start or end inside a chunk; each consumer then reads
+that chunk and keeps only its rows (two consumers decode one boundary chunk).
 
 A consumer only needs the manifest's per-shard row counts to find its shards, and reads the footers of just
 those shards, so planning costs one small ranged read per shard touched, whatever the dataset's size.
@@ -25,30 +23,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from readers.layout import Spans, span_rows
 from shuffler.io.dataset import Dataset
 from shuffler.keys import mix_key, permutation
 
 TAG_SHARDS, TAG_CHUNKS, TAG_BLOCK = 0x5A, 0xC4, 0xB1
-
-
-def consumer_bounds(num_rows: int, consumers: int, k: int) -> tuple[int, int]:
-    """Consumer k's contiguous range [start, stop) of the epoch's ordered rows. Ranges tile [0, num_rows)."""
-    if not 0 <= k < consumers:
-        raise ValueError(f"consumer {k} is outside 0..{consumers - 1}")
-    return k * num_rows // consumers, (k + 1) * num_rows // consumers
-
-
-def consumer_rows(num_rows: int, consumers: int, k: int, batch_size: int, drop_last: bool) -> int:
-    """Rows consumer k reads in one epoch: its whole range, or with drop_last the same whole batches for all."""
-    start, stop = consumer_bounds(num_rows, consumers, k)
-    if drop_last:
-        return (num_rows // consumers) // batch_size * batch_size
-    return stop - start
-
-
-def batches_per_epoch(num_rows: int, consumers: int, k: int, batch_size: int, drop_last: bool) -> int:
-    rows = consumer_rows(num_rows, consumers, k, batch_size, drop_last)
-    return -(-rows // batch_size)
 
 
 class Unit(NamedTuple):
@@ -71,31 +50,20 @@ class EpochPlan:
     """Keys the epoch's permutations together with `epoch`."""
     epoch: int
     """Epoch number, from 0."""
-    consumer: int
-    """This consumer's index, rank * num_workers + worker."""
-    consumers: int
-    """world_size x num_workers."""
+    spans: Spans
+    """This consumer's positions of the epoch's order (readers/layout.py), sorted; read in this order."""
     batch_size: int
     """Rows per batch."""
-    drop_last: bool
-    """Keep only whole batches, the same number for every consumer."""
     shuffle: bool = True
     """Permute shards and chunks; False reads in stored order."""
 
     def __post_init__(self) -> None:
-        if self.consumers < 1 or not 0 <= self.consumer < self.consumers:
-            raise ValueError(f"consumer {self.consumer} of {self.consumers}: need 0 <= consumer < consumers")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
     @property
-    def start(self) -> int:
-        """First row of this consumer's range in the epoch's global order."""
-        return consumer_bounds(self.dataset.num_rows, self.consumers, self.consumer)[0]
-
-    @property
     def rows(self) -> int:
-        return consumer_rows(self.dataset.num_rows, self.consumers, self.consumer, self.batch_size, self.drop_last)
+        return span_rows(self.spans)
 
     @property
     def n_batches(self) -> int:
@@ -112,11 +80,25 @@ class EpochPlan:
             return np.arange(n_chunks, dtype=np.int64)
         return permutation(n_chunks, mix_key(self.seed, self.epoch, TAG_CHUNKS, shard))
 
-    def units(self, first: int = 0) -> Iterator[Unit]:
-        """The units covering this consumer's rows [first, rows), in order. Reads footers lazily."""
+    def sequence(self, first: int = 0) -> Iterator[tuple[int, int, int]]:
+        """(g0, g1, pos): positions [g0, g1) of the epoch's order land at this consumer's rows pos.., for its
+        rows [first, rows), in order."""
         if not 0 <= first <= self.rows:
             raise ValueError(f"first row {first} is outside this consumer's 0..{self.rows}")
-        g0, g1 = self.start + first, self.start + self.rows
+        pos = 0
+        for lo, hi in self.spans:
+            if pos + hi - lo > first:
+                skip = max(0, first - pos)
+                yield lo + skip, hi, pos + skip
+            pos += hi - lo
+
+    def units(self, first: int = 0) -> Iterator[Unit]:
+        """The units covering this consumer's rows [first, rows), in order. Reads footers lazily."""
+        for g0, g1, pos in self.sequence(first):
+            yield from self.range_units(g0, g1, pos)
+
+    def range_units(self, g0: int, g1: int, pos: int) -> Iterator[Unit]:
+        """The units covering positions [g0, g1) of the epoch's shard and chunk order, landing at pos.."""
         if g0 >= g1:
             return
         order = self.shard_order()
@@ -137,6 +119,6 @@ class EpochPlan:
                     c_start = int(cends[c] - crows[c])
                     lo, hi = max(a, c_start) - c_start, min(b, int(cends[c])) - c_start
                     if lo < hi:
-                        yield Unit(s, int(corder[c]), lo, hi, s_start + c_start + lo - self.start)
+                        yield Unit(s, int(corder[c]), lo, hi, s_start + c_start + lo - g0 + pos)
                     c += 1
             k += 1

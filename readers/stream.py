@@ -6,8 +6,9 @@
         ...
         ckpt["data"] = stream.state_dict()   # later: stream.load_state_dict(ckpt["data"]) resumes exactly
 
-Which rows go to which rank, worker and batch is plan.py; the background decode is prefetch.py; the resume
-state is state.py; readers/torch.py wraps this for torch's DataLoader.
+The order of an epoch is order.py; which rows go to which rank, worker and batch is layout.py; the background
+decode is prefetch.py; the resume state, at any world size, is state.py; readers/torch.py wraps this for
+torch's DataLoader.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from readers.device import Buffers, StreamBatch, torch_device
+from readers.layout import Layout, Spans
 from readers.order import TAG_BLOCK, EpochPlan
 from readers.prefetch import Assembler, ReadStats
 from readers.state import StreamState, parse_state
@@ -60,8 +62,8 @@ class StreamConfig:
     """None: batch.acts is numpy (bfloat16 as raw uint16). Else a torch device: a tensor of the stored dtype;
     on CUDA it is staged in reused pinned buffers and copied with non_blocking=True."""
     buffer_shuffle: int = 0
-    """0: off. N > 0: rows are also permuted within consecutive blocks of N rows of this consumer's range,
-    mixing rows across chunks, for data that was not shuffled with `shuffler shuffle`. Costs ~3 N rows of RAM."""
+    """0: off. N > 0: the epoch's order is also permuted within consecutive blocks of N rows of it, mixing rows
+    across chunks, for data that was not shuffled with `shuffler shuffle`. Costs ~3 N rows of RAM."""
     on_damaged: str = "raise"
     """"raise": a damaged chunk raises ChecksumError naming shard and chunk. "skip": it is skipped and counted
     in stats.skipped_chunks / stats.damaged; the batches it fell in are shorter by its rows."""
@@ -154,6 +156,7 @@ class ActivationStream:
         self._worker: tuple[int, int] | None = None  # (worker, num_workers) when set by readers.torch
         self._epoch = 0
         self._batch = 0
+        self._base: tuple[int, tuple[Spans, ...]] = (0, ())  # where the layout began (layout.py): fresh
         self._finished = False  # set when an iteration ran to the end; the next one starts over
 
     def __repr__(self) -> str:
@@ -193,18 +196,27 @@ class ActivationStream:
                 return info.id, info.num_workers
         return 0, 1
 
-    def epoch_plan(self, epoch: int, worker: int | None = None) -> EpochPlan:
-        """The order of `epoch` and this consumer's share of it (readers/order.py)."""
+    def layout(self, base: tuple[int, tuple[Spans, ...]] | None = None) -> Layout:
+        """How this rank's consumers and the other ranks' share the epochs (readers/layout.py)."""
+        c = self.config
+        start, pending = self._base if base is None else base
+        return Layout(num_rows=self.manifest.num_rows, consumers=c.world_size * self._split()[1],
+                      batch_size=c.batch_size, drop_last=c.drop_last, start=start, pending=pending)
+
+    def consumer(self, worker: int | None = None) -> int:
+        """This consumer's index among all ranks' workers: rank * num_workers + worker."""
         w, n = self._split()
+        return self.config.rank * n + (w if worker is None else worker)
+
+    def epoch_plan(self, epoch: int, worker: int | None = None) -> EpochPlan:
+        """The order of `epoch` and this consumer's share of it (readers/order.py, readers/layout.py)."""
         c = self.config
         return EpochPlan(
             dataset=self.dataset,
             seed=c.seed,
             epoch=epoch,
-            consumer=c.rank * n + (w if worker is None else worker),
-            consumers=c.world_size * n,
+            spans=self.layout().spans(epoch, self.consumer(worker)),
             batch_size=c.batch_size,
-            drop_last=c.drop_last,
             shuffle=c.shuffle_shards,
         )
 
@@ -214,11 +226,12 @@ class ActivationStream:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this stream (this rank, this worker) yields per epoch, damaged chunks aside."""
-        return self.epoch_plan(0).n_batches
+        """Batches this stream (this rank, this worker) yields in a whole epoch, damaged chunks aside."""
+        return self.layout((0, ())).batches(0, self.consumer())
 
     def __len__(self) -> int:
-        return self.batches_per_epoch * self.config.epochs
+        """Batches from where the layout began (epoch 0, or an elastic resume) to the end."""
+        return self.layout().steps(self.consumer(), (self.config.epochs, 0))
 
     @property
     def epoch(self) -> int:
@@ -227,7 +240,8 @@ class ActivationStream:
 
     # -- resume ----------------------------------------------------------------------------------------
     def resume_settings(self) -> dict:
-        """The settings a resume state must match (they fix the order): world, batch, seed and shuffle options."""
+        """What a state records: the settings that fix the order (a resume must match them) and those that fix
+        the layout (world, workers, batch size, drop_last: a resume may change them)."""
         c = self.config
         return {
             "world_size": c.world_size, "num_workers": self._split()[1], "batch_size": c.batch_size, "seed": c.seed,
@@ -236,36 +250,40 @@ class ActivationStream:
         }
 
     def state_dict(self) -> dict:
-        """Where the stream is: the next batch it yields. JSON-serialisable; small."""
+        """Where the stream is: the next batch it yields, and the layout it is in. JSON-serialisable; small."""
         return StreamState(
             fingerprint=self.manifest.fingerprint,
             settings=self.resume_settings(),
             rank=self.config.rank,
             positions=((self._epoch, self._batch),),
+            base=self._base,
         ).to_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(): the next batches are those the saving run would have yielded next.
+        """Continue from a state_dict(), saved at this or any other world size, worker count or batch size.
 
-        Refuses (ValueError) a state from another dataset, world size, batch size, seed or order setting.
-        Any rank may load any rank's state, since ranks step in lockstep under DDP.
+        Same world size, workers, batch size and drop_last: the next batches are those the saving run would have
+        yielded next. Otherwise the rows of each epoch that no consumer has read are cut anew among this
+        stream's consumers (readers/layout.py), so every row of an epoch is still read exactly once. Refuses
+        (ValueError) a state from another dataset, seed or order setting. Any rank may load any rank's state,
+        since ranks step in lockstep under DDP.
         """
         s = self.parse_state(state)
-        self._epoch, self._batch = s.positions[0]
+        self._base = s.base
+        self._epoch, self._batch = s.positions[self._split()[0]]
         self._finished = False
 
     def parse_state(self, state: dict, num_workers: int | None = None) -> StreamState:
-        """Validate a state against this stream (read with `num_workers` DataLoader workers)."""
+        """Validate a state against this stream (read with `num_workers` DataLoader workers) and translate it to
+        this stream's layout."""
         n = self._split()[1] if num_workers is None else num_workers
-        settings = dict(self.resume_settings(), num_workers=n)
-        per_epoch = [self.for_worker(w, n).epoch_plan(0).n_batches for w in range(n)]
-        return parse_state(
-            state, manifest=self.manifest, settings=settings, url=self.url,
-            epochs=self.config.epochs, batches_per_epoch=per_epoch,
-        )
+        return parse_state(state, manifest=self.manifest, settings=dict(self.resume_settings(), num_workers=n),
+                           url=self.url, epochs=self.config.epochs, rank=self.config.rank)
 
-    def for_worker(self, worker: int, num_workers: int, position: tuple[int, int] = (0, 0)) -> ActivationStream:
-        """A copy that reads only worker `worker` of `num_workers`'s share of this rank, from `position`."""
+    def for_worker(self, worker: int, num_workers: int, position: tuple[int, int] = (0, 0),
+                   base: tuple[int, tuple[Spans, ...]] | None = None) -> ActivationStream:
+        """A copy that reads only worker `worker` of `num_workers`'s share of this rank, from `position` of the
+        layout that began at `base` (default: this stream's)."""
         import copy
 
         if not 0 <= worker < num_workers:
@@ -274,6 +292,8 @@ class ActivationStream:
         other.stats = ReadStats()
         other._worker = (worker, num_workers)
         other._epoch, other._batch = position
+        if base is not None:
+            other._base = base
         other._finished = False
         return other
 
@@ -281,7 +301,7 @@ class ActivationStream:
     def __iter__(self) -> Iterator[StreamBatch]:
         c = self.config
         if self._finished:
-            self._epoch, self._batch, self._finished = 0, 0, False
+            self._epoch, self._batch, self._base, self._finished = 0, 0, (0, ()), False
         ds = self.dataset
         bufs = Buffers(ds.schema, c.batch_size, self._device)
         worker = self._split()[0]
@@ -332,38 +352,54 @@ class ActivationStream:
         yield from self._shuffled_batches(ds, plan, first, bufs)
 
     def _shuffled_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: Buffers):
-        """buffer_shuffle=N: output row t of block k = N rows is input row k*N + perm_k[t - k*N]."""
-        B, N, rows = self.config.batch_size, self.config.buffer_shuffle, plan.rows
-        k0 = first * B // N
+        """buffer_shuffle=N: position p of the epoch's order, in block k = p // N, holds position
+        k*N + perm_k[p - k*N] of the shard and chunk order. This consumer decodes the blocks its spans touch,
+        in order, and gathers its rows from them."""
+        B, N, total = self.config.batch_size, self.config.buffer_shuffle, self.num_rows
+        need: list[int] = []  # blocks touched by rows first*B.., in order, each once
+        for g0, g1, _ in plan.sequence(first * B):
+            for k in range(g0 // N, (g1 - 1) // N + 1):
+                if not need or need[-1] != k:
+                    need.append(k)
+        if not need:
+            return
+        size = lambda k: min(N, total - k * N)  # noqa: E731  rows of block k (the epoch's last one is short)
+        units = (u for i, k in enumerate(need) for u in plan.range_units(k * N, k * N + size(k), i * N))
         alloc_np = lambda n: np.empty((n, ds.d_model), dtype=ds.schema.storage_dtype)  # noqa: E731
         asm = self._assembler(ds, 2, alloc_np)  # 2 blocks: the next one decodes while this one is served
-        blocks = asm.batches(plan.units(k0 * N), rows=rows, batch_rows=N, first=k0)
+        blocks = asm.batches(units, rows=(len(need) - 1) * N + size(need[-1]), batch_rows=N, first=0)
+        pieces = plan.sequence(first * B)
+        g, g1 = 0, 0  # the piece of the epoch's order being served: positions [g, g1)
         cache: dict[int, tuple] = {}
         try:
             for b in range(first, plan.n_batches):
-                t0, t1 = b * B, min((b + 1) * B, rows)
+                t0, t1 = b * B, min((b + 1) * B, plan.rows)
                 acts = bufs.alloc(t1 - t0)  # [t1 - t0, d_model]
                 cols = {n: np.empty(t1 - t0, dtype=dict(ds.schema.columns)[n]) for n in self.config.columns}
                 keep = None
-                t = t0
-                while t < t1:
-                    k = t // N
+                at = 0
+                while at < t1 - t0:
+                    if g >= g1:
+                        g, g1, _ = next(pieces)
+                    k = g // N
                     while k not in cache:
-                        kk, slot, kp = next(blocks)
-                        key = mix_key(self.config.seed, plan.epoch, TAG_BLOCK, plan.consumer, plan.consumers, kk)
+                        i, slot, kp = next(blocks)
+                        kk = need[i]
+                        key = mix_key(self.config.seed, plan.epoch, TAG_BLOCK, kk)
                         cache[kk] = (slot, kp, permutation(slot.rows, key))
                     for old in [x for x in cache if x < k]:
                         del cache[old]
                     slot, kp, perm = cache[k]
-                    j0, j1 = t - k * N, min(t1 - k * N, slot.rows)
-                    idx, at = perm[j0:j1], t - t0
-                    np.take(slot.acts, idx, axis=0, out=acts[at : at + j1 - j0])
+                    m = min(t1 - t0 - at, g1 - g, (k + 1) * N - g)
+                    idx = perm[g - k * N : g - k * N + m]
+                    np.take(slot.acts, idx, axis=0, out=acts[at : at + m])
                     for n in cols:
-                        np.take(slot.cols[n], idx, out=cols[n][at : at + j1 - j0])
+                        np.take(slot.cols[n], idx, out=cols[n][at : at + m])
                     if kp is not None:
                         keep = np.ones(t1 - t0, dtype=bool) if keep is None else keep
-                        keep[at : at + j1 - j0] = kp[idx]
-                    t += j1 - j0
+                        keep[at : at + m] = kp[idx]
+                    at += m
+                    g += m
                 yield b, acts, cols, keep
         finally:
             blocks.close()

@@ -12,7 +12,9 @@ Resume needs to know which batches the training loop has consumed, which only th
 ActivationLoader wraps the DataLoader, records the (worker, epoch, batch) tag of each batch it hands out,
 and restarts the workers at those positions. DataLoader serves workers round-robin (skipping exhausted
 ones), so on resume it also rotates which worker plays which share so that the one due next comes first;
-the batches after a resume are then exactly those an uninterrupted run would have produced next.
+the batches after a resume are then exactly those an uninterrupted run would have produced next. A state
+saved with another worker count (or world size, batch size, drop_last) is accepted too: the rows not yet
+read are cut anew among the workers (readers/layout.py), each row of an epoch still read once.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class ActivationDataset(IterableDataset):
                 )
             worker = (worker + self.resume.next_worker) % n  # the worker due next in round-robin goes first
             position = self.resume.positions[worker]
-        s = self.stream.for_worker(worker, n, position)
+        s = self.stream.for_worker(worker, n, position, None if self.resume is None else self.resume.base)
         s._device = torch.device("cpu")  # tensors cross the worker queue through shared memory
         yield from s
 
@@ -78,15 +80,14 @@ class ActivationLoader:
         self.num_workers = max(1, int(dataloader_options.get("num_workers", 0)))
         self._positions = [(0, 0)] * self.num_workers
         self._next = 0
+        self._base = (0, ())  # where the layout began (readers/layout.py): fresh
         self._finished = False
 
-    def _per_epoch(self) -> list[int]:
-        s = self.dataset.stream
-        return [s.for_worker(w, self.num_workers).epoch_plan(0).n_batches for w in range(self.num_workers)]
-
     def __len__(self) -> int:
-        """Batches this rank gets over all epochs (damaged chunks aside)."""
-        return sum(self._per_epoch()) * self.dataset.stream.config.epochs
+        """Batches this rank gets from where its layout began (epoch 0, or an elastic resume) to the end,
+        damaged chunks aside."""
+        s = self.dataset.stream
+        return sum(len(s.for_worker(w, self.num_workers, base=self._base)) for w in range(self.num_workers))
 
     def _state(self) -> StreamState:
         s = self.dataset.stream
@@ -96,6 +97,7 @@ class ActivationLoader:
             rank=s.config.rank,
             positions=tuple(self._positions),
             next_worker=self._next,
+            base=self._base,
         )
 
     def state_dict(self) -> dict:
@@ -103,11 +105,12 @@ class ActivationLoader:
 
     def load_state_dict(self, state: dict) -> None:
         s = self.dataset.stream.parse_state(state, num_workers=self.num_workers)
-        self._positions, self._next, self._finished = list(s.positions), s.next_worker, False
+        self._positions, self._next, self._base, self._finished = list(s.positions), s.next_worker, s.base, False
 
     def __iter__(self) -> Iterator[StreamBatch]:
         if self._finished:
             self._positions, self._next, self._finished = [(0, 0)] * self.num_workers, 0, False
+            self._base = (0, ())
         self.dataset.resume = self._state()
         try:
             loader = DataLoader(self.dataset, batch_size=None, **self.options)

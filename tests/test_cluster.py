@@ -162,7 +162,8 @@ def test_cli_stages_through_kubernetes_index(case, tmp_path, monkeypatch):
     for stage in ("scatter", "permute"):
         for i in range(2):
             monkeypatch.setenv("JOB_COMPLETION_INDEX", str(i))
-            r = CliRunner().invoke(main, [*base, "--stage", stage, "--num-tasks", "2"])
+            # --threads is each task's own (a node's cores), never planned: tasks may differ, the bytes may not.
+            r = CliRunner().invoke(main, [*base, "--stage", stage, "--num-tasks", "2", "--threads", str(1 + 2 * i)])
             assert r.exit_code == 0, r.output
             assert f"task {i}/2" in r.output
     monkeypatch.delenv("JOB_COMPLETION_INDEX")

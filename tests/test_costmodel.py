@@ -186,8 +186,12 @@ def test_cli_plan_for_a_cluster_checks_a_nodes_memory_not_this_machines():
             "--dst", "s3://b/out", "--nodes", "128", "--cores", "64", "--node-memory", "1TiB"]
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
-    assert "this machine's" not in r.output and "8 worker(s) per node" in r.output  # fitted to a node's memory
-    assert "with 8 worker(s)" in r.output and "64 worker(s)" not in r.output  # the plan speaks of the same 8
+    # Fitted to a node's memory: 8 tasks of 128 GiB, but the codec threads that fill the 64 cores (--threads,
+    # default cores / workers) add two 8 MiB chunk buffers each above 2, so 7 tasks of 10 threads fit.
+    assert "this machine's" not in r.output and "7 worker(s) per node" in r.output
+    assert "7 worker(s) x 10 codec thread(s)" in r.output
+    assert "with 7 worker(s)" in r.output and "64 worker(s)" not in r.output  # the plan speaks of the same 7
+    assert "fewer than the 64 cores" not in r.output
     r = CliRunner().invoke(main, [*base, "--workers", "16"])
     assert r.exit_code == 0 and "16 worker(s) x 128.0 GiB = 2.0 TiB exceeds a node's 1.0 TiB" in r.output, r.output
     # without a cluster the check is against this machine, as before

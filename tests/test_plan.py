@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -133,3 +134,37 @@ def test_plan_of_a_dataset_is_what_shuffle_runs(tmp_path):
     m = shuffle(src, str(tmp_path / "out"), seed=0, memory=memory, workers=1, **SMALL)
     assert planned["buckets"] == m.metadata["shuffle"]["buckets"] > 1
     assert planned["capacity_rows"] == m.metadata["shuffle"]["capacity_rows"]
+
+
+def test_threads_leave_the_buckets_and_add_their_buffers_to_the_peak():
+    from shuffler.shuffling.plan import ENCODE_THREADS, fixed_overhead
+
+    req = PlanRequest(rows=10**8, schema=Schema(dtype="bfloat16", d_model=1024), memory=4 << 30, workers=2)
+    base = make_plan(req)
+    assert req.threads == ENCODE_THREADS
+    for threads, extra in ((1, 0), (2, 0), (16, fixed_overhead(req.chunk_bytes, 16) - fixed_overhead(req.chunk_bytes))):
+        p = make_plan(dataclasses.replace(req, threads=threads))
+        assert (p.buckets, p.capacity_rows, p.map_rows) == (base.buckets, base.capacity_rows, base.map_rows)
+        assert p.peak_task_bytes == base.peak_task_bytes + extra
+    assert fixed_overhead(req.chunk_bytes, 16) - fixed_overhead(req.chunk_bytes) == 2 * 14 * req.chunk_bytes
+    with pytest.raises(ValueError, match="threads=0 must be >= 1"):
+        dataclasses.replace(req, threads=0)
+
+
+def test_threads_past_the_budget_are_named_and_the_default_follows_cpu_affinity():
+    import subprocess
+    import sys
+
+    req = PlanRequest(rows=10**7, schema=Schema(dtype="bfloat16", d_model=1024), memory=1 << 30, workers=1,
+                      threads=64)
+    p = make_plan(req)
+    assert p.peak_task_bytes > req.memory
+    assert any("64 codec threads raise a task's peak" in w and "above --memory 1.0 GiB" in w for w in p.warnings)
+    assert not any("codec threads raise" in w for w in make_plan(dataclasses.replace(req, threads=2)).warnings)
+    # A process pinned to one CPU (as SLURM pins a 1-CPU job) defaults to one thread per task, not the node's cores.
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from shuffler.shuffling.run import ShuffleConfig, threads_for; "
+            "print(threads_for(ShuffleConfig(seed=0), 1), threads_for(ShuffleConfig(seed=0, threads=3), 1))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "3"]

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from readers import ActivationStream, StreamConfig
-from readers.order import EpochPlan, consumer_bounds
+from readers.layout import Layout, consumer_bounds
+from readers.order import EpochPlan
 from shuffler import Dataset
 from shuffler.keys import permutation
 
@@ -168,7 +169,8 @@ def test_buffer_shuffle_mixes_across_chunks_and_stays_exact(local_ds):
 def test_plan_units_cover_range_in_order(local_ds):
     url, _ = local_ds
     ds = Dataset.open(url)
-    plan = EpochPlan(dataset=ds, seed=3, epoch=1, consumer=2, consumers=5, batch_size=10, drop_last=False)
+    spans = Layout(num_rows=ROWS, consumers=5, batch_size=10, drop_last=False).spans(1, 2)
+    plan = EpochPlan(dataset=ds, seed=3, epoch=1, spans=spans, batch_size=10)
     units = list(plan.units())
     assert units[0].pos == 0 and sum(u.hi - u.lo for u in units) == plan.rows
     assert all(a.pos + a.hi - a.lo == b.pos for a, b in zip(units, units[1:], strict=False))

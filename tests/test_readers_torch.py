@@ -114,12 +114,44 @@ def test_loader_resume_with_unequal_workers(local_ds):
         assert all(np.array_equal(x, y) for x, y in zip(head + rest, full, strict=True)), f"stop={stop}"
 
 
-def test_loader_refuses_a_state_with_other_worker_count(local_ds):
+def test_loader_resumes_with_another_worker_count_every_row_once(local_ds):
+    """Real DataLoader workers: 2 workers, then 1 (in the middle of epoch 0), then 3 (in epoch 1)."""
+    url, _ = local_ds
+
+    def loader(n, seed=3):
+        ds = ActivationDataset(url, batch_size=64, columns=("rid",), epochs=2, seed=seed)
+        return ActivationLoader(ds, num_workers=n, multiprocessing_context="fork")
+
+    seen = {0: [], 1: []}
+    state = None
+    for n, stop in [(2, 7), (1, 36), (3, None)]:
+        lo = loader(n)
+        if state is not None:
+            lo.load_state_dict(state)
+        expect = len(lo)  # batches from this resume to the end
+        it = iter(lo)
+        i = -1
+        for i, b in enumerate(it):
+            seen[b.epoch].append(rids([b]))
+            if stop is not None and i + 1 == stop:
+                break
+        state = lo.state_dict()
+        it.close()
+        if n == 1:
+            assert expect == (ROWS - 7 * 64 + 63) // 64 + 40  # what 2 workers left of epoch 0, then epoch 1
+            assert state["positions"][0][0] == 1, "test setup: the second save is inside epoch 1"
+        if stop is None:
+            assert i + 1 == expect
+    for e in (0, 1):
+        got = np.concatenate(seen[e])
+        assert np.array_equal(np.sort(got), np.arange(ROWS)), f"epoch {e}"
+    with pytest.raises(ValueError, match="seed=3, this stream has seed=4"):
+        loader(2, seed=4).load_state_dict(state)
+
+
+def test_loader_refuses_bad_options(local_ds):
     url, _ = local_ds
     ds = ActivationDataset(url, batch_size=64)
-    two = ActivationLoader(ds, num_workers=2, multiprocessing_context="fork")
-    with pytest.raises(ValueError, match="num_workers=2, this stream has num_workers=3"):
-        ActivationLoader(ds, num_workers=3).load_state_dict(two.state_dict())
     with pytest.raises(ValueError, match="sets batch_size itself"):
         ActivationLoader(ds, batch_size=4)
     with pytest.raises(ValueError, match="device must be None"):

@@ -14,7 +14,7 @@ from shuffler import Dataset
 from shuffler.errors import DatasetNotFoundError, SchemaError
 from shuffler.format.schema import standard_columns
 from shuffler.io.dataset import Batch
-from shuffler.shuffling.plan import fixed_overhead
+from shuffler.shuffling.plan import fixed_overhead, usable_cores
 from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
@@ -90,6 +90,24 @@ def test_same_seed_identical_bytes_whatever_workers_and_split(raw, tmp_path):
     assert output_bytes(str(tmp_path / "b")) == ref
     assert output_bytes(str(tmp_path / "c")) == ref
     assert not os.path.exists(tmp_path / "elsewhere") or not os.listdir(tmp_path / "elsewhere")
+
+
+def test_threads_never_change_the_bytes_and_size_nothing_but_the_peak(raw, tmp_path):
+    # --threads is a task's codec threads (issue: one task must be able to use every core of a node).
+    ref = shuffle(raw, str(tmp_path / "a"), seed=11, workers=1, threads=1, buckets=4, **SMALL)
+    stats: dict = {}
+    m = shuffle(raw, str(tmp_path / "b"), seed=11, workers=1, threads=5, buckets=4, map_rows=900, stats=stats, **SMALL)
+    assert stats["plan"]["request"]["threads"] == 5
+    assert [s.name for s in m.shards] == [s.name for s in ref.shards]
+    assert output_bytes(str(tmp_path / "b")) == output_bytes(str(tmp_path / "a"))
+    # The default shares this machine's cores among the workers, rounded up.
+    stats = {}
+    shuffle(raw, str(tmp_path / "c"), seed=11, workers=2, buckets=4, stats=stats, **SMALL)
+    assert stats["plan"]["request"]["threads"] == -(-usable_cores() // 2)
+    assert output_bytes(str(tmp_path / "c")) == output_bytes(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="threads=0 must be an integer >= 1"):
+        shuffle(raw, str(tmp_path / "d"), seed=11, threads=0)
+    assert not os.path.exists(tmp_path / "d")
 
 
 def test_other_seed_other_order(raw, tmp_path):

@@ -285,7 +285,8 @@ def test_broken_trainers_fail_the_bar(planted, tmp_path, monkeypatch):
     assert recovery(dictionary, frozen_decoder.sae) < RECOVERY_BAR
 
 
-def test_resume_equals_uninterrupted(planted, tmp_path):
+@pytest.mark.parametrize("reader_state", ["current", "version 1"])
+def test_resume_equals_uninterrupted(planted, tmp_path, reader_state):
     cfg = small_cfg(tokens=20 * 512, checkpoint_every=6, log_every=4)
     whole = train(planted, tmp_path / "whole", cfg, device="cpu", progress=False)
 
@@ -299,6 +300,11 @@ def test_resume_equals_uninterrupted(planted, tmp_path):
     with pytest.raises(Crash):
         train(planted, tmp_path / "cut", cfg, device="cpu", progress=False, on_step=crash_at_14)
     assert json.loads((tmp_path / "cut" / "latest.json").read_text())["step"] == 12
+    if reader_state == "version 1":  # a checkpoint written before elastic resume (readers/state.py) still resumes
+        f = tmp_path / "cut" / "checkpoints" / "step-000000012" / "reader-00000.json"
+        state = json.loads(f.read_text())
+        assert state.pop("start_epoch") == 0 and state.pop("pending") == []
+        f.write_text(json.dumps(dict(state, version=1)))
     resumed = train(planted, tmp_path / "cut", cfg, device="cpu", resume=True, progress=False)
     assert resumed.steps == whole.steps == 20
     for name, p in whole.sae.state_dict().items():

@@ -322,7 +322,7 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
     if export_dir is not None:
         from trainer.export import export_saelens
 
-        export_saelens(sae, export_dir, cfg=cfg, layout=layout, dataset=ds.url)
+        export_saelens(sae, export_dir, cfg=cfg, layout=layout, dataset=ds.url, source=ds.metadata)
     return TrainResult(sae, state.step, state.tokens, last)
 
 

@@ -56,6 +56,11 @@ class Layer:
     def describe(self) -> str:
         return f"hidden_states[{self.index}]" if self.index is not None else f"module {self.spec}"
 
+    def hook_name(self) -> str:
+        """The name SAELens metadata gives this point: TransformerLens's `blocks.{i}.hook_resid_pre` for block
+        i's input (what hidden_states[i] is, i < num_hidden_layers), else the module path or index as given."""
+        return f"blocks.{self.index}.hook_resid_pre" if self.index is not None and self.pre else self.spec
+
 
 def _blocks(model, n: int):
     """The model's list of n transformer blocks: the first torch ModuleList of length n (encoder.layer for BERT)."""
@@ -352,6 +357,7 @@ def capture_text(
         "model_class": type(model).__name__,
         "layer": lay.spec,
         "layer_is": lay.describe(),
+        "hook_name": lay.hook_name(),
         "context": cfg.context,
         "text": source.describe(),
         "captured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

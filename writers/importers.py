@@ -1,4 +1,5 @@
-"""`shuffler import`: activations cached by other tools (SAELens, Parquet, Arrow IPC, .npy) into a dataset.
+"""`shuffler import`: activations cached by other tools (SAELens, Parquet, Arrow IPC, .npy; Activault and
+Llamascopium through writers/tensor_caches.py) into a dataset.
 
 SRC is a local path or any fsspec URL (s3://, memory://; shuffler/interop/sources.py opens it). Every source
 is read in pieces of at most `batch_bytes` of activations, so memory stays bounded whatever the input size:
@@ -57,7 +58,8 @@ class ImportConfig:
     """How `shuffler import` reads SRC and writes DST."""
 
     format: str = "auto"
-    """One of auto, saelens, parquet, arrow, npy. auto looks at the suffix, then the magic bytes."""
+    """One of auto, saelens, parquet, arrow, npy, activault, llamascopium. auto looks at a folder's files,
+    then the suffix, then the magic bytes."""
     column: str | None = None
     """Activation column (SAELens: the hook name). None picks the only list-of-floats column."""
     dtype: str | None = None
@@ -76,6 +78,12 @@ class ImportConfig:
     """Uncompressed bytes per stored shard."""
     level: int = 1
     """zstd level of the stored chunks."""
+    position_offset: int = 0
+    """[records, context, d_model] input (SAELens caches): the model position of each record's first row.
+    A SAELens cache made with seqpos_slice=(START, ...) holds positions START, START+1, ... and does not
+    record the slice, so give START here (default 0: whole contexts)."""
+    position_step: int = 1
+    """Like position_offset, for a seqpos_slice with a step: positions are offset + i * step."""
     allow_nonfinite: bool = False
     """Store NaN/inf values instead of refusing them."""
     overwrite: bool = False
@@ -90,6 +98,10 @@ class ImportConfig:
             raise ValueError(
                 f"source_dtype={self.source_dtype!r} is not supported; expected one of {', '.join(DTYPES)}, float64"
             )
+        for name, low in (("position_offset", 0), ("position_step", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name}={v!r} must be an integer >= {low} (SAELens's seqpos_slice start and step)")
         if self.batch_bytes < 1:
             raise ValueError(f"batch_bytes={self.batch_bytes} must be >= 1")
         if self.companions and self.format not in ("npy", "auto"):
@@ -373,6 +385,13 @@ def import_activations(
         if not source.isdir():
             raise ValueError(f"{src}: a SAELens cache is a folder (state.json + data-*.arrow), not a file")
         pieces = _arrow_pieces(_saelens_files(source), "saelens", cfg, report)
+    elif fmt in ("activault", "llamascopium"):
+        from writers import tensor_caches
+
+        if not source.isdir():
+            raise ValueError(f"{src}: an {fmt} cache is a hook's folder of tensor files, not a file")
+        read = tensor_caches.activault_pieces if fmt == "activault" else tensor_caches.llamascopium_pieces
+        pieces = (Piece(*p) for p in read(source, cfg.batch_bytes, report))
     else:
         pieces = _arrow_pieces(files(source, EXTS[fmt]), fmt, cfg, report)
     first = next(pieces, None)
@@ -386,7 +405,8 @@ def import_activations(
     ctx = first.per
     names = list(first.columns)
     # Records of [context, d_model] (SAELens) carry no position column: the index inside the record is the
-    # position the model saw (SAELens caches whole contexts in order: docs/interop.md), so it is filled in.
+    # position the model saw (SAELens caches whole contexts in order: docs/interop.md), so it is filled in,
+    # shifted by position_offset/step where the cache was made with a seqpos_slice (which it does not record).
     derive_pos = first.nested and "position" not in names
     if derive_pos:
         names.append("position")
@@ -399,8 +419,18 @@ def import_activations(
             "source_dtype": report.source_dtype}
     if first.nested:
         meta["context_size"] = ctx
-    if fmt == "saelens":
-        meta["hook_name"] = report.column
+        if derive_pos and (cfg.position_offset, cfg.position_step) != (0, 1):
+            meta["position_offset"], meta["position_step"] = cfg.position_offset, cfg.position_step
+    if fmt in ("saelens", "activault", "llamascopium"):
+        meta["hook_name"] = report.column  # the hook column; for the tensor caches, the hook's folder name
+    if (cfg.position_offset, cfg.position_step) != (0, 1) and not derive_pos:
+        raise ValueError(f"{src}: position_offset/position_step apply to [records, context, d_model] input without a "
+                         "position column (a SAELens cache); this input has none to shift")
+    positions = cfg.position_offset + cfg.position_step * np.arange(ctx, dtype=np.int64)
+    if derive_pos and positions[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"position_offset={cfg.position_offset}, position_step={cfg.position_step}: positions up to "
+                         f"{positions[-1]} do not fit the int32 position column")
+    positions = positions.astype(np.int32)
     with ShardWriter(dst, d_model=schema.d_model, dtype=dtype, columns=columns, chunk_bytes=cfg.chunk_bytes,
                      shard_bytes=cfg.shard_bytes, level=cfg.level, metadata=meta,
                      allow_nonfinite=cfg.allow_nonfinite, overwrite=cfg.overwrite) as w:
@@ -409,7 +439,7 @@ def import_activations(
             n = piece.acts.shape[0]
             cols = piece.columns
             if derive_pos:
-                cols = {**cols, "position": np.tile(np.arange(ctx, dtype=np.int32), n // ctx)}
+                cols = {**cols, "position": np.tile(positions, n // ctx)}
             w.write(to_dtype(piece.acts, report.source_dtype, dtype), **cols)
             report.rows += n
             if progress is not None:

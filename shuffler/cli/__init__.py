@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "Globally shuffle SRC datasets into DST: exact, deterministic, resumable."),
     "plan": ("shuffler.cli.shuffle:plan_cmd",
              "Print the shuffle plan (buckets, tasks, reads, memory, cost) for a dataset or a size."),
+    "cost": ("shuffler.cli.shuffle:cost_cmd",
+             "Store or recompute: what keeping activations costs against regenerating them per run."),
     "verify": ("shuffler.cli.shuffle:verify_cmd", "Check that DST is a permutation of the SRC datasets."),
     "train": ("shuffler.cli.train:train_cmd", "Train a TopK sparse autoencoder on a (shuffled) dataset."),
     "capture": ("shuffler.cli.capture:capture_cmd", "Capture a model layer's activations over text into a dataset."),

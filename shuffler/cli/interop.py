@@ -33,10 +33,11 @@ def _pairs(values: tuple[str, ...], *, option: str) -> tuple[tuple[str, str], ..
         extra="On the command line: NAME=PATH, a path or URL; repeatable.")
 @option(ImportConfig, "drop_columns", "--drop-column", "drop", multiple=True, metavar="NAME", show_default=False,
         extra="Repeatable.")
+@options(ImportConfig, "position_offset", "position_step")
 @options(ImportConfig, "batch_bytes", "chunk_bytes", "shard_bytes", "level", "allow_nonfinite")
 @option(ImportConfig, "overwrite", extra="Its shards are overwritten as rows arrive, so a failed import loses it.")
-def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, batch_bytes, chunk_bytes, shard_bytes,
-               level, allow_nonfinite, overwrite):
+def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, position_offset, position_step,
+               batch_bytes, chunk_bytes, shard_bytes, level, allow_nonfinite, overwrite):
     """Import activations cached by another tool from SRC into a dataset at DST.
 
     SRC and DST are local paths or URLs (s3://bucket/prefix, memory://, any fsspec protocol). Remote
@@ -53,6 +54,8 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
                                    become provenance columns (token_ids -> token_id)
       .npy                         [rows, d_model] or [records, context, d_model], memory-mapped;
                                    --companion NAME=PATH (a path or URL) adds provenance columns
+      an Activault hook folder     *.saved.pt megabatches (torch.load(weights_only=True)): every token
+      a Llamascopium hook folder   chunk-N.safetensors: the tokens whose mask is set
 
     Rows keep their order. Input is read --batch-bytes at a time. On any error (a ragged list, a wrong
     width, a non-numeric column) nothing is left at DST.
@@ -68,6 +71,7 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, bat
 
     cfg = ImportConfig(format=fmt, column=column, dtype=dtype, source_dtype=source_dtype,
                        companions=_pairs(companions, option="--companion"), drop_columns=tuple(drop),
+                       position_offset=position_offset, position_step=position_step,
                        batch_bytes=batch_bytes, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, level=level,
                        allow_nonfinite=allow_nonfinite, overwrite=overwrite)
     with Progress("import") as bar:

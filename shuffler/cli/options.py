@@ -114,6 +114,10 @@ def option(cls: type, name: str, *decls: str, extra: str = "", choices: Iterable
     if choices is not None:
         kw["type"] = click.Choice(list(choices))
     kw.update(overrides)
+    if kw.get("required") and kw.get("default") is None:
+        # click 8.3+ takes an explicit default=None as a value given, so a required option left out would
+        # reach the command as None instead of failing with "Missing option".
+        kw.pop("default")
     doc = field_docs(cls).get(name)
     if doc is None:
         raise ValueError(f"{cls.__name__}.{name} has no docstring; the option's help is the field's docstring")

@@ -1,13 +1,13 @@
-"""CLI commands of the shuffle: shuffle, plan, verify (docs/shuffle.md)."""
+"""CLI commands of the shuffle: shuffle, plan, cost, verify (docs/shuffle.md, docs/scale.md)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from collections import Counter
 
 import click
 
@@ -16,10 +16,12 @@ from shuffler.cli.options import option, options
 from shuffler.format.schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
 from shuffler.progress import Progress, human_bytes
 from shuffler.shuffling.executor import EXECUTORS
-from shuffler.shuffling.plan import PlanRequest, make_plan
+from shuffler.shuffling.plan import PlanRequest, make_plan, usable_cores
+from shuffler.shuffling.recompute import Economics, Workload
 from shuffler.shuffling.run import ShuffleConfig
 
-_MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this."
+_MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up to workers x this, plus two chunk "
+              "buffers for each thread past 2 (`shuffler plan` prints the peak).")
 
 
 @click.command("shuffle")
@@ -31,6 +33,8 @@ _MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up 
 @click.option("--from-scatter", is_flag=True, help="SRC was written scattered (ShardWriter scatter=, synth/capture "
               "--scatter): run pass 2 only, with the producers' buckets.")
 @option(ShuffleConfig, "workers", type=click.IntRange(1))
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="One task can use every core of a node: "
+        "--workers 1 --threads 64.")
 @option(ShuffleConfig, "scratch", extra="E.g. local NVMe while DST is on S3.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
 @options(ShuffleConfig, "keep_intermediate", "overwrite", "break_lock")
@@ -46,7 +50,7 @@ _MEM_EXTRA = "E.g. 4GiB. With --seed it fixes the output order; the run uses up 
               "JOB_COMPLETION_INDEX or AWS Batch].")
 @click.option("--num-tasks", type=click.IntRange(1), help="How many array tasks share a stage [default: from the "
               "scheduler; required with JOB_COMPLETION_INDEX].")
-def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, scratch_level, keep_intermediate,
+def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, scratch, scratch_level, keep_intermediate,
                 overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address, stage,
                 task_index, num_tasks):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
@@ -74,7 +78,8 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
             raise click.UsageError("--stage does not apply to --from-scatter")
         if seed is None:
             raise click.UsageError("Missing option '--seed' (every stage needs the same one)")
-        _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
+        _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
+               break_lock,
                dict(memory=memory, buckets=buckets, scratch=scratch, scratch_level=scratch_level,
                     keep_intermediate=keep_intermediate, level=level, chunk_bytes=chunk_bytes,
                     shard_bytes=shard_bytes, map_rows=map_rows))
@@ -82,14 +87,14 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
     if task_index is not None or num_tasks is not None:
         raise click.UsageError("--task-index/--num-tasks need --stage scatter or --stage permute")
     if from_scatter:
-        _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate,
+        _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, scratch_level, keep_intermediate,
                       overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address)
         return
     if seed is None:
         raise click.UsageError("Missing option '--seed' (every shuffle needs one, except --from-scatter)")
     t0 = time.perf_counter()
     stats: dict = {}
-    m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, scratch=scratch,
+    m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, threads=threads, scratch=scratch,
                 scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
                 break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
                 executor=executor, ray_address=ray_address, stats=stats)
@@ -100,10 +105,21 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, scratch, sc
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
     click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
+    _echo_nodes(stats)
 
 
-def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray_address, overwrite, break_lock,
-           planned: dict) -> None:
+def _echo_nodes(stats: dict) -> None:
+    """With Ray, one line saying where the tasks ran: per pass, the task count per node (the first 8 hex digits
+    of the Ray node id, as `ray list nodes` shows it), so a user sees whether the work spread over the cluster."""
+    for what, nodes in stats.get("task_nodes", {}).items():
+        counts = Counter(nodes)
+        spread = ", ".join(f"{node[:8]} x{n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        label = {"pass1": "pass 1", "pass2": "pass 2"}.get(what, what)
+        click.echo(f"ray {label}: {len(nodes)} task(s) on {len(counts)} node(s): {spread}")
+
+
+def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
+           break_lock, planned: dict) -> None:
     from shuffler.shuffling.array_job import resolve_slot, run_stage
 
     t0 = time.perf_counter()
@@ -118,14 +134,15 @@ def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, executor, ray
         config = {k: v for k, v in planned.items()
                   if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
     slot = resolve_slot(task_index, num_tasks) if stage in ("scatter", "permute") else None
-    out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, executor=executor,
+    out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, threads=threads,
+                    executor=executor,
                     ray_address=ray_address, overwrite=overwrite, break_lock=break_lock)
     who = f" task {slot.index}/{slot.count}" if slot else ""
     facts = ", ".join(f"{k} {v}" for k, v in out.items() if k not in ("stage", "did"))
     click.echo(f"stage {stage}{who} of {dst}: done ({facts}), {time.perf_counter() - t0:.1f} s")
 
 
-def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_level, keep_intermediate, overwrite,
+def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, scratch_level, keep_intermediate, overwrite,
                   break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address) -> None:
     from shuffler.shuffling.from_scatter import shuffle_from_scatter
 
@@ -136,13 +153,15 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
             raise click.UsageError(f"{name} does not apply to --from-scatter: the producers fixed the buckets and runs")
     t0 = time.perf_counter()
     stats: dict = {}
-    m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, scratch=scratch,
+    m = shuffle_from_scatter(srcs[0], dst, seed=seed, memory=memory, workers=workers, threads=threads,
+                             scratch=scratch,
                              scratch_level=scratch_level, overwrite=overwrite, break_lock=break_lock, level=level,
                              chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, executor=executor,
                              ray_address=ray_address, stats=stats)
     info = m.metadata["shuffle"]
     click.echo(f"shuffled {m.num_rows:,} scattered rows of {srcs[0]} into {dst} (pass 2 only): {info['buckets']} "
                f"bucket(s), {len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s")
+    _echo_nodes(stats)
 
 
 @click.command("plan")
@@ -157,6 +176,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @option(ShuffleConfig, "buckets", type=click.IntRange(1))
 @option(ShuffleConfig, "workers", type=click.IntRange(1), extra="With a cluster: per node [default: as many as a "
         "node's cores and memory allow].")
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="With a cluster: a node's cores over its workers.")
 @click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
 @option(ShuffleConfig, "scratch", extra="Without --dst: local.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
@@ -177,7 +197,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, scratch, scratch_le
 @click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
               help="Per-core codec rates, JSON (fields of shuffler.shuffling.costmodel.Rates; `python benchmarks/costmodel.py "
               "--save-rates FILE` measures them on the machine it runs on).")
-def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, dst, scratch, scratch_level,
+def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, threads, dst, scratch, scratch_level,
              level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
              put_price, get_price, rates_file):
     """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory;
@@ -219,20 +239,23 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
             raise click.BadParameter(f"{compression} must be > 0", param_hint="--compression")
         stored = round(n * schema.row_bytes / compression) if compression else None
     scratch_url = scratch or (f"{dst.rstrip('/')}/.shuffle/scratch" if dst else None)
+    node_cores = cluster.cores if cluster else usable_cores()
     request = PlanRequest(
-        rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers, stored_bytes=stored,
+        rows=n, schema=schema, memory=memory, buckets=buckets, workers=workers,
+        threads=threads or -(-node_cores // workers), stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
         machine_memory=machine_memory,
     )
-    plan = make_plan(request)
     if cluster is not None and machine_memory == 0:
         # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,
         # so the plan's own figures (total peak, task split) speak of the workers that will run.
-        fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
-        if fit != workers:
-            workers = fit
-            plan = make_plan(dataclasses.replace(request, workers=fit))
+        from shuffler.shuffling.costmodel import fit_to_node
+
+        plan = fit_to_node(request, cluster, threads=threads)
+        workers = plan.request.workers
+    else:
+        plan = make_plan(request)
     est = None
     if cluster is not None or put_price is not None or get_price is not None or rates_file:
         from shuffler.shuffling.costmodel import Cluster, Prices, Rates, estimate
@@ -259,6 +282,71 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         click.echo(plan.report())
         if est is not None:
             click.echo(est.report())
+
+
+@click.command("cost")
+@option(Workload, "tokens", type=float, required=True, extra="1e9 is fine.")
+@option(Workload, "d_model", type=click.IntRange(1), required=True)
+@option(Workload, "dtype", choices=sorted(ACT_DTYPES))
+@option(Workload, "hooks", type=click.IntRange(1))
+@option(Workload, "reads", type=click.IntRange(1))
+@option(Workload, "shared_forward", "--shared-forward/--no-shared-forward", show_default=True)
+@option(Workload, "compression", type=click.FloatRange(0, min_open=True))
+@option(Economics, "capture_rate", type=click.FloatRange(0, min_open=True), required=True)
+@option(Economics, "gpu_price", type=click.FloatRange(0))
+@option(Economics, "storage_price", type=click.FloatRange(0))
+@option(Economics, "months", type=click.FloatRange(0))
+@option(Economics, "node_price", type=click.FloatRange(0))
+@click.option("--memory", type=SIZE, help="Memory budget of one shuffle task [default: a quarter of --node-memory, "
+              "so that pass 2's ranged reads stay large on S3].")
+@option(ShuffleConfig, "threads", type=click.IntRange(1), extra="Of the shuffle's tasks.")
+@click.option("--nodes", type=click.IntRange(1), default=16, show_default=True, help="Shuffle cluster: machines.")
+@click.option("--cores", type=click.IntRange(1), default=32, show_default=True, help="Shuffle cluster: cores per node.")
+@click.option("--node-memory", type=SIZE, default="256GiB", show_default=True, help="Shuffle cluster: RAM per node.")
+@click.option("--network", type=SIZE, default="3.125GB", show_default=True,
+              help="Shuffle cluster: bytes/s per node to object storage (25 Gbit/s).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def cost_cmd(tokens, d_model, dtype, hooks, reads, shared_forward, compression, capture_rate, gpu_price, storage_price, months,
+             node_price, memory, threads, nodes, cores, node_memory, network, as_json):
+    """Store or recompute? Print what storing activations costs (capture once, write, shuffle, keep, read per
+    run) against regenerating them for every training run, and the break-even number of runs.
+
+    The shuffle's cost comes from the cost model (`shuffler plan` with a cluster, docs/scale.md) on S3; the
+    capture's from --capture-rate (measure it with benchmarks/capture.py on your GPU) and --gpu-price.
+    docs/scale.md ("Store or recompute?") works through Gemma Scope and Llama Scope.
+
+    \b
+    Examples:
+      shuffler cost --tokens 4e9 --d-model 3584 --capture-rate 20000 --reads 8
+      shuffler cost --tokens 8e9 --d-model 4096 --hooks 128 --capture-rate 25000 --reads 2 --json
+    """
+    from shuffler.shuffling.costmodel import Cluster, estimate, fit_to_node
+    from shuffler.shuffling.recompute import compare
+
+    if tokens != math.floor(tokens) or not 1 <= tokens <= 2**63:
+        raise click.BadParameter(f"{tokens!r} is not a whole number of tokens >= 1", param_hint="--tokens")
+    workload = Workload(tokens=int(tokens), d_model=d_model, dtype=dtype, hooks=hooks, reads=reads,
+                        shared_forward=shared_forward, compression=compression)
+    economics = Economics(capture_rate=capture_rate, gpu_price=gpu_price, storage_price=storage_price,
+                          months=months, node_price=node_price)
+    cluster = Cluster(nodes=nodes, cores=cores, memory=node_memory, network=network)
+    schema = Schema(dtype=dtype, d_model=d_model)
+    memory = memory or node_memory // 4
+    request = PlanRequest(rows=workload.tokens * hooks, schema=schema, memory=memory,
+                          stored_bytes=workload.stored_bytes, scratch_remote=True, dst_remote=True)
+    plan = fit_to_node(request, cluster, threads=threads)
+    est = estimate(plan, cluster, src_remote=True)
+    c = compare(workload, economics, shuffle=est)
+    if as_json:
+        click.echo(json.dumps({**c.to_json(), "shuffle": {**est.to_json(), "plan": plan.to_json()}}, indent=1))
+        return
+    click.echo(c.report())
+    click.echo(f"shuffle     ~{est.wall_s / 3600:,.1f} h on {nodes} node(s) x {cores} cores: {plan.request.workers} "
+               f"task(s) of {human_bytes(memory)} and {plan.request.threads} thread(s) each; `shuffler plan --rows "
+               f"{workload.tokens * hooks} --d-model {d_model} --dtype {dtype} --memory "
+               f"{human_bytes(memory).replace(' ', '')} --dst s3://b/out --nodes {nodes} ...` shows its passes")
+    for warning in (*plan.warnings, *est.warnings):
+        click.echo(f"WARNING: {warning}")
 
 
 def _cluster(path, nodes, cores, memory, network, disk):

@@ -114,6 +114,12 @@ class Manifest:
         except FormatError:
             return False
 
+    def provenance(self, key: str):
+        """metadata[key], else the value every source agrees on through `shuffler shuffle`'s
+        "source_metadata" (nested shuffles included), else None. A shuffle keeps its sources' metadata there,
+        so a shuffled SAELens import still knows its hook_name and context_size (docs/interop.md)."""
+        return provenance(self.metadata, key)
+
     @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards)
@@ -181,6 +187,17 @@ class Manifest:
                 f"the shards' row total {m.num_rows}"
             )
         return m
+
+
+def provenance(metadata: dict, key: str):
+    """See Manifest.provenance: the key's value here or agreed by every source, else None."""
+    if metadata.get(key) is not None:
+        return metadata[key]
+    sources = metadata.get("source_metadata")
+    if not isinstance(sources, list) or not sources:
+        return None
+    values = [provenance(m, key) if isinstance(m, dict) else None for m in sources]
+    return values[0] if values[0] is not None and all(v == values[0] for v in values) else None
 
 
 def read_manifest(store: Storage, name: str = MANIFEST) -> Manifest:

@@ -50,12 +50,13 @@ class ExportConfig:
     """arrow (IPC file), parquet, or saelens (a datasets folder SAELens trains from)."""
     column: str | None = None
     """Name of the activation column; for saelens the hook name SAELens is configured with (default: the
-    dataset's metadata hook_name, set when it was imported from SAELens)."""
+    dataset's metadata hook_name, set by a SAELens import or a capture, kept through shuffles)."""
     compression: str | None = None
     """none, zstd, lz4 or snappy (parquet only). Default: zstd for parquet, none for arrow (so readers can
     memory-map it without a copy); saelens files are never compressed (datasets memory-maps them)."""
     context_size: int | None = None
-    """saelens: rows per context (SAELens's context_size). Default: the dataset's metadata, else 128."""
+    """saelens: rows per context (SAELens's context_size). Default: the dataset's metadata (kept through
+    shuffles), else 128."""
     drop_remainder: bool = False
     """saelens: drop the last rows that do not fill a whole context instead of refusing."""
     row_group_bytes: int = 64 << 20
@@ -185,13 +186,14 @@ def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
     dst = os.path.abspath(dst.removeprefix("file://"))
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not cfg.overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to replace it")
-    hook = cfg.column or ds.metadata.get("hook_name")
+    # provenance: a shuffled import keeps hook_name and context_size in its sources' metadata
+    hook = cfg.column or ds.manifest.provenance("hook_name")
     if not hook:
         raise ValueError(
             f"{ds.url}: saelens export needs the hook name SAELens is configured with; pass --column "
             "(e.g. --column blocks.8.hook_resid_pre)"
         )
-    ctx = int(cfg.context_size or ds.metadata.get("context_size") or 128)
+    ctx = int(cfg.context_size or ds.manifest.provenance("context_size") or 128)
     n_ctx, rem = divmod(ds.num_rows, ctx)
     if rem and not cfg.drop_remainder:
         raise ValueError(

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import pyarrow as pa
 
 from shuffler.storage.storage import Storage, explain
 
-FORMATS = ("auto", "saelens", "parquet", "arrow", "npy")
+FORMATS = ("auto", "saelens", "parquet", "arrow", "npy", "activault", "llamascopium")
 EXTS = {"parquet": (".parquet", ".pq"), "arrow": (".arrow", ".feather", ".ipc", ".arrows")}
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow",
              ".arrows": "arrow", ".npy": "npy"}
@@ -112,17 +113,24 @@ def detect_format(src: Source) -> str:
     if src.isdir():
         if src.child("state.json").exists():
             return "saelens"
+        names = src.names()
+        # Activault megabatches and Llamascopium chunks (writers/tensor_caches.py): known by their file names
+        if any(n.endswith(".saved.pt") for n in names):
+            return "activault"
+        if any(re.match(r"^(shard-\d+-)?chunk-\d+\.(pt|safetensors)$", n) for n in names):
+            return "llamascopium"
         if src.child("dataset_dict.json").exists():
             raise ValueError(
                 f"{src.url} is a datasets DatasetDict; point at one split's folder (e.g. {src.url}/train) instead"
             )
-        kinds = {_SUFFIXES.get(os.path.splitext(n)[1].lower()) for n in src.names() if not n.startswith(".")}
+        kinds = {_SUFFIXES.get(os.path.splitext(n)[1].lower()) for n in names if not n.startswith(".")}
         kinds.discard(None)
         if len(kinds) == 1 and kinds != {"npy"}:
             return kinds.pop()
         raise ValueError(
             f"{src.url}: cannot tell the format from the folder's files (found {sorted(kinds) or 'none known'}); "
-            "expected a SAELens/datasets folder (state.json) or .parquet / .arrow files; pass --format"
+            "expected a SAELens/datasets folder (state.json), an Activault or Llamascopium hook folder, or "
+            ".parquet / .arrow files; pass --format"
         )
     suffix = os.path.splitext(src.basename)[1].lower()
     if suffix in _SUFFIXES:

@@ -14,8 +14,10 @@ bucket committed and that the rows' fingerprint equals the sources', then writes
 is byte for byte that of `shuffler shuffle SRC... DST --seed S` on one machine.
 
 Each stage is a plain Run (shuffler/shuffling/run.py) taking the steps of its share: plan = check_dst and
-start_or_resume under DST's lock (shuffler/shuffling/lock.py); scatter = map(only=this task's); permute =
-reduce(only=this task's); finalize = commit under the lock.
+start_or_resume under DST's lock (shuffler/shuffling/lock.py); scatter = map(only=this task's), and the
+scatter task that finds every map task committed writes the bucket index (shuffler/shuffling/bucket_index.py);
+permute = reduce(only=this task's), reading only its own buckets' index objects (or, without an index, every
+intermediate's footer); finalize = commit under the lock.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shuffler import env
 from shuffler.errors import FormatError
 from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
+from shuffler.io.chunks import storage
+from shuffler.shuffling.bucket_index import BucketIndex, DamagedIndex, discard, write_index
 from shuffler.shuffling.lock import Lock
+from shuffler.shuffling.map import map_name
 from shuffler.shuffling.markers import PLAN, committed_reduces
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
 from shuffler.storage.storage import Storage
@@ -85,6 +91,7 @@ def run_stage(
     slot: TaskSlot | None = None,
     config: dict | None = None,
     workers: int | None = None,
+    threads: int | None = None,
     executor: str = "local",
     ray_address: str | None = None,
     overwrite: bool = False,
@@ -95,6 +102,7 @@ def run_stage(
 
     `config` holds the ShuffleConfig fields of PLANNED for the plan stage; later stages read them from the
     plan and refuse a `config` that contradicts it (the same command line for every stage is fine).
+    `workers` and `threads` are this task's (a node's cores), never planned: they do not change the output.
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {', '.join(STAGES)}")
@@ -106,8 +114,8 @@ def run_stage(
         raise ValueError(f"stage {stage!r} needs a task slot (--task-index/--num-tasks or an array job)")
     srcs = list(srcs)
     if stage == "plan":
-        return _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress)
-    loaded = _load(srcs, dst, seed, config, workers, executor, ray_address, progress)
+        return _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress)
+    loaded = _load(srcs, dst, seed, config, workers, threads, executor, ray_address, progress)
     if loaded is None:
         return {"stage": stage, "did": 0, "note": f"{dst} is finalized already; nothing to do"}
     run, plan = loaded
@@ -119,7 +127,27 @@ def run_stage(
     if stage == "scatter":
         with run.executor() as pool:
             run.map(pool, map_rows, only=slot.owns)
-        return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps}
+            indexed = _index_if_last(run, pool, map_rows, maps)
+        return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps, "indexed": indexed}
+    B = run.plan.buckets
+    index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B)
+    if index is not None:
+        # The index exists only once every map task committed: O(this task's buckets) small reads from here on,
+        # instead of every intermediate's marker and footer (shuffling/bucket_index.py).
+        with run.executor() as pool:
+            try:
+                run.reduce(pool, [], only=slot.owns, tables=index)
+                return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": True}
+            except DamagedIndex as e:
+                warnings.warn(f"{e}; reading the intermediates' footers instead", stacklevel=1)
+                discard(run.scratch)
+            except FileNotFoundError as e:
+                # An intermediate gone since the index was written: the footer path below names what to redo.
+                warnings.warn(f"{e}; the bucket index is dropped", stacklevel=1)
+                discard(run.scratch)
+            except FormatError as e:
+                discard(run.scratch)  # a damaged intermediate is redone; the index is written again after it
+                raise run.uncommit_damaged(e) from None
     with run.executor() as pool:
         done = run.map(pool, map_rows, only=lambda m: False)  # only collect what the scatter stage committed
         if len(done) != maps:
@@ -133,12 +161,41 @@ def run_stage(
         try:
             run.reduce(pool, done, only=slot.owns)
         except FormatError as e:
+            discard(run.scratch)  # an index written before this damage showed must not outlive the redo
             raise run.uncommit_damaged(e) from None
-    return {"stage": stage, "did": sum(map(slot.owns, range(run.plan.buckets))), "of": run.plan.buckets}
+    return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": False}
 
 
-def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> dict:
-    cfg = ShuffleConfig(seed=seed, workers=workers, overwrite=overwrite, break_lock=break_lock, **config)
+def _index_if_last(run: Run, pool, map_rows: int, maps: int) -> bool:
+    """Write the bucket index if every map task has committed (this task is among the last to finish) and no
+    valid index exists; a LIST decides, so only those tasks read the markers. True if it wrote it.
+
+    An intermediate found damaged while its footer is read is uncommitted and redone here (any task may redo
+    any map task: the bytes are the same), then the index is written; so the scatter stage can always finish."""
+    B = run.plan.buckets
+    names = set(storage(run.scratch).list(""))
+    if any(f"{map_name(m)}.idx" not in names for m in range(maps)):
+        return False
+    if BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B):
+        return False  # a re-run of a finished scatter stage: nothing to redo
+    for attempt in (1, 2):
+        done = run.map(pool, map_rows, only=None if attempt == 2 else lambda m: False)
+        if len(done) != maps:
+            continue  # a damaged marker: the second round redoes its task
+        try:
+            write_index(run.scratch, run.schema, done, B, run_id=run.run_id, map_rows=map_rows)
+            return True
+        except FormatError as e:
+            if attempt == 2:
+                raise
+            err = run.uncommit_damaged(e)  # its marker goes: the second round redoes that map task
+            warnings.warn(f"{err}; redoing it before writing the bucket index", stacklevel=1)
+    return False
+
+
+def _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, progress) -> dict:
+    cfg = ShuffleConfig(seed=seed, workers=workers, threads=threads, overwrite=overwrite, break_lock=break_lock,
+                        **config)
     run = Run(srcs, dst, cfg, progress=progress)
     lock = Lock(run.dst, break_lock)
     lock.acquire()  # no one-machine shuffle may be writing here while we lay out the run
@@ -166,7 +223,7 @@ def _plan(srcs, dst, seed, config, workers, overwrite, break_lock, progress) -> 
         lock.release()
 
 
-def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> tuple[Run, dict] | None:
+def _load(srcs, dst, seed, config, workers, threads, executor, ray_address, progress) -> tuple[Run, dict] | None:
     store = Storage(dst)
     try:
         plan = json.loads(store.read(PLAN))
@@ -185,7 +242,8 @@ def _load(srcs, dst, seed, config, workers, executor, ray_address, progress) -> 
         if plan["config"].get(k) != v:
             raise ValueError(f"{k}={v!r} differs from the plan's {plan['config'].get(k)!r} ({store.url_of(PLAN)}): "
                              "later stages take every planned option from the plan")
-    cfg = ShuffleConfig(seed=seed, workers=workers, executor=executor, ray_address=ray_address, **plan["config"])
+    cfg = ShuffleConfig(seed=seed, workers=workers, threads=threads, executor=executor, ray_address=ray_address,
+                        **plan["config"])
     run = Run(plan["sources"], dst, cfg, progress=progress)
     if run.run_id != plan["run_id"]:
         raise ValueError(f"the sources changed since the plan stage (run {run.run_id}, planned {plan['run_id']}); "

@@ -10,8 +10,9 @@ Wall time of a pass is the largest of what bounds it (a pass streams, so its sta
               of moving the local-disk bytes (copies, page faults: Rates.local_io), / (nodes x usable cores)
 plus a fixed start-up per pass (processes, listing, footers). Workers per node are the fewest of the plan's
 --workers, the cores, and the tasks that fit in a node's memory at the plan's peak per task. Usable cores per
-node are min(cores, workers x the threads one task keeps busy): each task runs 2 codec threads plus a reader,
-so one worker alone already keeps 1.6-1.75 of this machine's 2 cores busy (docs/scale.md). Local-disk I/O
+node are min(cores, workers x the cores one task keeps busy): a task of 2 codec threads (the plan's --threads)
+plus a reader already keeps 1.6-1.75 of this machine's 2 cores busy (docs/scale.md), and T threads T/2 times
+that. Local-disk I/O
 counts on the CPU too because, below the page cache's size, it is kernel work on the same cores (sys time
 was 0.6-2.3 s of a 4.5 s shuffle of 768 MiB here); counting it only as a separate disk bound under-predicts
 a machine whose cores are already full. So does a fresh worker's first touch of its memory
@@ -29,12 +30,13 @@ out (intermediates live for hours). Checked against measured runs by benchmarks/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
 from shuffler.progress import human_bytes
-from shuffler.shuffling.plan import GiB, Plan, read_batch_bytes
+from shuffler.shuffling.plan import ENCODE_THREADS, GiB, Plan, PlanRequest, make_plan, read_batch_bytes
 from shuffler.storage.storage import SINGLE_PUT_BYTES
 from shuffler.units import parse_size
 
@@ -136,8 +138,8 @@ class Rates:
     half malloc arenas in 4 KiB pages (1.2-2.7 GB/s on this VM, which varies with how readily the kernel
     finds free 2 MiB pages; bare metal is several times faster)."""
     threads_per_task: float = 1.6
-    """Cores one task keeps busy: 2 codec threads plus prefetch, overlapping with I/O ((user + sys) / wall of
-    a one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.78)."""
+    """Cores one task of 2 codec threads keeps busy, prefetch and I/O overlapping ((user + sys) / wall of a
+    one-worker shuffle of 768 MiB on this 2-core machine: 1.60-1.78); a task of T threads keeps T/2 times that."""
     startup_s: float = 0.1
     """Fixed seconds per pass (listing, footers, markers)."""
     process_start_s: float = 1.0
@@ -245,6 +247,21 @@ def _objects_puts(total_bytes: float, objects: int) -> int:
     return objects * per
 
 
+def fit_to_node(request: PlanRequest, cluster: Cluster, *, threads: int | None = None) -> Plan:
+    """The plan of `request` with as many workers per node as the node's cores and memory (at the plan's peak per
+    task) allow, and `threads` per task (None: the cores shared among those workers, rounded up). Each thread
+    past ENCODE_THREADS raises the peak by two chunks, so this fits again until it settles (2-3 rounds)."""
+    plan = make_plan(dataclasses.replace(request, workers=cluster.cores, machine_memory=0,
+                                         threads=threads or 1))
+    for _ in range(4):
+        fit = min(cluster.cores, max(1, cluster.memory // max(plan.peak_task_bytes, 1)))
+        per_task = threads or -(-cluster.cores // fit)
+        if (fit, per_task) == (plan.request.workers, plan.request.threads):
+            break
+        plan = make_plan(dataclasses.replace(plan.request, workers=fit, threads=per_task))
+    return plan
+
+
 def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: Rates | None = None, *,
              src_remote: bool | None = None) -> Estimate:
     """Cost of running `plan` on `cluster`. `src_remote`: SRC on object storage (default: where DST is)."""
@@ -253,12 +270,15 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     src_remote = req.dst_remote if src_remote is None else src_remote
     fit = max(1, cluster.memory // max(plan.peak_task_bytes, 1))
     workers = max(1, min(cluster.cores, fit, req.workers))
-    usable = cluster.nodes * min(cluster.cores, workers * rates.threads_per_task)
+    busy = rates.threads_per_task * req.threads / ENCODE_THREADS  # cores one task keeps busy
+    usable = cluster.nodes * min(cluster.cores, workers * busy)
     raw = plan.raw_bytes
     warnings = []
-    if fit < cluster.cores:
-        warnings.append(f"memory allows {fit} task(s) per node at {human_bytes(plan.peak_task_bytes)} each, fewer "
-                        f"than the {cluster.cores} cores; lower --memory to use them all (more buckets)")
+    if min(fit, req.workers) * req.threads < cluster.cores:
+        warnings.append(f"{min(fit, req.workers)} task(s) per node (memory allows {fit} at "
+                        f"{human_bytes(plan.peak_task_bytes)} each, --workers {req.workers}) of {req.threads} codec "
+                        f"thread(s) keep fewer than the {cluster.cores} cores busy; raise --threads (or --workers, "
+                        "or lower --memory) to use them all")
     tasks = max(plan.map_tasks, 1)
     if plan.map_tasks < cluster.nodes * workers or plan.reduce_tasks < cluster.nodes * workers:
         warnings.append(f"{plan.map_tasks:,} map and {plan.reduce_tasks:,} reduce task(s) for "
@@ -270,7 +290,7 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
         net = net_bytes / (nodes * cluster.network)
         dsk = disk_bytes / (nodes * cluster.disk)
         cpu_core_s += disk_bytes / rates.local_io
-        cpu = cpu_core_s / max(1.0, min(usable, ntasks * rates.threads_per_task))
+        cpu = cpu_core_s / max(1.0, min(usable, ntasks * busy))
         which = max((net, "network"), (dsk, "disk"), (cpu, "cpu"))
         dollars = gets / 1000 * prices.get + puts / 1000 * prices.put
         return PassCost(name=name, wall_s=which[0] + rates.startup_s + extra_s, bound=which[1], network_s=net,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 
 from shuffler.errors import FormatError
 from shuffler.format.manifest import Fingerprint, ShardInfo
@@ -66,13 +67,14 @@ def parse_reduce_marker_name(name: str) -> int | None:
     return None
 
 
-def committed_reduces(dst: Storage, buckets: int) -> dict[int, tuple[list[ShardInfo], Fingerprint]]:
-    """Every bucket whose marker is intact and whose shards all exist at DST."""
+def committed_reduces(dst: Storage, buckets: int, *, only: Callable[[int], bool] | None = None
+                      ) -> dict[int, tuple[list[ShardInfo], Fingerprint]]:
+    """Every bucket (that `only` selects) whose marker is intact and whose shards all exist at DST."""
     present = set(dst.list(""))
     out: dict[int, tuple[list[ShardInfo], Fingerprint]] = {}
     for name in present:
         b = parse_reduce_marker_name(name)
-        if b is None or b >= buckets:
+        if b is None or b >= buckets or (only is not None and not only(b)):
             continue
         got = read_reduce_marker(dst.read(name), b)
         if got is not None and all(s.name in present for s in got[0]):

@@ -99,6 +99,9 @@ class PlanRequest:
     """Bucket count; None sizes it from `memory`."""
     workers: int = 1
     """Worker processes running tasks at once. Never changes the output."""
+    threads: int = ENCODE_THREADS
+    """Codec threads per task. Never changes the output: buckets are sized for ENCODE_THREADS, and each thread
+    beyond them adds two chunk buffers to the task's peak."""
     stored_bytes: int | None = None
     """Compressed size of the inputs; None estimates it from the dtype."""
     scratch_remote: bool = False
@@ -126,6 +129,8 @@ class PlanRequest:
             raise ValueError(f"buckets={self.buckets} must be between 1 and {MAX_BUCKETS}")
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")
         if self.machine_memory is not None and self.machine_memory < 0:
             raise ValueError(f"machine_memory={self.machine_memory} must be >= 0 bytes (0: no check)")
         if self.stored_bytes is not None and self.stored_bytes < 0:
@@ -208,7 +213,7 @@ class Plan:
             f"data          {self.rows:,} rows x {s.d_model} {s.dtype}"
             + (f" + {len(s.columns)} column(s)" if s.columns else "")
             + f" = {hb(self.raw_bytes)} uncompressed ({self.row_bytes} B/row)",
-            f"memory        {hb(r.memory)} per task, {r.workers} worker(s)",
+            f"memory        {hb(r.memory)} per task, {r.workers} worker(s) x {r.threads} codec thread(s)",
             f"buckets       B = {self.buckets:,}: mean {self.bucket_mean_rows:,.0f} rows, planned max "
             f"{self.bucket_max_rows:,} rows ({hb(self.bucket_max_rows * self.row_bytes)}); capacity "
             f"{self.capacity_rows:,} rows",
@@ -268,6 +273,9 @@ def make_plan(req: PlanRequest) -> Plan:
     mean_read = scratch_bytes / reads if reads else 0.0
     chunk_rows = max(1, req.chunk_bytes // rb)
     inter_chunks = maps * buckets + math.ceil(n / chunk_rows)
+    # The buckets never depend on the threads (the output must not); threads beyond ENCODE_THREADS add their
+    # chunk buffers on top of the budget.
+    fixed += fixed_overhead(req.chunk_bytes, max(req.threads, ENCODE_THREADS)) - fixed_overhead(req.chunk_bytes)
     peak_map = fixed + min(map_rows, max(n, 1)) * (rb + ROW_EXTRA_PASS1)
     peak_reduce = fixed + min(bucket_max, capacity) * (rb + ROW_EXTRA_PASS2)
 
@@ -295,6 +303,12 @@ def make_plan(req: PlanRequest) -> Plan:
             f"--buckets {buckets} gives buckets of up to {bucket_max:,} rows, above the {capacity:,} rows one "
             "task holds in memory: they will be re-shuffled recursively (exact, but one more pass over them); "
             f"use --buckets {buckets_for(n, capacity)} or more, or more --memory"
+        )
+    if max(peak_map, peak_reduce) > req.memory and req.threads > ENCODE_THREADS:
+        warnings.append(
+            f"{req.threads} codec threads raise a task's peak to {human_bytes(max(peak_map, peak_reduce))}, above "
+            f"--memory {human_bytes(req.memory)} (two {human_bytes(req.chunk_bytes)} chunk buffers per thread past "
+            f"{ENCODE_THREADS}); leave room for it, or give fewer --threads"
         )
     ram = _machine_ram() if req.machine_memory is None else req.machine_memory
     total = max(peak_map, peak_reduce) * req.workers
@@ -337,6 +351,15 @@ def make_plan(req: PlanRequest) -> Plan:
         driver_index_bytes=driver,
         warnings=tuple(warnings),
     )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what SLURM, taskset and cgroup cpusets leave it),
+    not os.cpu_count(), which counts the whole node."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _machine_ram() -> int | None:

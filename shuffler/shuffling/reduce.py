@@ -59,12 +59,16 @@ class Intermediates:
                 c[f] = e[f]
         self.starts = np.stack([o.chunk_start for o in outputs]) if outputs else np.zeros((0, buckets + 1), np.int64)
 
-    def table(self, b: int) -> ChunkTable:
-        """Bucket b's chunks from every intermediate, in map-task order (so in global row order)."""
+    def entries(self, b: int) -> np.ndarray:
+        """Bucket b's chunks (CHUNK, "obj" indexing every intermediate), in map-task order. [n] CHUNK."""
         lo = self.base[:-1] + self.starts[:, b]
         hi = self.base[:-1] + self.starts[:, b + 1]
         idx = np.concatenate([np.arange(s, e) for s, e in zip(lo.tolist(), hi.tolist(), strict=True)] or [[]])
-        sub = self.chunks[idx.astype(np.int64)]
+        return self.chunks[idx.astype(np.int64)]
+
+    def table(self, b: int) -> ChunkTable:
+        """Bucket b's chunks from every intermediate, in map-task order (so in global row order)."""
+        sub = self.entries(b)
         used, inverse = np.unique(sub["obj"], return_inverse=True)
         sub["obj"] = inverse
         return ChunkTable(self.schema, tuple(self.objects[i] for i in used), sub)

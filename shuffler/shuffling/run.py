@@ -57,11 +57,11 @@ from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_mar
 )
 from shuffler.shuffling.plan import (
     DEFAULT_MEMORY,
-    ENCODE_THREADS,
     Plan,
     PlanRequest,
     make_plan,
     read_batch_bytes,
+    usable_cores,
 )
 from shuffler.shuffling.reduce import Intermediates, ReduceTask
 from shuffler.storage.storage import Storage
@@ -86,6 +86,8 @@ class ShuffleConfig:
     """Bucket count; None sizes it from memory (docs/shuffle.md)."""
     workers: int | None = None
     """Worker processes; None uses every core. Never changes the output."""
+    threads: int | None = None
+    """Codec threads per task (decode, byte-split, zstd: they release the GIL); None fills the cores: cores / workers, rounded up. Never changes the output."""
     scratch: str | None = None
     """URL for intermediates (may be another filesystem than DST); None: DST/.shuffle/scratch."""
     scratch_level: int | None = None
@@ -121,6 +123,9 @@ class ShuffleConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^64)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads={self.threads!r} must be an integer >= 1 (codec threads per task)")
 
 
 #: The options shuffle() takes: every ShuffleConfig field, defined once there.
@@ -141,7 +146,8 @@ def shuffle(
 
     Returns the output manifest. `options` are the fields of ShuffleConfig (`seed` is required); `memory`
     also takes "8GiB". `progress` forces the progress bars on or off (default: on when stderr is a terminal).
-    `stats`, if given, is filled with the plan, the worker count and each pass's start and end (time.time()).
+    `stats`, if given, is filled with the plan, the worker count and each pass's start and end (time.time()),
+    and on Ray with `task_nodes`: {"pass1": [...], "pass2": [...]}, the Ray node id each task ran on.
     """
     check_options("shuffle()", options, OPTIONS)
     run = Run([src] if isinstance(src, str) else list(src), dst, ShuffleConfig(**options), progress=progress)
@@ -175,10 +181,16 @@ def canonical_url(url: str) -> str:
     return url if "://" in url else os.path.realpath(url)
 
 
+def threads_for(cfg: ShuffleConfig, workers: int) -> int:
+    """Codec threads per task: cfg.threads, or the cores this process may use shared among its workers, rounded
+    up (a SLURM job's CPUs, not the node's)."""
+    return cfg.threads or -(-usable_cores() // workers)
+
+
 def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scratch_url: str, dst_url: str) -> Plan:
     return make_plan(PlanRequest(
         rows=sum(d.num_rows for d in datasets), schema=datasets[0].schema, memory=cfg.memory, buckets=cfg.buckets,
-        workers=workers, stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
+        workers=workers, threads=threads_for(cfg, workers), stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
         scratch_remote=not Storage(scratch_url).is_local, dst_remote=not Storage(dst_url).is_local,
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
         map_rows=cfg.map_rows,
@@ -332,7 +344,8 @@ class Run:
             # make --overwrite delete anything else wherever it points.
             store = storage(scratch)
             for name in store.list(""):
-                if re.fullmatch(r"(sub-[0-9.]+/)*map-\d+\.(shard|idx)(\.tmp-[0-9a-f]+)?", name):
+                if re.fullmatch(r"((sub-[0-9.]+/)*map-\d+\.(shard|idx)|index/(b-\d+\.idx|done\.json))(\.tmp-[0-9a-f]+)?",
+                                name):
                     store.delete(name)
         for name in self.dst.list(""):
             if name.startswith("shard-") or (name.startswith(STATE + "/") and name != LOCK):
@@ -371,44 +384,57 @@ class Run:
             sel, skip = table.select(lo, hi)
             calls.append((MapTask(
                 index=m, table=sel, skip=skip, rows=hi - lo, row_start=lo, key=key, buckets=B, scratch=self.scratch,
-                level=self.plan.scratch_level, chunk_bytes=self.cfg.chunk_bytes, threads=ENCODE_THREADS,
+                level=self.plan.scratch_level, chunk_bytes=self.cfg.chunk_bytes, threads=self.plan.request.threads,
                 batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
             ),))
         kill = int(self.faults.get("kill-after-map", 0))
         with Progress("pass 1/2 scatter", n, enabled=self.progress) as bar:
             bar.update(sum(o.rows for o in done.values()))
             outs = pool.run(map_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
+        self.record_nodes("pass1", pool)
         for o in outs:
             done[o.index] = o
         return [done[m] for m in sorted(done)]
 
     # -- pass 2 ------------------------------------------------------------------------------------------
-    def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None
+    def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None, tables=None
                ) -> list[tuple[list[ShardInfo], Fingerprint]]:
         """Run the reduce tasks of the buckets that `only` selects and have not committed; return every committed
-        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some."""
+        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some. `tables` (with a
+        .table(b) method, e.g. shuffling/bucket_index.BucketIndex) says where each bucket's chunks are; None:
+        the intermediates' footers, read here."""
         B = self.plan.buckets
-        results = committed_reduces(self.dst, B)
+        results = committed_reduces(self.dst, B, only=only)
         todo = [b for b in range(B) if b not in results and (only is None or only(b))]
         calls = []
         if todo:
             # Where each bucket's chunks are: pass 1's objects, or the producers' runs.
-            inter = self.scattered if self.scattered is not None else Intermediates(self.schema, self.scratch, maps, B)
+            inter = tables if tables is not None else self.scattered if self.scattered is not None else (
+                Intermediates(self.schema, self.scratch, maps, B))
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
                 calls.append((ReduceTask(
                     path=(b,), table=inter.table(b), seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows,
                     dst=self.dst.url, chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes,
                     level=self.cfg.level, scratch=self.scratch, scratch_level=self.plan.scratch_level,
-                    threads=ENCODE_THREADS, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
+                    threads=self.plan.request.threads, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
                 ), self.dst.url, kill_in if i == 0 else 0))
         kill = int(self.faults.get("kill-after-reduce", 0))
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
             bar.update(sum(s.rows for r in results.values() for s in r[0]))
             outs = pool.run(reduce_worker, calls, bar, lambda k: die() if kill and k >= kill else None)
+        self.record_nodes("pass2", pool)
         for (task, *_), out in zip(calls, outs, strict=True):
             results[task.path[0]] = out
         return [results[b] for b in range(B) if b in results]
+
+    def record_nodes(self, what: str, pool) -> None:
+        """stats["task_nodes"][what]: the cluster node each task of that pass ran on (Ray node ids, in task
+        order), when the executor reports them (RayExecutor.task_nodes; a local pool has one node and reports
+        none); the CLI prints a summary, so a user sees the spread."""
+        nodes = getattr(pool, "task_nodes", None)
+        if nodes:
+            self.stats.setdefault("task_nodes", {})[what] = list(nodes)
 
     def uncommit_damaged(self, error: FormatError) -> FormatError:
         """The error to raise for `error`, found in pass 2. A damaged intermediate loses its commit marker, so
