@@ -2,7 +2,8 @@
 reader, beside an in-memory numpy permutation of the same rows, measured in one run (issue 21).
 
     .venv/bin/python benchmarks/cpu.py             # 1 GiB of float16 activations (d_model 768), 2 workers
-    .venv/bin/python benchmarks/cpu.py --quick     # 128 MiB, for `make bench`
+    .venv/bin/python benchmarks/cpu.py --quick     # 128 MiB, for `make bench` (a smoke test: at that size
+                                                   # process start and first touch dominate the per-GiB figures)
 
 CPU time is steadier than wall time on a shared machine, so this prints CPU seconds and fault counts (wall is
 printed too). Every step runs in its own process, started from here, so its numbers are its own:
