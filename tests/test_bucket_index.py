@@ -189,3 +189,18 @@ def test_an_index_of_another_split_or_run_is_not_used(case, tmp_path):
     doc = json.loads(store.read(DONE))
     store.write(DONE, json.dumps({**doc, "maps": M - 1}).encode())  # the CRC no longer matches
     assert BucketIndex.open(plan["scratch"], schema, **key) is None
+
+
+def test_on_s3_with_worker_processes_the_last_scatter_task_indexes(case, s3_url):
+    # Pool workers write the markers the indexing task then lists and reads: s3fs's listing cache once answered
+    # those reads with FileNotFoundError (shuffler/storage/storage.py turns that cache off).
+    src, ref = case
+    dst = s3_url + "/dst"
+    n = 4
+    run_stage("plan", [src], dst, seed=5, config=CONFIG, workers=2)
+    outs = [run_stage("scatter", [src], dst, seed=5, slot=TaskSlot(index=i, count=n), workers=2) for i in range(n)]
+    assert [o["indexed"] for o in outs] == [False] * (n - 1) + [True]
+    for i in range(n):
+        assert run_stage("permute", [src], dst, seed=5, slot=TaskSlot(index=i, count=n), workers=2)["indexed"]
+    run_stage("finalize", [src], dst, seed=5, workers=1)
+    assert output_bytes(dst) == ref

@@ -39,6 +39,10 @@ def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # Retries with backoff on throttling (503 SlowDown) and 5xx: botocore's adaptive mode.
         options["config_kwargs"] = {"retries": {"max_attempts": env.s3_max_attempts(), "mode": "adaptive"}}
         options["skip_instance_cache"] = True  # never share an aiohttp session across fork
+        # No listing cache: other processes and machines write the objects this one lists and reads (markers,
+        # the bucket index). s3fs answers `info` (which `cat_file` calls) from a cached listing of the folder,
+        # so an object written after that listing read as FileNotFoundError (tests/test_bucket_index.py).
+        options["use_listings_cache"] = False
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ValueError as e:
