@@ -84,3 +84,16 @@ def any_url(request, tmp_path):
     if request.param == "memory":
         return request.getfixturevalue("memory_url")
     return request.getfixturevalue("s3_url")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests: they share 2 cores with other suites, and torch's spinning
+    worker threads slowed a loaded machine 3x. Use: pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

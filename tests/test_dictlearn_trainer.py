@@ -21,12 +21,7 @@ from dictionary_learning.training import trainSAE  # noqa: E402
 D_MODEL, FEATURES, K, LATENTS, BATCH, STEPS = 32, 64, 4, 128, 256, 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def fvu(ae, x: torch.Tensor) -> float:

@@ -32,13 +32,7 @@ D_MODEL, FEATURES, K, LATENTS = 32, 64, 4, 128
 BATCH, STEPS = 256, 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tests share 2 cores with other suites; torch's spinning worker threads slow a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

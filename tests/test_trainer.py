@@ -31,13 +31,7 @@ D_MODEL, FEATURES, LATENTS, K = 32, 128, 256, 4
 RECOVERY_BAR, FVU_BAR = 0.9, 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tests share 2 cores with other suites; torch's spinning worker threads slow a loaded machine 3x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -182,8 +182,7 @@ def canonical_url(url: str) -> str:
 
 
 def threads_for(cfg: ShuffleConfig, workers: int) -> int:
-    """Codec threads per task: cfg.threads, or the cores this process may use shared among its workers, rounded
-    up (a SLURM job's CPUs, not the node's)."""
+    """Codec threads per task: cfg.threads, or this process's cores (a SLURM job's) over its workers, rounded up."""
     return cfg.threads or -(-usable_cores() // workers)
 
 
@@ -400,17 +399,16 @@ class Run:
     def reduce(self, pool, maps: list[MapOutput], *, only: Selector | None = None, tables=None
                ) -> list[tuple[list[ShardInfo], Fingerprint]]:
         """Run the reduce tasks of the buckets that `only` selects and have not committed; return every committed
-        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some. `tables` (with a
-        .table(b) method, e.g. shuffling/bucket_index.BucketIndex) says where each bucket's chunks are; None:
-        the intermediates' footers, read here."""
+        bucket's (shards, fingerprint), in bucket order: all of them unless `only` chose some. `tables.table(b)`
+        (e.g. shuffling/bucket_index.BucketIndex) says where bucket b's chunks are; None: read the footers."""
         B = self.plan.buckets
         results = committed_reduces(self.dst, B, only=only)
         todo = [b for b in range(B) if b not in results and (only is None or only(b))]
         calls = []
         if todo:
-            # Where each bucket's chunks are: pass 1's objects, or the producers' runs.
-            inter = tables if tables is not None else self.scattered if self.scattered is not None else (
-                Intermediates(self.schema, self.scratch, maps, B))
+            # Where each bucket's chunks are: the given tables, pass 1's objects, or the producers' runs.
+            inter = tables if tables is not None else self.scattered
+            inter = inter if inter is not None else Intermediates(self.schema, self.scratch, maps, B)
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
                 calls.append((ReduceTask(
