@@ -12,6 +12,7 @@ row, in output order (a permutation of 0..N-1, or a subset of one when a tool dr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -490,3 +491,28 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if n < 10 else f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket: str) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 with one empty bucket, for the benchmarks' S3 parts; yields "s3://bucket".
+    AWS_ENDPOINT_URL_S3 points shuffler's storage at it (shuffler/env.py)."""
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        os.environ.setdefault(k, v)
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        os.environ["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        server.stop()
+

@@ -34,7 +34,7 @@ from writers import ShardWriter
 
 sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
-from benchmarks.common import real_sample  # noqa: E402
+from benchmarks.common import moto_bucket, real_sample  # noqa: E402
 
 
 def activations(nbytes: int, seed: int = 0) -> tuple[np.ndarray, str]:
@@ -154,23 +154,8 @@ def main() -> None:
 
 
 def s3_part(acts: np.ndarray, batch: int, repeat: int, raw_gbs: float) -> None:
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        os.environ.setdefault(k, v)
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        os.environ["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
-        url = "s3://bench/read"
+    with moto_bucket("bench") as bucket:
+        url = f"{bucket}/read"
         write(url, acts)
         ds = Dataset.open(url)
         raw_bytes = ds.num_rows * ds.schema.row_bytes
@@ -186,8 +171,6 @@ def s3_part(acts: np.ndarray, batch: int, repeat: int, raw_gbs: float) -> None:
         print(f"  moto serves at most {best_get:.3f} GB/s (uncompressed equivalent), {raw_gbs / best_get:.0f}x slower "
               f"than one thread decodes ({raw_gbs:.2f} GB/s): moto, a Python server on these same CPUs, is the "
               "bottleneck")
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import moto_bucket  # noqa: E402
 from benchmarks.read import activations  # noqa: E402
 from readers import ActivationStream  # noqa: E402
 from writers import ShardWriter  # noqa: E402
@@ -152,27 +153,11 @@ def main() -> None:
 
 
 def s3(acts: np.ndarray, repeat: int) -> None:
-    """The same on a moto server on 127.0.0.1 (set up as benchmarks/read.py's S3 part)."""
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        os.environ.setdefault(k, v)
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        os.environ["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
-        url = "s3://bench/resume"
+    """The same on a moto server on 127.0.0.1 (benchmarks/common.moto_bucket)."""
+    with moto_bucket("bench") as bucket:
+        url = f"{bucket}/resume"
         write(url, acts)
         measure(url, repeat, "S3 (moto on 127.0.0.1)")
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":
