@@ -57,17 +57,16 @@ class Reads:
         monkeypatch.setattr(Storage, "read", read)
         monkeypatch.setattr(Storage, "read_range", read_range)
 
-    def kinds(self) -> collections.Counter:
+    @staticmethod
+    def kinds(calls: list[tuple[str, int]]) -> collections.Counter:
+        """Reads by kind: a bucket's index object, an intermediate's footer or marker, else the object's name."""
         out: collections.Counter = collections.Counter()
-        for name, _ in self.calls:
+        for name, _ in calls:
             base = name.rsplit("/", 1)[-1]
-            kind = ("index" if "index/" in name else "footer" if base.startswith("map-") and base.endswith(".shard")
+            kind = ("index" if "index/b-" in name else "footer" if base.startswith("map-") and base.endswith(".shard")
                     else "map marker" if base.startswith("map-") else base)
             out[kind] += 1
         return out
-
-    def bytes(self) -> int:
-        return sum(n for _, n in self.calls)
 
 
 def _scatter_all(src: str, dst: str) -> list[dict]:
@@ -89,8 +88,7 @@ def test_permute_reads_scale_with_the_tasks_own_buckets(case, tmp_path, monkeypa
         assert out["indexed"] is True
         mine = reads.calls[before:]
         per_task.append(mine)
-        kinds = collections.Counter(("index" if "index/" in n and not n.endswith("done.json") else n.rsplit("/", 1)[-1])
-                                    for n, _ in mine)
+        kinds = Reads.kinds(mine)
         assert kinds["index"] == B // N  # one index object per bucket this task owns, nothing per map task
         assert not any(n.endswith(".shard") or n.rsplit("/", 1)[-1].startswith("map-") for n, _ in mine), kinds
         # Bytes: its buckets' entries (M x 24 B at most each, plus a header), plan.json and done.json.
@@ -106,9 +104,9 @@ def test_permute_reads_scale_with_the_tasks_own_buckets(case, tmp_path, monkeypa
     reads.calls.clear()
     out = run_stage("permute", [src], other, seed=5, slot=TaskSlot(index=0, count=N), workers=1)
     assert out["indexed"] is False
-    kinds = reads.kinds()
+    kinds = Reads.kinds(reads.calls)
     assert kinds["footer"] == M and kinds["map marker"] == M
-    assert reads.bytes() > M * B * 8  # the markers alone hold M x (B + 1) int64
+    assert sum(n for _, n in reads.calls) > M * B * 8  # the markers alone hold M x (B + 1) int64
 
 
 def test_a_damaged_index_costs_time_not_rows(case, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -218,7 +217,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
     # On a cluster, --workers is per node; the RAM to check it against is a node's. Without --workers the
     # cost model fits as many workers as a node's memory holds, so there is nothing to check here.
     machine_memory = (cluster.memory if workers else 0) if cluster else None
-    workers = workers or (cluster.cores if cluster else None) or os.cpu_count() or 1
+    workers = workers or (cluster.cores if cluster else None) or usable_cores()
     if src:
         if rows is not None or d_model is not None or dtype is not None:
             raise click.UsageError("give either SRC datasets or --rows/--d-model/--dtype, not both")

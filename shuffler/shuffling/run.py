@@ -85,7 +85,7 @@ class ShuffleConfig:
     buckets: int | None = None
     """Bucket count; None sizes it from memory (docs/shuffle.md)."""
     workers: int | None = None
-    """Worker processes; None uses every core. Never changes the output."""
+    """Worker processes; None uses every core this process may run on. Never changes the output."""
     threads: int | None = None
     """Codec threads per task (decode, byte-split, zstd: they release the GIL); None fills the cores: cores / workers, rounded up. Never changes the output."""
     scratch: str | None = None
@@ -215,7 +215,7 @@ class Run:
                 raise ValueError(f"DST {dst} is also a SRC: the shuffle writes a new dataset, never in place")
         self.schema = self.datasets[0].schema
         self.scratch_base = cfg.scratch.rstrip("/") if cfg.scratch else self.dst.url_of(DEFAULT_SCRATCH)
-        self.workers = cfg.workers or os.cpu_count() or 1
+        self.workers = cfg.workers or usable_cores()  # a SLURM job's CPUs, not the whole node's
         self.plan = plan_for(self.datasets, cfg, workers=self.workers, scratch_url=self.scratch_base, dst_url=dst)
         self.identity = {
             "format": 1,
