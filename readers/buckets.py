@@ -163,7 +163,7 @@ class PieceLoader:
         if have is None or have[0].shape[0] < n:
             cap = max(n, min(self.bk.capacity, 1 << 16))  # grow once to a piece's size, then reuse
             have = self.slots[slot] = (
-                np.empty((cap, s.d_model), dtype=s.storage_dtype),
+                np.empty((cap, s.row_width), dtype=s.row_dtype),
                 {c: np.empty(cap, dtype=self.col_types[c]) for c in self.columns},
             )
         return have[0][:n], {c: v[:n] for c, v in have[1].items()}
