@@ -168,6 +168,31 @@ class Schema:
                 return acts[:, off : off + d * s].view(ACT_DTYPES[t])
         raise AssertionError(name)
 
+    def select(self, names: tuple[str, ...] | list[str]) -> Schema:
+        """The schema of rows holding only fields `names` (in that order) and every column: what a reader that
+        asks for some fields holds in memory. ValueError naming the fields there are for an unknown name."""
+        names = tuple(names)
+        if not names or names == self.field_names:
+            return self
+        unknown = [n for n in names if n not in self.field_names]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"fields {list(names)}: {'unknown ' + str(unknown) if unknown else 'a name repeats'}; "
+                             f"the dataset has {list(self.field_names)}")
+        fl = tuple((n, *self.field_spec(n)) for n in names)
+        return Schema(dtype=fl[0][2], d_model=fl[0][1], columns=self.columns, fields=fl)
+
+    def project(self, acts: np.ndarray, sub: Schema) -> np.ndarray:
+        """Rows in memory form (this schema) as rows of `sub` (from select()): the selected fields' bytes."""
+        if sub is self or sub == self:
+            return acts
+        out = np.empty((acts.shape[0], sub.row_width), sub.row_dtype)
+        dst = out.view(np.uint8)
+        src = acts.view(np.uint8)
+        at = {n: off for n, off, _, _ in self.field_bytes()}
+        for n, off, d, s in sub.field_bytes():
+            dst[:, off : off + d * s] = src[:, at[n] : at[n] + d * s]
+        return out
+
     @property
     def row_width(self) -> int:
         """Width of the in-memory activation array of rows: d_model, or the packed row's bytes (several fields)."""
