@@ -40,10 +40,10 @@ from shuffler.shuffling.markers import PLAN, committed_reduces
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
 from shuffler.storage.storage import Storage
 
-STAGES = ("plan", "scatter", "permute", "finalize")
+STAGES = ("plan", "scatter", "scatter2", "permute", "finalize")
 #: ShuffleConfig fields that the plan fixes (they change the output, or where intermediates live).
 PLANNED = ("memory", "buckets", "scratch", "scratch_level", "keep_intermediate", "level", "chunk_bytes",
-           "shard_bytes", "map_rows")
+           "shard_bytes", "map_rows", "levels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +110,7 @@ def run_stage(
     unknown = set(config) - set(PLANNED)
     if unknown:
         raise ValueError(f"config keys {sorted(unknown)} are not planned options ({', '.join(PLANNED)})")
-    if stage in ("scatter", "permute") and slot is None:
+    if stage in ("scatter", "scatter2", "permute") and slot is None:
         raise ValueError(f"stage {stage!r} needs a task slot (--task-index/--num-tasks or an array job)")
     srcs = list(srcs)
     if stage == "plan":
@@ -122,6 +122,10 @@ def run_stage(
     if stage == "finalize":
         return _finalize(run, plan)
     assert slot is not None
+    if stage == "scatter2" and run.plan.levels == 1:
+        return {"stage": stage, "did": 0, "note": "one scatter level: nothing to do"}
+    if run.plan.levels == 2:
+        raise NotImplementedError("--levels 2 in array-job stages")
     map_rows, n = plan["map_rows"], run.plan.rows
     maps = math.ceil(n / map_rows) if n else 0
     if stage == "scatter":

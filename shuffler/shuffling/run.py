@@ -57,6 +57,7 @@ from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_mar
 )
 from shuffler.shuffling.plan import (
     DEFAULT_MEMORY,
+    LEVELS,
     Plan,
     PlanRequest,
     make_plan,
@@ -110,6 +111,10 @@ class ShuffleConfig:
     """Where tasks run: "local" (this process or a process pool) or "ray" (Ray tasks). Never changes the output."""
     ray_address: str | None = None
     """Ray cluster to join with executor="ray" (None: the one this process joined, RAY_ADDRESS, or a new local one)."""
+    levels: str = "1"
+    """Scatter levels: 1, 2 (scatter into super-buckets, then each super-bucket is scattered again by its own
+    parallel tasks, and --buckets counts super-buckets), or auto (2 when one level's pieces would fall below
+    8 MiB and --buckets is not given). Changes the output."""
 
     def __post_init__(self) -> None:
         # memory also takes a size such as "4GiB" (None: the default), kept as bytes from here on.
@@ -123,6 +128,9 @@ class ShuffleConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^64)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        object.__setattr__(self, "levels", str(self.levels))  # 2 and "2" alike
+        if self.levels not in LEVELS:
+            raise ValueError(f"levels={self.levels!r} must be one of {', '.join(LEVELS)}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads={self.threads!r} must be an integer >= 1 (codec threads per task)")
@@ -192,7 +200,7 @@ def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scrat
         workers=workers, threads=threads_for(cfg, workers), stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
         scratch_remote=not Storage(scratch_url).is_local, dst_remote=not Storage(dst_url).is_local,
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
-        map_rows=cfg.map_rows,
+        map_rows=cfg.map_rows, levels=cfg.levels,
     ))
 
 
@@ -247,6 +255,8 @@ class Run:
                 raise ValueError(f"executor='ray' cannot reach memory:// URLs ({', '.join(urls)}): Ray workers are "
                                  "other processes; use local paths or object storage")
             self.in_process = False
+        if self.plan.levels == 2:
+            raise NotImplementedError("--levels 2")
         self.faults = faults()
         self.stats: dict = {"plan": self.plan.to_json(), "workers": self.workers, "in_process": self.in_process}
         if scattered is not None:
