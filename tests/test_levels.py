@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
+from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.format.schema import Schema, standard_columns
 from shuffler.shuffling.costmodel import Cluster, estimate
-from shuffler.shuffling.plan import S3_EFFICIENT_READ, PlanRequest, make_plan
+from shuffler.shuffling.plan import ROW_EXTRA_PASS2, S3_EFFICIENT_READ, PlanRequest, fixed_overhead, make_plan
+from shuffler.shuffling.run import shuffle
+from shuffler.shuffling.verify import verify
+
+from .test_shuffle import SMALL, assert_permutation, make_dataset, output_bytes, read_all
 
 GiB = 1 << 30
 SCHEMA = Schema(dtype="bfloat16", d_model=8192, columns=standard_columns())
@@ -73,3 +81,97 @@ def test_plan_cli_prints_the_levels_and_the_stages():
     assert doc["levels"] == 2 and doc["request"]["levels"] == "auto" and len(doc["stages"]) == 5
     r = CliRunner().invoke(main, [*args, "--levels", "3"])
     assert r.exit_code == 2 and "'3' is not one of '1', '2', 'auto'" in r.output
+
+
+# -- runs: the bytes of the serial recursion, whatever runs the tasks ------------------------------------------------
+ROWS, CAPACITY = 5000, 500
+
+
+def memory_for(url: str, capacity: int = CAPACITY) -> int:
+    """A --memory whose tasks hold `capacity` rows of `url`'s dataset (plan.py's model)."""
+    return fixed_overhead(SMALL["chunk_bytes"]) + capacity * (Dataset.open(url).schema.row_bytes + ROW_EXTRA_PASS2)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> str:
+    url = str(tmp_path_factory.mktemp("raw") / "raw")
+    make_dataset(url, ROWS)
+    return url
+
+
+@pytest.fixture(scope="module")
+def serial(raw, tmp_path_factory) -> tuple[dict[str, bytes], int]:
+    """One level with --buckets S: every bucket is larger than a task and recurses inside its reduce task."""
+    plan = make_plan(PlanRequest(rows=ROWS, schema=Dataset.open(raw).schema, memory=memory_for(raw), levels="2",
+                                 chunk_bytes=SMALL["chunk_bytes"], shard_bytes=SMALL["shard_bytes"]))
+    dst = str(tmp_path_factory.mktemp("serial") / "out")
+    stats: dict = {}
+    shuffle(raw, dst, seed=1, memory=memory_for(raw), buckets=plan.buckets, workers=1, stats=stats, **SMALL)
+    assert stats["plan"]["levels"] == 1 and stats["plan"]["bucket_max_rows"] > CAPACITY, "the serial recursion runs"
+    return output_bytes(dst), plan.buckets
+
+
+@pytest.mark.parametrize(("workers", "map_rows"), [(1, None), (2, 700), (3, 1234)])
+def test_two_levels_are_the_serial_recursions_bytes_for_any_workers_and_split(raw, serial, tmp_path, workers,
+                                                                               map_rows):
+    reference, S = serial
+    dst = str(tmp_path / "two")
+    stats: dict = {}
+    m = shuffle(raw, dst, seed=1, memory=memory_for(raw), levels=2, workers=workers, map_rows=map_rows, stats=stats,
+                **SMALL)
+    plan = stats["plan"]
+    assert (plan["levels"], plan["buckets"]) == (2, S) and plan["sub_buckets"] > 1
+    assert output_bytes(dst) == reference
+    assert any("." in name.split("-")[1] for name in reference), "sub-buckets (b, j) were written"
+    assert m.metadata["shuffle"]["levels"] == 2
+    assert_permutation(read_all(raw), read_all(dst))
+    assert verify([raw], dst, full=True).ok
+    assert sorted(os.listdir(dst)) == sorted([*reference, "manifest.json"]), "no state, scratch or temp files left"
+
+
+def test_levels_two_and_auto_from_the_cli(raw, serial, tmp_path):
+    reference, _ = serial
+    args = [raw, "--seed", "1", "--memory", str(memory_for(raw)), "--chunk-bytes", "4KiB", "--shard-bytes", "32KiB"]
+    r = CliRunner().invoke(main, ["shuffle", *args[:1], str(tmp_path / "two"), *args[1:], "--levels", "2"])
+    assert r.exit_code == 0, r.output
+    assert output_bytes(str(tmp_path / "two")) == reference
+    r = CliRunner().invoke(main, ["plan", *args[:1], *args[3:], "--levels", "auto", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["levels"] == 2, "tiny pieces and 14 buckets' worth of rows: auto picks two levels"
+    r = CliRunner().invoke(main, ["shuffle", "--from-scatter", raw, str(tmp_path / "x"), "--levels", "2"])
+    assert r.exit_code == 2 and "--levels 2 does not apply to --from-scatter" in r.output
+
+
+def run_cli(*args: str, fault: str = "") -> subprocess.CompletedProcess:
+    env = dict(os.environ, SHUFFLER_TEST_FAULT=fault, SHUFFLER_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "shuffler", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(("fault", "workers"), [
+    ("kill-after-map=2", "1"),    # pass 1: two intermediates committed
+    ("kill-after-map2=2", "1"),   # the level-2 scatter: two of its tasks committed
+    ("kill-after-map2=1", "2"),   # the same on a process pool
+    ("kill-after-reduce=3", "1"),  # permute: three sub-buckets committed
+    ("kill-in-reduce=1", "1"),    # inside the first permute task: shard 0 of sub-bucket (0, 0) written, no marker
+])
+def test_resume_after_kill_9_at_either_level_is_byte_identical(raw, serial, tmp_path, fault, workers):
+    reference, _ = serial
+    shard = "32KiB"
+    if fault.startswith("kill-in-reduce"):  # sub-buckets of several shards
+        shard = "8KiB"
+        shuffle(raw, str(tmp_path / "ref"), seed=1, memory=memory_for(raw), levels=2, workers=1,
+                chunk_bytes=SMALL["chunk_bytes"], shard_bytes=8 << 10)
+        reference = output_bytes(str(tmp_path / "ref"))
+    dst = str(tmp_path / "out")
+    args = ["shuffle", raw, dst, "--seed", "1", "--memory", str(memory_for(raw)), "--levels", "2", "--chunk-bytes",
+            "4KiB", "--shard-bytes", shard, "--map-rows", "1000", "--workers", workers]
+    p = run_cli(*args, fault=fault)
+    assert p.returncode == -9, p.stderr
+    assert not os.path.exists(os.path.join(dst, "manifest.json"))
+    if fault.startswith("kill-in-reduce"):
+        assert os.path.exists(os.path.join(dst, "shard-000000.0000-0000.shard"))
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert output_bytes(dst) == reference
+    assert sorted(os.listdir(dst)) == sorted([*reference, "manifest.json"])

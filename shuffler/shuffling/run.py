@@ -2,22 +2,16 @@
 
     shuffle("data/raw", "data/shuffled", seed=0, memory="4GiB")
 
-Layout under DST while a run is in progress (docs/shuffle.md, "Resume and safety"):
-
-    .shuffle/lock                 who runs now (first writer wins: Storage.put_if_absent)
-    .shuffle/run.json             what this run is: seed, sources and their fingerprints, plan; a re-run must match
-    .shuffle/reduce/b-000012.json bucket 12 committed: its output shards and fingerprint
-    .shuffle/scratch/run-<id>/    default scratch: map-000003.shard (intermediate) + map-000003.idx (its commit)
-    shard-000012-0000.shard       output shards, bucket by bucket
-    manifest.json                 written last: until it exists there is no dataset here
+Under DST while a run is in progress: its state in .shuffle/ (lock, run.json, commit markers, default scratch:
+shuffler/shuffling/markers.py, docs/shuffle.md "Resume and safety"), output shards bucket by bucket, and
+manifest.json, written last: until it exists there is no dataset here.
 
 This module holds the options (ShuffleConfig) and `Run`, one run's steps: check_dst and start_or_resume
 (what is at DST decides whether a run starts, resumes, returns a finished result or is refused), map (pass
-1), reduce (pass 2), commit (manifest last), cleanup. `Run.execute` is the one-machine run; the array-job
-stages (shuffler/shuffling/array_job.py) call the same steps one stage at a time, and `--from-scatter`
-(shuffler/shuffling/from_scatter.py) is a Run whose intermediates come from a ScatteredDataset. Where the
-tasks run is shuffler/shuffling/executor.py (process pool or Ray); the lock is shuffler/shuffling/lock.py;
-the names of the state objects and the task markers are shuffler/shuffling/markers.py.
+1), reduce (pass 2; with two levels shuffler/shuffling/second_level.py), commit (manifest last), cleanup.
+`Run.execute` is the one-machine run; the array-job stages (array_job.py) call the same steps one stage at a
+time; `--from-scatter` (from_scatter.py) is a Run whose intermediates come from a ScatteredDataset. Tasks run
+on executor.py's process pool or Ray; the lock is lock.py.
 
 Every task commits with a marker written after its objects, so a re-run after kill -9 skips committed tasks;
 tasks are deterministic, so redoing a half-done one rewrites the same bytes and the output is identical.
@@ -43,10 +37,11 @@ from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.keys import stream_key
 from shuffler.progress import Progress
+from shuffler.shuffling import second_level
 from shuffler.shuffling.executor import EXECUTORS, die, faults, make_executor, map_worker, reduce_worker
 from shuffler.shuffling.lock import Lock, ShuffleLockedError  # noqa: F401  (ShuffleLockedError: re-exported, tests use it from here)
-from shuffler.shuffling.map import MapOutput, MapTask
-from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_marker: re-exported, tests and tools use them from here)
+from shuffler.shuffling.map import MapOutput, MapTask, committed_maps
+from shuffler.shuffling.markers import (  # noqa: F401  (re-exported: tests and tools use them)
     DEFAULT_SCRATCH,
     LOCK,
     REDUCE_DONE,
@@ -239,6 +234,8 @@ class Run:
             "shard_bytes": cfg.shard_bytes,
             "level": cfg.level,
         }
+        if self.plan.levels == 2:
+            self.identity["levels"] = 2  # one level's identities (and run ids) stay as they were
         if scattered is not None:
             # Another identity than a two-pass shuffle of the same data (which is possible too: scattered data
             # is also an ordinary dataset), so neither run mistakes the other's state or output for its own.
@@ -255,8 +252,6 @@ class Run:
                 raise ValueError(f"executor='ray' cannot reach memory:// URLs ({', '.join(urls)}): Ray workers are "
                                  "other processes; use local paths or object storage")
             self.in_process = False
-        if self.plan.levels == 2:
-            raise NotImplementedError("--levels 2")
         self.faults = faults()
         self.stats: dict = {"plan": self.plan.to_json(), "workers": self.workers, "in_process": self.in_process}
         if scattered is not None:
@@ -279,7 +274,8 @@ class Run:
                 maps = self.map(pool, map_rows)
                 self.stats["pass2_start"] = time.time()
                 try:
-                    results = self.reduce(pool, maps)
+                    results = (second_level.run_second_level(self, pool, maps, map_rows) if self.plan.levels == 2
+                               else self.reduce(pool, maps))
                 except FormatError as e:
                     raise self.uncommit_damaged(e) from None
                 self.stats["pass2_end"] = time.time()
@@ -369,15 +365,7 @@ class Run:
         table = ChunkTable.of_datasets(self.datasets)
         n, B = table.rows, self.plan.buckets
         store = storage(self.scratch)
-        names = set(store.list(""))
-        done: dict[int, MapOutput] = {}
-        for name in names:
-            if name.startswith("map-") and name.endswith(".idx") and name[:-4] + ".shard" in names:
-                try:
-                    out = MapOutput.from_bytes(store.read(name), where=store.url_of(name), buckets=B)
-                except FormatError:
-                    continue  # a damaged commit marker commits nothing: the task is redone below
-                done[out.index] = out
+        done = committed_maps(store, set(store.list("")), B)  # a damaged marker: its task is redone below
         key = stream_key(self.cfg.seed)
         calls = []
         tasks = -(-n // map_rows)
@@ -421,12 +409,7 @@ class Run:
             inter = inter if inter is not None else Intermediates(self.schema, self.scratch, maps, B)
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
-                calls.append((ReduceTask(
-                    path=(b,), table=inter.table(b), seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows,
-                    dst=self.dst.url, chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes,
-                    level=self.cfg.level, scratch=self.scratch, scratch_level=self.plan.scratch_level,
-                    threads=self.plan.request.threads, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
-                ), self.dst.url, kill_in if i == 0 else 0))
+                calls.append((self.reduce_task((b,), inter.table(b)), self.dst.url, kill_in if i == 0 else 0))
         kill = int(self.faults.get("kill-after-reduce", 0))
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
             bar.update(sum(s.rows for r in results.values() for s in r[0]))
@@ -436,10 +419,18 @@ class Run:
             results[task.path[0]] = out
         return [results[b] for b in range(B) if b in results]
 
+    def reduce_task(self, path: tuple[int, ...], table: ChunkTable, *, scratch: str | None = None) -> ReduceTask:
+        """The task permuting bucket `path` ((b,), or (b, j) with two levels) from `table`; one larger than a task's
+        capacity is re-shuffled recursively in `scratch` (default: the run's)."""
+        return ReduceTask(
+            path=path, table=table, seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows, dst=self.dst.url,
+            chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes, level=self.cfg.level,
+            scratch=scratch or self.scratch, scratch_level=self.plan.scratch_level, threads=self.plan.request.threads,
+            batch_bytes=read_batch_bytes(self.cfg.chunk_bytes))
+
     def record_nodes(self, what: str, pool) -> None:
-        """stats["task_nodes"][what]: the cluster node each task of that pass ran on (Ray node ids, in task
-        order), when the executor reports them (RayExecutor.task_nodes; a local pool has one node and reports
-        none); the CLI prints a summary, so a user sees the spread."""
+        """stats["task_nodes"][what]: the Ray node each task of that pass ran on, in task order, when the executor
+        reports them (RayExecutor.task_nodes); the CLI prints a summary, so a user sees the spread."""
         nodes = getattr(pool, "task_nodes", None)
         if nodes:
             self.stats.setdefault("task_nodes", {})[what] = list(nodes)
@@ -450,7 +441,7 @@ class Run:
         a damaged scattered run is the producers' data, and is only named."""
         if self.scattered is not None:
             return error
-        m = re.search(re.escape(self.scratch) + r"/(map-\d+)\.shard", str(error))
+        m = re.search(re.escape(self.scratch) + r"/((?:sub-\d+/)?map-\d+)\.shard", str(error))
         if m is None:
             return error
         storage(self.scratch).delete(m.group(1) + ".idx")
@@ -473,6 +464,7 @@ class Run:
             "shuffle": {
                 "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
                 "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
+                **({"levels": 2} if self.plan.levels == 2 else {}),
             },
             "source_metadata": [d.metadata for d in self.datasets],
         }
