@@ -15,10 +15,14 @@ from click.testing import CliRunner
 from shuffler import Dataset
 from shuffler.cli import main
 from shuffler.format.schema import Schema, standard_columns
+from shuffler.shuffling.array_job import TaskSlot, run_stage
+from shuffler.shuffling.bucket_index import BucketIndex, discard
 from shuffler.shuffling.costmodel import Cluster, estimate
+from shuffler.shuffling.markers import PLAN
 from shuffler.shuffling.plan import ROW_EXTRA_PASS2, S3_EFFICIENT_READ, PlanRequest, fixed_overhead, make_plan
 from shuffler.shuffling.run import shuffle
 from shuffler.shuffling.verify import verify
+from shuffler.storage.storage import Storage
 
 from .test_shuffle import SMALL, assert_permutation, make_dataset, output_bytes, read_all
 
@@ -175,3 +179,49 @@ def test_resume_after_kill_9_at_either_level_is_byte_identical(raw, serial, tmp_
     assert p.returncode == 0, p.stderr
     assert output_bytes(dst) == reference
     assert sorted(os.listdir(dst)) == sorted([*reference, "manifest.json"])
+
+
+# -- the array-job stages: one command line for every task, the scatter2 stage between scatter and permute -------------
+def test_array_stages_from_one_command_line_give_the_same_bytes(raw, serial, tmp_path):
+    reference, _ = serial
+    dst = str(tmp_path / "dst")
+    line = ["shuffle", raw, dst, "--seed", "1", "--memory", str(memory_for(raw)), "--levels", "2", "--chunk-bytes",
+            "4KiB", "--shard-bytes", "32KiB", "--map-rows", "1000", "--workers", "1"]
+    r = CliRunner().invoke(main, [*line, "--stage", "plan"])
+    assert r.exit_code == 0, r.output
+    assert "levels 2" in r.output and "scatter2 x" in r.output, r.output
+    for stage in ("scatter", "scatter2", "permute"):
+        for i in (1, 0):
+            r = CliRunner().invoke(main, [*line, "--stage", stage, "--task-index", str(i), "--num-tasks", "2"])
+            assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [*line, "--stage", "finalize"])
+    assert r.exit_code == 0, r.output
+    assert output_bytes(dst) == reference
+    assert sorted(os.listdir(dst)) == sorted([*reference, "manifest.json"])
+
+
+def test_array_stages_in_order_without_the_bucket_index(raw, serial, tmp_path):
+    reference, _ = serial
+    dst = str(tmp_path / "dst")
+    config = dict(memory=memory_for(raw), levels="2", map_rows=1000, **SMALL)
+    run_stage("plan", [raw], dst, seed=1, config=config, workers=1)
+    slots = [TaskSlot(index=i, count=3) for i in range(3)]
+    for slot in slots:
+        run_stage("scatter", [raw], dst, seed=1, slot=slot, workers=1)
+    scratch = json.loads(Storage(dst).read(PLAN))["scratch"]
+    assert BucketIndex.open(scratch, Dataset.open(raw).schema, run_id=json.loads(Storage(dst).read(PLAN))["run_id"],
+                            maps=5, map_rows=1000, buckets=serial[1]).rows is not None, "the index lists the rows"
+    discard(scratch)  # from here on the stages read the intermediates' footers
+    run_stage("scatter2", [raw], dst, seed=1, slot=slots[0], workers=1)
+    with pytest.raises(RuntimeError, match="level-2 scatter has not finished"):
+        for slot in slots:
+            run_stage("permute", [raw], dst, seed=1, slot=slot, workers=1)
+    for slot in slots[1:]:
+        out = run_stage("scatter2", [raw], dst, seed=1, slot=slot, workers=1)
+        assert out["of"] >= 6
+    for slot in slots:
+        run_stage("permute", [raw], dst, seed=1, slot=slot, workers=1)
+    run_stage("finalize", [raw], dst, seed=1, workers=1)
+    assert output_bytes(dst) == reference
+    one = run_stage("scatter2", [raw], dst, seed=1, slot=slots[0])
+    assert one["did"] == 0 and "finalized" in one["note"]

@@ -106,7 +106,8 @@ def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, thr
     if "pass2_end" in stats:
         passes = (f" (pass 1 {stats['pass2_start'] - stats['pass1_start']:.1f} s, pass 2 "
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
-    click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
+    levels = " super-bucket(s) in 2 levels" if info.get("levels") == 2 else " bucket(s)"
+    click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']}{levels}, "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
     _echo_nodes(stats)
 
@@ -117,7 +118,7 @@ def _echo_nodes(stats: dict) -> None:
     for what, nodes in stats.get("task_nodes", {}).items():
         counts = Counter(nodes)
         spread = ", ".join(f"{node[:8]} x{n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        label = {"pass1": "pass 1", "pass2": "pass 2"}.get(what, what)
+        label = {"pass1": "pass 1", "level2": "level-2 scatter", "pass2": "pass 2"}.get(what, what)
         click.echo(f"ray {label}: {len(nodes)} task(s) on {len(counts)} node(s): {spread}")
 
 

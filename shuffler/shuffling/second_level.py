@@ -87,17 +87,21 @@ def run_second_level(run, pool, maps: list[MapOutput], map_rows: int) -> list[tu
     return permute(run, pool, layout, tables.__getitem__, outputs)
 
 
-def scatter(run, pool, layout: Layout, tables: Tables, *, only: Selector | None = None) -> dict[int, list[MapOutput]]:
+def scatter(run, pool, layout: Layout, tables: Tables, *, only: Selector | None = None,
+            supers: set[int] | None = None) -> dict[int, list[MapOutput]]:
     """Run the level-2 map tasks (numbered as Layout.maps lists them) that `only` selects and have not committed.
-    Returns, for each super-bucket whose level-2 tasks have all committed, their outputs in order."""
+    Returns, for each super-bucket (of `supers`, None: all) whose level-2 tasks have all committed, their outputs
+    in order; only those super-buckets' commit markers are read."""
     store = storage(run.scratch)
     names = set(store.list(""))
     done = {b: committed_maps(store, names, layout.sub_buckets(b), prefix=f"sub-{b}/")
-            for b in range(len(layout.rows)) if layout.sub_buckets(b)}
+            for b in range(len(layout.rows)) if layout.sub_buckets(b) and (supers is None or b in supers)}
     tasks = layout.maps()
     count = {b: 0 for b in done}
     calls, owners, skipped = [], [], 0
     for k, (b, m, lo, hi) in enumerate(tasks):
+        if b not in done:
+            continue
         count[b] += 1
         have = done[b].get(m)
         if have is not None and have.row_start == lo and have.rows == hi - lo:
