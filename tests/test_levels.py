@@ -3,6 +3,7 @@ output is byte for byte the serial recursion's, whatever the executor, the worke
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -225,3 +226,50 @@ def test_array_stages_in_order_without_the_bucket_index(raw, serial, tmp_path):
     assert output_bytes(dst) == reference
     one = run_stage("scatter2", [raw], dst, seed=1, slot=slots[0])
     assert one["did"] == 0 and "finalized" in one["note"]
+
+
+def test_a_damaged_level_2_intermediate_is_named_uncommitted_and_redone(raw, serial, tmp_path):
+    reference, _ = serial
+    dst = str(tmp_path / "out")
+    args = ["shuffle", raw, dst, "--seed", "1", "--memory", str(memory_for(raw)), "--levels", "2", "--chunk-bytes",
+            "4KiB", "--shard-bytes", "32KiB", "--map-rows", "1000", "--workers", "1"]
+    assert run_cli(*args, fault="kill-after-map2=1").returncode == -9  # super-bucket 0's first level-2 task committed
+    [inter] = glob.glob(os.path.join(dst, ".shuffle", "scratch", "run-*", "sub-0", "map-000000.shard"))
+    with open(inter, "r+b") as f:  # one byte in the middle: inside a chunk's frame, which its checksum covers
+        f.seek(os.path.getsize(inter) // 2)
+        b = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b ^ 0x40]))
+    p = run_cli(*args)
+    assert p.returncode == 1, p.stderr
+    assert "sub-0/map-000000.shard" in p.stderr and "now uncommitted" in p.stderr, p.stderr
+    assert not os.path.exists(inter[:-len(".shard")] + ".idx")
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    assert output_bytes(dst) == reference
+
+
+def test_array_stages_on_s3_with_worker_processes(raw, serial, s3_url):
+    """Scratch and output on S3 (moto on 127.0.0.1), two array tasks; the level-2 scatter on worker processes, which
+    must find the pass-1 objects other processes wrote (no listing cache, shuffler/storage/storage.py)."""
+    reference, _ = serial
+    config = dict(memory=memory_for(raw), levels="2", map_rows=1000, **SMALL)
+    out = run_stage("plan", [raw], s3_url, seed=1, config=config, workers=1)
+    assert out["levels"] == 2 and "scatter2 x" in out["stages"]
+    for stage in ("scatter", "scatter2", "permute"):
+        for i in (0, 1):
+            run_stage(stage, [raw], s3_url, seed=1, slot=TaskSlot(index=i, count=2),
+                      workers=2 if stage == "scatter2" else 1)
+    run_stage("finalize", [raw], s3_url, seed=1, workers=1)
+    assert output_bytes(s3_url) == reference
+    assert verify([raw], s3_url).ok
+    assert not [n for n in Storage(s3_url).list("") if n.startswith(".shuffle/") and n != ".shuffle/lock"]
+
+
+def test_scatter2_does_nothing_with_one_level(raw, tmp_path):
+    dst = str(tmp_path / "dst")
+    run_stage("plan", [raw], dst, seed=1, config=dict(memory=memory_for(raw), **SMALL), workers=1)
+    out = run_stage("scatter2", [raw], dst, seed=1, slot=TaskSlot(index=0, count=2), workers=1)
+    assert out["did"] == 0 and out["note"] == "one scatter level: nothing to do"
+    with pytest.raises(ValueError, match="needs a task slot"):
+        run_stage("scatter2", [raw], dst, seed=1)

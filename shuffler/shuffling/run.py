@@ -227,12 +227,8 @@ class Run:
                 {"url": canonical_url(d.url), "rows": d.num_rows, "fingerprint": d.manifest.fingerprint.to_json()}
                 for d in self.datasets
             ],
-            "schema": self.schema.to_json(),
-            "buckets": self.plan.buckets,
-            "capacity_rows": self.plan.capacity_rows,
-            "chunk_bytes": cfg.chunk_bytes,
-            "shard_bytes": cfg.shard_bytes,
-            "level": cfg.level,
+            "schema": self.schema.to_json(), "buckets": self.plan.buckets, "capacity_rows": self.plan.capacity_rows,
+            "chunk_bytes": cfg.chunk_bytes, "shard_bytes": cfg.shard_bytes, "level": cfg.level,
         }
         if self.plan.levels == 2:
             self.identity["levels"] = 2  # one level's identities (and run ids) stay as they were
@@ -420,13 +416,12 @@ class Run:
         return [results[b] for b in range(B) if b in results]
 
     def reduce_task(self, path: tuple[int, ...], table: ChunkTable, *, scratch: str | None = None) -> ReduceTask:
-        """The task permuting bucket `path` ((b,), or (b, j) with two levels) from `table`; one larger than a task's
-        capacity is re-shuffled recursively in `scratch` (default: the run's)."""
-        return ReduceTask(
-            path=path, table=table, seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows, dst=self.dst.url,
-            chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes, level=self.cfg.level,
-            scratch=scratch or self.scratch, scratch_level=self.plan.scratch_level, threads=self.plan.request.threads,
-            batch_bytes=read_batch_bytes(self.cfg.chunk_bytes))
+        """The task permuting bucket `path` ((b,), or (b, j) with two levels) from `table`; recursing in `scratch`."""
+        c = self.cfg
+        return ReduceTask(path=path, table=table, seed=c.seed, capacity_rows=self.plan.capacity_rows, dst=self.dst.url,
+                          chunk_bytes=c.chunk_bytes, shard_bytes=c.shard_bytes, level=c.level, scratch=scratch or self.scratch,
+                          scratch_level=self.plan.scratch_level, threads=self.plan.request.threads,
+                          batch_bytes=read_batch_bytes(c.chunk_bytes))
 
     def record_nodes(self, what: str, pool) -> None:
         """stats["task_nodes"][what]: the Ray node each task of that pass ran on, in task order, when the executor
