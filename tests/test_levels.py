@@ -143,6 +143,11 @@ def test_levels_two_and_auto_from_the_cli(raw, serial, tmp_path):
     r = CliRunner().invoke(main, ["plan", *args[:1], *args[3:], "--levels", "auto", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["levels"] == 2, "tiny pieces and 14 buckets' worth of rows: auto picks two levels"
+    r = CliRunner().invoke(main, ["shuffle", *args[:1], str(tmp_path / "auto"), *args[1:], "--levels", "auto"])
+    assert r.exit_code == 0 and "super-bucket(s) in 2 levels" in r.output, r.output
+    assert output_bytes(str(tmp_path / "auto")) == reference
+    r = CliRunner().invoke(main, ["plan", *args[:1], "--memory", "1GiB", "--levels", "2"])
+    assert r.exit_code == 0 and "permuted directly (no level-2 scatter" in r.output, r.output
     r = CliRunner().invoke(main, ["shuffle", "--from-scatter", raw, str(tmp_path / "x"), "--levels", "2"])
     assert r.exit_code == 2 and "--levels 2 does not apply to --from-scatter" in r.output
 

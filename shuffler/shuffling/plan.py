@@ -271,11 +271,12 @@ class Plan:
             f"{hb(self.driver_index_bytes)}",
         ]
         if self.levels == 2:
+            again = (f"each scattered again into ~{self.sub_buckets:,} sub-bucket(s) by {self.level2_map_tasks:,} "
+                     "level-2 map task(s) in all" if self.sub_buckets > 1 else
+                     "each fits a task and is permuted directly (no level-2 scatter: one level would do)")
             lines[2] = (f"levels        2: S = {self.buckets:,} super-buckets of mean {self.rows / self.buckets:,.0f} "
-                        f"rows, each scattered again into ~{self.sub_buckets:,} sub-bucket(s) by "
-                        f"{self.level2_map_tasks:,} level-2 map task(s) in all; {self.reduce_tasks:,} sub-buckets of "
-                        f"mean {self.bucket_mean_rows:,.0f} rows, planned max {self.bucket_max_rows:,}; capacity "
-                        f"{self.capacity_rows:,} rows")
+                        f"rows, {again}; {self.reduce_tasks:,} buckets permuted, mean {self.bucket_mean_rows:,.0f} "
+                        f"rows, planned max {self.bucket_max_rows:,}; capacity {self.capacity_rows:,} rows")
             lines.insert(6, f"level 2       {self.level2_map_tasks:,} map task(s) read the super-buckets: "
                             f"{self.ranged_reads:,} ranged read(s), mean {hb(self.mean_read_bytes)}; read "
                             f"{hb(self.pass2_read_bytes)}   write {hb(self.pass2_read_bytes)}")
