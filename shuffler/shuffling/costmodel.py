@@ -24,7 +24,9 @@ storage/direct.py), so local I/O costs a fraction of that (Rates.local_io), and 
 Request counts follow what the code does (shuffler/shuffling/map.py, reduce.py, shuffler/storage/storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
 upload of 16 MiB parts above 64 MiB) and one marker; a reduce task makes one ranged GET per non-empty piece,
-writes its shards the same way and one marker. Prices are per 1,000 requests; storage-time cost is left
+writes its shards the same way and one marker. With two levels (plan.levels == 2, docs/shuffle.md "Two levels")
+a "level 2 scatter" pass sits between them: it reads pass 1's pieces of the super-buckets and writes the level-2
+intermediates, and the permute pass then reads the level-2 pieces. Prices are per 1,000 requests; storage-time cost is left
 out (intermediates live for hours). Checked against measured runs by benchmarks/costmodel.py.
 """
 

@@ -45,7 +45,7 @@ def sub_scratch(scratch: str, b: int) -> str:
     return f"{scratch}/sub-{b}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     """The second level's tasks, from the super-buckets' row counts: level-2 map tasks and the buckets to permute."""
 
