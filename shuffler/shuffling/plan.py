@@ -282,8 +282,8 @@ class Plan:
                             f"{hb(self.pass2_read_bytes)}   write {hb(self.pass2_read_bytes)}")
             lines[7] = (f"pass 2        {self.reduce_tasks:,} permute task(s); {self.level2_ranged_reads:,} ranged "
                         f"read(s), mean {hb(self.level2_mean_read_bytes)}")
-        lines.append(f"stages        {len(self.stages)} as an array job: "
-                     + "; ".join(f"{st['stage']} x{st['tasks']:,}" for st in self.stages))
+        lines.append(f"stages        {len(self.stages)} as an array job (docs/cluster.md), tasks and what each runs:")
+        lines += [f"  {st['stage']:<11} x{st['tasks']:,}: {st['runs']}" for st in self.stages]
         if self.recursion_expected:
             lines.append("recursion     buckets exceed the capacity and will be re-shuffled on their own")
         for w in self.warnings:
