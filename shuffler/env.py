@@ -28,8 +28,8 @@ def torchrun_local_rank() -> int:
 def shuffle_fault() -> str:
     """SHUFFLER_TEST_FAULT: a fault the shuffle injects on purpose, for the crash-and-resume tests.
 
-    Comma-separated `what=N`: kill-after-map=N / kill-after-reduce=N (SIGKILL the coordinator once N tasks of
-    that pass have committed), kill-in-reduce=K (SIGKILL from inside the first reduce task as it opens its
+    Comma-separated `what=N`: kill-after-map=N / kill-after-map2=N / kill-after-reduce=N (SIGKILL the coordinator
+    once N tasks of that pass have committed; map2: the level-2 scatter of --levels 2), kill-in-reduce=K (SIGKILL from inside the first reduce task as it opens its
     output shard K, so shards 0..K-1 of that bucket are written but not committed by a marker),
     pause-after-lock=SECONDS. Empty in normal use.
     """

@@ -87,6 +87,24 @@ def test_ray_output_equals_local_byte_for_byte(local_ray, tmp_path):
     assert output_bytes(str(tmp_path / "cli")) == output_bytes(str(tmp_path / "local"))
 
 
+def test_two_levels_on_ray_equal_the_serial_recursion_byte_for_byte(local_ray, tmp_path):
+    """--levels 2 on Ray: the level-2 scatter and the sub-buckets are Ray tasks; the bytes are those of one level with
+    --buckets S on one process, where each super-bucket recurses inside its reduce task (tests/test_levels.py)."""
+    from tests.test_levels import memory_for
+
+    src = str(tmp_path / "raw")
+    make_dataset(src, 5000)
+    stats: dict = {}
+    shuffle(src, str(tmp_path / "ray"), seed=3, executor="ray", memory=memory_for(src), levels=2, map_rows=900,
+            stats=stats, **SMALL)
+    assert stats["plan"]["levels"] == 2 and stats["plan"]["sub_buckets"] > 1
+    assert len(stats["task_nodes"]["level2"]) >= stats["plan"]["buckets"], "level-2 map tasks ran as Ray tasks"
+    shuffle(src, str(tmp_path / "serial"), seed=3, workers=1, memory=memory_for(src), buckets=stats["plan"]["buckets"],
+            **SMALL)
+    assert output_bytes(str(tmp_path / "ray")) == output_bytes(str(tmp_path / "serial"))
+    assert verify(src, str(tmp_path / "ray")).ok
+
+
 def _dies_once(flag: str, x: int) -> int:
     """Kills its worker process on the first call (a node lost mid-task), then works."""
     if not os.path.exists(flag):

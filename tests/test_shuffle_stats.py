@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from shuffler import Dataset
+from shuffler.shuffling.plan import ROW_EXTRA_PASS1, fixed_overhead
 from shuffler.shuffling.run import shuffle
 from writers.shard_writer import ShardWriter
 
@@ -32,13 +33,13 @@ def _source(rows: int) -> str:
     return url
 
 
-def _orders(rows: int, seeds: range, buckets: int) -> np.ndarray:
+def _orders(rows: int, seeds: range, buckets: int, **options) -> np.ndarray:
     """Output row_id order of each seed. [len(seeds), rows]"""
     src = _source(rows)
     out = []
     for s in seeds:
         dst = f"memory://stats-out-{uuid.uuid4().hex[:10]}"
-        shuffle(src, dst, seed=s, buckets=buckets, workers=1, chunk_bytes=24 * 2, shard_bytes=24 * 4)
+        shuffle(src, dst, seed=s, buckets=buckets, workers=1, chunk_bytes=24 * 2, shard_bytes=24 * 4, **options)
         ds = Dataset.open(dst)
         out.append(np.concatenate([ds.read_shard(i).columns["row_id"] for i in range(len(ds.shards))]))
     return np.stack(out)
@@ -89,7 +90,7 @@ def assert_adjacent_distances_uniform(orders: np.ndarray) -> np.ndarray:
     """
     n = orders.shape[1]
     d = np.abs(np.diff(orders, axis=1)).ravel()
-    edges = [1, 3, 6, 10, 16, 24, 36, 64]
+    edges = [1, 3, 6, 10, 16, 24, 36, 64] + ([n] if n > 64 else [])  # every distance 1..n-1 in some bin
     observed = np.histogram(d, bins=edges)[0]
     p = np.array([sum(2 * (n - k) / (n * (n - 1)) for k in range(lo, hi)) for lo, hi in itertools.pairwise(edges)])
     assert abs(p.sum() - 1) < 1e-12
@@ -147,3 +148,40 @@ def test_adjacent_output_rows_independent_of_input_neighbours():
     d = assert_adjacent_distances_uniform(_orders(n, range(2000, 2000 + seeds), buckets=4))
     # and the input neighbours specifically: 2/n of adjacent pairs, about 197 of 6,300 here
     assert 140 < int(np.sum(d == 1)) < 260
+
+
+# -- two scatter levels (shuffler/shuffling/second_level.py) with the tiniest memory a task may have ----------------
+TINY = fixed_overhead(24 * 2) + 64 * (12 + ROW_EXTRA_PASS1)
+"""The least --memory plan.py accepts for these 12-byte rows: a task holds 54 of them, so 120 rows in 2
+super-buckets are scattered again into sub-buckets by several level-2 map tasks."""
+
+
+def assert_binned_positions_uniform(orders: np.ndarray, bins: int) -> None:
+    """Every row lands in each of `bins` equal ranges of output positions equally often: chi-square over [row, bin]
+    counts. As in assert_positions_uniform, each row's counts sum to `seeds` and each bin's to seeds x n / bins, so
+    (n - 1)/n times Pearson's statistic follows chi-square((n - 1)(bins - 1))."""
+    seeds, n = orders.shape
+    assert n % bins == 0
+    counts = np.zeros((n, bins))
+    for o in orders:
+        counts[o, np.arange(n) // (n // bins)] += 1
+    stat = chi2(counts, np.full((n, bins), seeds / bins)) * (n - 1) / n
+    assert chi2_sf(stat, (n - 1) * (bins - 1)) > LEVEL, (stat, counts)
+
+
+def test_two_levels_run_with_tiny_memory():
+    stats: dict = {}
+    src = _source(120)
+    shuffle(src, f"memory://stats-out-{uuid.uuid4().hex[:10]}", seed=0, buckets=2, levels=2, memory=TINY, workers=1,
+            chunk_bytes=48, shard_bytes=96, stats=stats)
+    plan = stats["plan"]
+    assert (plan["levels"], plan["capacity_rows"], plan["buckets"]) == (2, 54, 2) and plan["sub_buckets"] >= 2
+
+
+def test_two_levels_each_rows_position_is_uniform():
+    assert_binned_positions_uniform(_orders(120, range(3000, 3200), buckets=2, levels=2, memory=TINY), bins=4)
+
+
+def test_two_levels_adjacent_output_rows_independent_of_input_neighbours():
+    d = assert_adjacent_distances_uniform(_orders(120, range(4000, 4060), buckets=2, levels=2, memory=TINY))
+    assert 70 < int(np.sum(d == 1)) < 170  # 2/n of the 7,140 adjacent pairs: about 119

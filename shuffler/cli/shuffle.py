@@ -15,7 +15,7 @@ from shuffler.cli.options import option, options
 from shuffler.format.schema import ACT_DTYPES, STANDARD_COLUMNS, Schema
 from shuffler.progress import Progress, human_bytes
 from shuffler.shuffling.executor import EXECUTORS
-from shuffler.shuffling.plan import PlanRequest, make_plan, usable_cores
+from shuffler.shuffling.plan import LEVELS, PlanRequest, make_plan, usable_cores
 from shuffler.shuffling.recompute import Economics, Workload
 from shuffler.shuffling.run import ShuffleConfig
 
@@ -29,6 +29,7 @@ _MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up
         "where it defaults to the scatter seed.")
 @option(ShuffleConfig, "memory", extra=_MEM_EXTRA)
 @option(ShuffleConfig, "buckets", type=click.IntRange(1))
+@option(ShuffleConfig, "levels", choices=LEVELS)
 @click.option("--from-scatter", is_flag=True, help="SRC was written scattered (ShardWriter scatter=, synth/capture "
               "--scatter): run pass 2 only, with the producers' buckets.")
 @option(ShuffleConfig, "workers", type=click.IntRange(1))
@@ -42,14 +43,14 @@ _MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up
 @option(ShuffleConfig, "map_rows", type=click.IntRange(1))
 @option(ShuffleConfig, "executor", choices=EXECUTORS, extra="Ray needs the extra `ray`.")
 @option(ShuffleConfig, "ray_address")
-@click.option("--stage", type=click.Choice(["plan", "scatter", "permute", "finalize"]),
-              help="Run one stage of an array job (docs/cluster.md): plan once, scatter and permute on every task, "
-              "finalize once.")
+@click.option("--stage", type=click.Choice(["plan", "scatter", "scatter2", "permute", "finalize"]),
+              help="Run one stage of an array job (docs/cluster.md): plan once, scatter, scatter2 and permute on "
+              "every task, finalize once (scatter2 does nothing with one level).")
 @click.option("--task-index", type=click.IntRange(0), help="This array task's index [default: from SLURM, "
               "JOB_COMPLETION_INDEX or AWS Batch].")
 @click.option("--num-tasks", type=click.IntRange(1), help="How many array tasks share a stage [default: from the "
               "scheduler; required with JOB_COMPLETION_INDEX].")
-def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, scratch, scratch_level, keep_intermediate,
+def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, threads, scratch, scratch_level, keep_intermediate,
                 overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address, stage,
                 task_index, num_tasks):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
@@ -81,11 +82,14 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, sc
                break_lock,
                dict(memory=memory, buckets=buckets, scratch=scratch, scratch_level=scratch_level,
                     keep_intermediate=keep_intermediate, level=level, chunk_bytes=chunk_bytes,
-                    shard_bytes=shard_bytes, map_rows=map_rows))
+                    shard_bytes=shard_bytes, map_rows=map_rows, levels=levels))
         return
     if task_index is not None or num_tasks is not None:
-        raise click.UsageError("--task-index/--num-tasks need --stage scatter or --stage permute")
+        raise click.UsageError("--task-index/--num-tasks need --stage scatter, scatter2 or permute")
     if from_scatter:
+        if levels != "1":
+            raise click.UsageError(f"--levels {levels} does not apply to --from-scatter: the producers wrote "
+                                   "the one scatter level")
         _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, scratch_level, keep_intermediate,
                       overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address)
         return
@@ -96,13 +100,14 @@ def shuffle_cmd(paths, seed, memory, buckets, from_scatter, workers, threads, sc
     m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, threads=threads, scratch=scratch,
                 scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
                 break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
-                executor=executor, ray_address=ray_address, stats=stats)
+                executor=executor, ray_address=ray_address, levels=levels, stats=stats)
     info = m.metadata["shuffle"]
     passes = ""
     if "pass2_end" in stats:
         passes = (f" (pass 1 {stats['pass2_start'] - stats['pass1_start']:.1f} s, pass 2 "
                   f"{stats['pass2_end'] - stats['pass2_start']:.1f} s, {stats['workers']} worker(s))")
-    click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']} bucket(s), "
+    levels = " super-bucket(s) in 2 levels" if info.get("levels") == 2 else " bucket(s)"
+    click.echo(f"shuffled {m.num_rows:,} rows from {len(srcs)} source(s) into {dst}: {info['buckets']}{levels}, "
                f"{len(m.shards)} shard(s), {human_bytes(m.stored_bytes)}, {time.perf_counter() - t0:.1f} s{passes}")
     _echo_nodes(stats)
 
@@ -113,7 +118,7 @@ def _echo_nodes(stats: dict) -> None:
     for what, nodes in stats.get("task_nodes", {}).items():
         counts = Counter(nodes)
         spread = ", ".join(f"{node[:8]} x{n}" for node, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        label = {"pass1": "pass 1", "pass2": "pass 2"}.get(what, what)
+        label = {"pass1": "pass 1", "level2": "level-2 scatter", "pass2": "pass 2"}.get(what, what)
         click.echo(f"ray {label}: {len(nodes)} task(s) on {len(counts)} node(s): {spread}")
 
 
@@ -132,7 +137,7 @@ def _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, exec
         # checked against it (so the same command line for every stage works, and a different one is refused).
         config = {k: v for k, v in planned.items()
                   if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
-    slot = resolve_slot(task_index, num_tasks) if stage in ("scatter", "permute") else None
+    slot = resolve_slot(task_index, num_tasks) if stage in ("scatter", "scatter2", "permute") else None
     out = run_stage(stage, srcs, dst, seed=seed, slot=slot, config=config, workers=workers, threads=threads,
                     executor=executor,
                     ray_address=ray_address, overwrite=overwrite, break_lock=break_lock)
@@ -173,6 +178,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, s
 @click.option("--compression", type=float, help="...its compression ratio (default: measured zstd-1 ratio of the dtype).")
 @option(ShuffleConfig, "memory", extra=_MEM_EXTRA)
 @option(ShuffleConfig, "buckets", type=click.IntRange(1))
+@option(ShuffleConfig, "levels", choices=LEVELS)
 @option(ShuffleConfig, "workers", type=click.IntRange(1), extra="With a cluster: per node [default: as many as a "
         "node's cores and memory allow].")
 @option(ShuffleConfig, "threads", type=click.IntRange(1), extra="With a cluster: a node's cores over its workers.")
@@ -196,7 +202,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, s
 @click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
               help="Per-core codec rates, JSON (fields of shuffler.shuffling.costmodel.Rates; `python benchmarks/costmodel.py "
               "--save-rates FILE` measures them on the machine it runs on).")
-def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, workers, threads, dst, scratch, scratch_level,
+def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, levels, workers, threads, dst, scratch, scratch_level,
              level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
              put_price, get_price, rates_file):
     """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory;
@@ -244,7 +250,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, w
         threads=threads or -(-node_cores // workers), stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        machine_memory=machine_memory,
+        machine_memory=machine_memory, levels=levels,
     )
     if cluster is not None and machine_memory == 0:
         # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,

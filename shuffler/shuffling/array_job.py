@@ -22,28 +22,33 @@ intermediate's footer); finalize = commit under the lock.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shuffler import env
 from shuffler.errors import FormatError
 from shuffler.format.manifest import MANIFEST, Manifest, read_manifest
 from shuffler.io.chunks import storage
+from shuffler.shuffling import second_level
 from shuffler.shuffling.bucket_index import BucketIndex, DamagedIndex, discard, write_index
 from shuffler.shuffling.lock import Lock
-from shuffler.shuffling.map import map_name
-from shuffler.shuffling.markers import PLAN, committed_reduces
+from shuffler.shuffling.map import MapOutput, map_name
+from shuffler.shuffling.markers import PLAN, committed_paths, committed_reduces
+from shuffler.shuffling.reduce import Intermediates
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
 from shuffler.storage.storage import Storage
 
-STAGES = ("plan", "scatter", "permute", "finalize")
+Tables = second_level.Tables
+
+STAGES = ("plan", "scatter", "scatter2", "permute", "finalize")
 #: ShuffleConfig fields that the plan fixes (they change the output, or where intermediates live).
 PLANNED = ("memory", "buckets", "scratch", "scratch_level", "keep_intermediate", "level", "chunk_bytes",
-           "shard_bytes", "map_rows")
+           "shard_bytes", "map_rows", "levels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +115,7 @@ def run_stage(
     unknown = set(config) - set(PLANNED)
     if unknown:
         raise ValueError(f"config keys {sorted(unknown)} are not planned options ({', '.join(PLANNED)})")
-    if stage in ("scatter", "permute") and slot is None:
+    if stage in ("scatter", "scatter2", "permute") and slot is None:
         raise ValueError(f"stage {stage!r} needs a task slot (--task-index/--num-tasks or an array job)")
     srcs = list(srcs)
     if stage == "plan":
@@ -122,6 +127,8 @@ def run_stage(
     if stage == "finalize":
         return _finalize(run, plan)
     assert slot is not None
+    if stage == "scatter2" and run.plan.levels == 1:
+        return {"stage": stage, "did": 0, "note": "one scatter level: nothing to do"}
     map_rows, n = plan["map_rows"], run.plan.rows
     maps = math.ceil(n / map_rows) if n else 0
     if stage == "scatter":
@@ -129,6 +136,8 @@ def run_stage(
             run.map(pool, map_rows, only=slot.owns)
             indexed = _index_if_last(run, pool, map_rows, maps)
         return {"stage": stage, "did": sum(map(slot.owns, range(maps))), "of": maps, "indexed": indexed}
+    if run.plan.levels == 2:
+        return _second_level(stage, run, slot, map_rows, maps)
     B = run.plan.buckets
     index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B)
     if index is not None:
@@ -149,21 +158,64 @@ def run_stage(
                 discard(run.scratch)  # a damaged intermediate is redone; the index is written again after it
                 raise run.uncommit_damaged(e) from None
     with run.executor() as pool:
-        done = run.map(pool, map_rows, only=lambda m: False)  # only collect what the scatter stage committed
-        if len(done) != maps:
-            have = {o.index for o in done}
-            missing = [m for m in range(maps) if m not in have]
-            raise RuntimeError(
-                f"{dst}: {len(missing)} of {maps} map task(s) have not committed (first: {missing[:8]}); run the "
-                "scatter stage to completion before permute (array tasks "
-                f"{sorted({m % slot.count for m in missing})[:8]} of {slot.count} own them)"
-            )
+        done = _committed_maps(run, pool, map_rows, maps, slot)
         try:
             run.reduce(pool, done, only=slot.owns)
         except FormatError as e:
             discard(run.scratch)  # an index written before this damage showed must not outlive the redo
             raise run.uncommit_damaged(e) from None
     return {"stage": stage, "did": sum(map(slot.owns, range(B))), "of": B, "indexed": False}
+
+
+def _committed_maps(run: Run, pool, map_rows: int, maps: int, slot: TaskSlot | None) -> list[MapOutput]:
+    """Every map task's committed output (the markers the scatter stage wrote); RuntimeError naming the missing."""
+    done = run.map(pool, map_rows, only=lambda m: False)  # only collect what the scatter stage committed
+    if len(done) != maps:
+        have = {o.index for o in done}
+        missing = [m for m in range(maps) if m not in have]
+        owners = f" (array tasks {sorted({m % slot.count for m in missing})[:8]} of {slot.count} own them)" if slot else ""
+        raise RuntimeError(f"{run.dst.url}: {len(missing)} of {maps} map task(s) have not committed (first: "
+                           f"{missing[:8]}); run the scatter stage to completion before the later stages{owners}")
+    return done
+
+
+def _super_buckets(run: Run, pool, map_rows: int, maps: int, slot: TaskSlot | None) -> tuple[list[int], Tables]:
+    """Two levels: each super-bucket's rows and where its chunks are. From the bucket index when it lists the rows
+    (one small read; each table one more), else from every intermediate's footer."""
+    B = run.plan.buckets
+    index = BucketIndex.open(run.scratch, run.schema, run_id=run.run_id, maps=maps, map_rows=map_rows, buckets=B)
+    if index is not None and index.rows is not None:
+        return index.rows, functools.lru_cache(maxsize=64)(index.table)
+    inter = Intermediates(run.schema, run.scratch, _committed_maps(run, pool, map_rows, maps, slot), B)
+    tables = [inter.table(b) for b in range(B)]
+    return [t.rows for t in tables], tables.__getitem__
+
+
+def _block(slot: TaskSlot, n: int) -> Callable[[int], bool]:
+    """Ownership of n items in contiguous blocks (not mod N): a permute task then touches the level-2
+    intermediates of about S/N + 1 super-buckets, not of every one."""
+    return lambda i: i * slot.count // n == slot.index
+
+
+def _second_level(stage: str, run: Run, slot: TaskSlot, map_rows: int, maps: int) -> dict:
+    """The scatter2 or permute stage of a two-level run (shuffler/shuffling/second_level.py)."""
+    with run.executor() as pool:
+        try:
+            rows, tables = _super_buckets(run, pool, map_rows, maps, slot)
+            layout = second_level.layout_of(run, rows, map_rows)
+            if stage == "scatter2":
+                n = len(layout.maps())
+                second_level.scatter(run, pool, layout, tables, only=slot.owns)
+                return {"stage": stage, "did": sum(map(slot.owns, range(n))), "of": n}
+            leaves = layout.leaves()
+            owns = _block(slot, len(leaves))
+            supers = {p[0] for i, p in enumerate(leaves) if len(p) == 2 and owns(i)}
+            outputs = second_level.scatter(run, pool, layout, tables, only=lambda k: False, supers=supers)
+            second_level.permute(run, pool, layout, tables, outputs, only=owns)
+            return {"stage": stage, "did": sum(map(owns, range(len(leaves)))), "of": len(leaves)}
+        except FormatError as e:
+            discard(run.scratch)  # a damaged index or intermediate: the footers, or the redone task, next time
+            raise run.uncommit_damaged(e) from None
 
 
 def _index_if_last(run: Run, pool, map_rows: int, maps: int) -> bool:
@@ -183,7 +235,8 @@ def _index_if_last(run: Run, pool, map_rows: int, maps: int) -> bool:
         if len(done) != maps:
             continue  # a damaged marker: the second round redoes its task
         try:
-            write_index(run.scratch, run.schema, done, B, run_id=run.run_id, map_rows=map_rows)
+            write_index(run.scratch, run.schema, done, B, run_id=run.run_id, map_rows=map_rows,
+                        bucket_rows=run.plan.levels == 2)
             return True
         except FormatError as e:
             if attempt == 2:
@@ -217,8 +270,9 @@ def _plan(srcs, dst, seed, config, workers, threads, overwrite, break_lock, prog
                 raise FileExistsError(f"{run.dst.url_of(PLAN)} plans another run ({old.get('run_id')}); pass "
                                       "--overwrite to discard it")
             doc = old
+        stages = " -> ".join(f"{st['stage']} x{st['tasks']}" for st in run.plan.stages)  # what each task count runs
         return {"stage": "plan", "did": 1, "map_tasks": doc["map_tasks"], "buckets": doc["buckets"],
-                "run_id": doc["run_id"]}
+                "levels": run.plan.levels, "stages": stages, "run_id": doc["run_id"]}
     finally:
         lock.release()
 
@@ -270,17 +324,26 @@ def _finished(store: Storage, seed: int) -> bool:
 
 def _finalize(run: Run, plan: dict) -> dict:
     B = run.plan.buckets
-    results = committed_reduces(run.dst, B)
-    missing = [b for b in range(B) if b not in results]
+    if run.plan.levels == 2:
+        map_rows, n = plan["map_rows"], run.plan.rows
+        with run.executor() as pool:
+            rows, _ = _super_buckets(run, pool, map_rows, math.ceil(n / map_rows) if n else 0, None)
+        paths = second_level.layout_of(run, rows, map_rows).leaves()
+        results = committed_paths(run.dst, paths)
+    else:
+        paths = [(b,) for b in range(B)]
+        results = {(b,): r for b, r in committed_reduces(run.dst, B).items()}
+    missing = [p for p in paths if p not in results]
     if missing:
         raise RuntimeError(
-            f"{run.dst.url}: {len(missing)} of {B} bucket(s) have not committed (first: {missing[:8]}); run the "
-            "permute stage to completion (every task index) before finalize"
+            f"{run.dst.url}: {len(missing)} of {len(paths)} bucket(s) have not committed (first: "
+            f"{[p[0] if len(p) == 1 else p for p in missing[:8]]}); run the permute stage to completion (every task "
+            "index) before finalize"
         )
     lock = Lock(run.dst, run.cfg.break_lock)
     lock.acquire()
     try:
-        manifest: Manifest = run.commit([results[b] for b in range(B)])
+        manifest: Manifest = run.commit([results[p] for p in paths])
     finally:
         lock.release()
         run.remove_empty_dirs()

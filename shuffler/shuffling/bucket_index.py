@@ -11,6 +11,7 @@ buckets' chunks: M x B of metadata per task, 2 TB of GETs for the 1 PB plan with
 
     <scratch>/index/b-00000012.idx   bucket 12's chunks: CHUNK entries whose "obj" is the map task's index
     <scratch>/index/done.json        written last: run id, map split, buckets, CRC; the index counts only then
+                                     (with two levels also each super-bucket's rows: second_level.py's tasks)
 
 Concurrent writers write the same bytes under the same names (the map tasks are deterministic), so the race
 of two "last" scatter tasks is harmless (shuffler/shuffling/markers.py). An index object that is missing or
@@ -73,15 +74,22 @@ def decode(data: bytes, b: int, *, where: str, maps: int) -> np.ndarray:
 
 
 def write_index(scratch: str, schema: Schema, maps: list[MapOutput], buckets: int, *, run_id: str,
-                map_rows: int) -> None:
+                map_rows: int, bucket_rows: bool = False) -> None:
     """Read every intermediate's footer once and write each bucket's index, then the `done` object (last).
-    `maps`: every map task's committed output, 0..M-1."""
+    `maps`: every map task's committed output, 0..M-1. `bucket_rows`: the `done` object also lists each bucket's
+    rows (two levels: S super-buckets, a few KiB), so each level-2 task learns every super-bucket's size in one
+    small read instead of reading the whole index."""
     assert [o.index for o in sorted(maps, key=lambda o: o.index)] == list(range(len(maps))), "not every map task"
     store = storage(scratch)
     inter = Intermediates(schema, scratch, maps, buckets)
+    rows = []
     for b in range(buckets):
-        store.write(index_name(b), encode(b, inter.entries(b)))
+        entries = inter.entries(b)
+        rows.append(int(entries["rows"].sum()))
+        store.write(index_name(b), encode(b, entries))
     doc = {"format": 1, "run_id": run_id, "maps": len(maps), "map_rows": map_rows, "buckets": buckets}
+    if bucket_rows:
+        doc["rows"] = rows
     doc["crc"] = crc(doc)
     store.write(DONE, json.dumps(doc, sort_keys=True).encode())
 
@@ -94,8 +102,10 @@ def discard(scratch: str) -> None:
 class BucketIndex:
     """The tables of a run's buckets, read one small object per bucket (see the module docstring)."""
 
-    def __init__(self, scratch: str, schema: Schema, maps: int):
+    def __init__(self, scratch: str, schema: Schema, maps: int, rows: list[int] | None = None):
         self.scratch, self.store, self.schema, self.maps = scratch, storage(scratch), schema, maps
+        self.rows = rows
+        """Each bucket's rows, when the index was written with bucket_rows=True; else None."""
 
     @classmethod
     def open(cls, scratch: str, schema: Schema, *, run_id: str, maps: int, map_rows: int, buckets: int
@@ -111,7 +121,9 @@ class BucketIndex:
         key = (doc.get("format"), doc.get("run_id"), doc.get("maps"), doc.get("map_rows"), doc.get("buckets"))
         if key != (1, run_id, maps, map_rows, buckets):
             return None
-        return cls(scratch, schema, maps)
+        rows = doc.get("rows")
+        ok = isinstance(rows, list) and len(rows) == buckets and all(isinstance(n, int) and n >= 0 for n in rows)
+        return cls(scratch, schema, maps, rows if ok else None)
 
     def table(self, b: int) -> ChunkTable:
         """Bucket b's chunks from every intermediate, in map-task order (so in global row order). The objects

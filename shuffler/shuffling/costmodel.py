@@ -24,7 +24,9 @@ storage/direct.py), so local I/O costs a fraction of that (Rates.local_io), and 
 Request counts follow what the code does (shuffler/shuffling/map.py, reduce.py, shuffler/storage/storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
 upload of 16 MiB parts above 64 MiB) and one marker; a reduce task makes one ranged GET per non-empty piece,
-writes its shards the same way and one marker. Prices are per 1,000 requests; storage-time cost is left
+writes its shards the same way and one marker. With two levels (plan.levels == 2, docs/shuffle.md "Two levels")
+a "level 2 scatter" pass sits between them: it reads pass 1's pieces of the super-buckets and writes the level-2
+intermediates, and the permute pass then reads the level-2 pieces. Prices are per 1,000 requests; storage-time cost is left
 out (intermediates live for hours). Checked against measured runs by benchmarks/costmodel.py.
 """
 
@@ -193,7 +195,7 @@ class Estimate:
     workers_per_node: int
     intermediate_objects: int
     scratch_bytes: int
-    """Peak scratch: every intermediate exists until pass 2 ends."""
+    """Peak scratch: every intermediate exists until pass 2 ends (with two levels, both levels' intermediates)."""
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -318,17 +320,31 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     p1_cpu += touch if pool1 else 0.0
     p1 = bound("pass 1 scatter", plan.map_tasks, p1_net, p1_disk, p1_cpu, src_gets if src_remote else 0, p1_puts,
                spawn1)
+    passes = [p1]
+    if plan.levels == 2:
+        # the second scatter level (docs/shuffle.md, "Two levels"): read each super-bucket's pieces, scatter them
+        # again into intermediates of its own, one more pass over the data in scratch.
+        l2_net = (plan.pass2_read_bytes + plan.pass1_write_bytes) if scratch_remote else 0
+        l2_disk = 0 if scratch_remote else plan.pass2_read_bytes + plan.pass1_write_bytes
+        l2_cpu = raw / dec_s + raw / rates.scatter + raw / enc_s
+        l2_gets = (plan.ranged_reads + plan.map_tasks) if scratch_remote else 0  # pieces + footers or index
+        l2_puts = (_objects_puts(plan.pass1_write_bytes, plan.level2_map_tasks) + plan.level2_map_tasks
+                   if scratch_remote else 0)
+        passes.append(bound("level 2 scatter", plan.level2_map_tasks, l2_net, l2_disk, l2_cpu, l2_gets, l2_puts))
     # pass 2: read intermediates piece by piece, write output shards
     out_shards = math.ceil(raw / req.shard_bytes) + plan.reduce_tasks  # shard_bytes is uncompressed; buckets split
     p2_net = (plan.pass2_read_bytes if scratch_remote else 0) + (plan.pass2_write_bytes if req.dst_remote else 0)
     p2_disk = (0 if scratch_remote else plan.pass2_read_bytes) + (0 if req.dst_remote else plan.pass2_write_bytes)
     p2_cpu = raw / dec_s + raw / rates.permute + raw / rates.encode_output + (touch if pool2 else 0.0)
-    p2_gets = (plan.ranged_reads + plan.map_tasks) if scratch_remote else 0  # pieces + intermediate footers
+    last_reads, last_maps = ((plan.level2_ranged_reads, plan.level2_map_tasks) if plan.levels == 2 and plan.level2_map_tasks
+                             else (plan.ranged_reads, plan.map_tasks))
+    p2_gets = (last_reads + last_maps) if scratch_remote else 0  # pieces + intermediate footers
     p2_puts = (_objects_puts(plan.pass2_write_bytes, out_shards) + plan.reduce_tasks + 1) if req.dst_remote else 0
     p2 = bound("pass 2 permute", plan.reduce_tasks, p2_net, p2_disk, p2_cpu, p2_gets, p2_puts,
                spawn2)
     return Estimate(
-        plan=plan, cluster=cluster, prices=prices, rates=rates, passes=(p1, p2), workers_per_node=workers,
-        intermediate_objects=2 * plan.map_tasks, scratch_bytes=plan.pass1_write_bytes, warnings=tuple(warnings),
+        plan=plan, cluster=cluster, prices=prices, rates=rates, passes=(*passes, p2), workers_per_node=workers,
+        intermediate_objects=2 * (plan.map_tasks + plan.level2_map_tasks),
+        scratch_bytes=plan.pass1_write_bytes * (2 if plan.level2_map_tasks else 1), warnings=tuple(warnings),
     )
 

@@ -97,7 +97,7 @@ def reduce_worker(task: ReduceTask, state_url: str, kill_in: int) -> tuple[list[
     # The commit, last, replacing whole and atomically. A concurrent copy of this task (an array-job retry
     # beside the attempt it replaces) writes the very same bytes, so whichever rename lands last changes
     # nothing; a plain replace (not first-writer-wins) also repairs a damaged marker on the re-run.
-    storage(state_url).write(reduce_marker(task.path[0]), reduce_marker_bytes(task.path[0], shards, fp))
+    storage(state_url).write(reduce_marker(task.path), reduce_marker_bytes(task.path, shards, fp))
     return shards, fp
 
 

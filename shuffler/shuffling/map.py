@@ -143,6 +143,22 @@ class MapOutput:
         return MapOutput(int(a[1]), int(a[2]), int(a[3]), int(a[4]), cs.astype(np.int64), row_start)
 
 
+def committed_maps(store: Storage, names: set[str], buckets: int, prefix: str = "") -> dict[int, MapOutput]:
+    """The map tasks under `prefix` of `store` (names: its LIST) whose intermediate exists and whose commit
+    marker is intact, by index; prefix "sub-12/" holds super-bucket 12's level-2 tasks (second_level.py). A
+    damaged marker commits nothing: its task is redone."""
+    done: dict[int, MapOutput] = {}
+    for name in names:
+        rest = name[len(prefix):] if name.startswith(prefix) else ""
+        if rest.startswith("map-") and rest.endswith(".idx") and "/" not in rest and name[:-4] + ".shard" in names:
+            try:
+                out = MapOutput.from_bytes(store.read(name), where=store.url_of(name), buckets=buckets)
+            except FormatError:
+                continue
+            done[out.index] = out
+    return done
+
+
 @functools.lru_cache(maxsize=8)
 def _npy_header(n: int) -> bytes:
     """The .npy header np.save writes for a [n] little-endian int64 array."""

@@ -12,6 +12,11 @@ Memory model of one task (one worker process holds one task at a time; `memory` 
 
 Bucket sizes are Binomial(N, 1/B): mean mu, standard deviation about sqrt(mu). B is the smallest count whose
 mean plus 6 standard deviations fits the capacity (the pile-shuffle headroom rule, docs/shuffle.md, "Plan"); a bucket past it after all is re-shuffled recursively, which stays exact.
+
+Two levels (`levels="2"`, docs/shuffle.md, "Two levels"): pass 1 scatters into S super-buckets, then each
+super-bucket larger than a task is scattered again into its own sub-buckets by tasks that run in parallel, and
+every sub-bucket is permuted. Pieces are data / (map tasks x buckets) at each level, so with B one-level buckets
+S = ceil(sqrt(B)) makes both levels' pieces about sqrt(B) times larger than one level's, for one more pass.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ MIN_MAP_BYTES = 64 * MiB
 S3_EFFICIENT_READ = 8 * MiB
 """Ranged GETs below this are latency-bound: 1 MiB ran at 16 MB/s, 8 MiB at 113 MB/s (docs/benchmarks.md, "Measurements behind the design")."""
 LOCAL_EFFICIENT_READ = 256 << 10
+LEVELS = ("1", "2", "auto")
+AUTO_LEVEL2_MIN_BUCKETS = 4
+"""`auto` picks two levels only when the memory rule alone needs this many buckets: below it, super-buckets of
+sqrt(B) would hardly be larger than one task, and the extra pass would buy nothing."""
 ROW_EXTRA_PASS1 = 12
 ROW_EXTRA_PASS2 = 16
 """Per row in pass 2: the permutation's sort keys, then the permutation itself (keys.permutation), int64 each."""
@@ -121,8 +130,15 @@ class PlanRequest:
     machine_memory: int | None = None
     """RAM the `workers` share, bytes, checked against workers x peak; None: this machine's; 0: no check (a
     plan for a cluster, where the cost model fits the workers to a node's memory)."""
+    levels: str = "1"
+    """Scatter levels: 1, 2 (scatter into super-buckets, then each super-bucket is scattered again by its own
+    parallel tasks, and --buckets counts super-buckets), or auto (2 when one level's pieces would fall below
+    8 MiB and --buckets is not given). Changes the output."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", str(self.levels))
+        if self.levels not in LEVELS:
+            raise ValueError(f"levels={self.levels!r} must be one of {', '.join(LEVELS)}")
         if not isinstance(self.rows, int) or self.rows < 0:
             raise ValueError(f"rows={self.rows!r} must be an integer >= 0")
         if self.buckets is not None and not 1 <= self.buckets <= MAX_BUCKETS:
@@ -191,6 +207,31 @@ class Plan:
     driver_index_bytes: int
     """Memory the coordinating process needs for the intermediates' chunk indexes (24 B per chunk)."""
     warnings: tuple[str, ...] = field(default=())
+    levels: int = 1
+    """Scatter levels this plan runs (request.levels with auto decided). With 2, `buckets` are super-buckets,
+    `ranged_reads` the level-2 scatter's reads of them, and `reduce_tasks` the sub-buckets permuted."""
+    sub_buckets: int = 0
+    """Two levels: sub-buckets of a super-bucket of mean size (each super-bucket's own count follows its rows)."""
+    level2_map_tasks: int = 0
+    """Two levels: scatter tasks of the second level, all super-buckets together (<= capacity rows each)."""
+    level2_ranged_reads: int = 0
+    """Two levels: the permute pass's fetches, one per (level-2 map task, sub-bucket) pair that holds rows."""
+    level2_mean_read_bytes: float = 0.0
+
+    @property
+    def stages(self) -> list[dict]:
+        """The array-job stages (docs/cluster.md) in order: name, task count and what each task runs."""
+        out = [{"stage": "plan", "tasks": 1, "runs": "fixes the run in DST/.shuffle/plan.json"},
+               {"stage": "scatter", "tasks": self.map_tasks,
+                "runs": f"map tasks: rows into {self.buckets:,} {'super-' if self.levels == 2 else ''}buckets"}]
+        if self.levels == 2:
+            out.append({"stage": "scatter2", "tasks": self.level2_map_tasks,
+                        "runs": f"level-2 map tasks: one super-bucket's rows into its ~{self.sub_buckets:,} "
+                                "sub-buckets"})
+        out += [{"stage": "permute", "tasks": self.reduce_tasks,
+                 "runs": "permute tasks: one " + ("(sub-)bucket" if self.levels == 2 else "bucket") + " each"},
+                {"stage": "finalize", "tasks": 1, "runs": "checks every bucket, writes the manifest"}]
+        return out
 
     @property
     def peak_task_bytes(self) -> int:
@@ -203,6 +244,7 @@ class Plan:
         d["request"] = req
         d["warnings"] = list(self.warnings)
         d["peak_task_bytes"] = self.peak_task_bytes
+        d["stages"] = self.stages
         return d
 
     def report(self) -> str:
@@ -229,6 +271,20 @@ class Plan:
             f"total peak    {hb(self.peak_task_bytes * r.workers)} with {r.workers} worker(s); driver index "
             f"{hb(self.driver_index_bytes)}",
         ]
+        if self.levels == 2:
+            again = (f"each scattered again into ~{self.sub_buckets:,} sub-bucket(s) by {self.level2_map_tasks:,} "
+                     "level-2 map task(s) in all" if self.sub_buckets > 1 else
+                     "each fits a task and is permuted directly (no level-2 scatter: one level would do)")
+            lines[2] = (f"levels        2: S = {self.buckets:,} super-buckets of mean {self.rows / self.buckets:,.0f} "
+                        f"rows, {again}; {self.reduce_tasks:,} buckets permuted, mean {self.bucket_mean_rows:,.0f} "
+                        f"rows, planned max {self.bucket_max_rows:,}; capacity {self.capacity_rows:,} rows")
+            lines.insert(6, f"level 2       {self.level2_map_tasks:,} map task(s) read the super-buckets: "
+                            f"{self.ranged_reads:,} ranged read(s), mean {hb(self.mean_read_bytes)}; read "
+                            f"{hb(self.pass2_read_bytes)}   write {hb(self.pass2_read_bytes)}")
+            lines[7] = (f"pass 2        {self.reduce_tasks:,} permute task(s); {self.level2_ranged_reads:,} ranged "
+                        f"read(s), mean {hb(self.level2_mean_read_bytes)}")
+        lines.append(f"stages        {len(self.stages)} as an array job (docs/cluster.md), tasks and what each runs:")
+        lines += [f"  {st['stage']:<11} x{st['tasks']:,}: {st['runs']}" for st in self.stages]
         if self.recursion_expected:
             lines.append("recursion     buckets exceed the capacity and will be re-shuffled on their own")
         for w in self.warnings:
@@ -249,9 +305,6 @@ def make_plan(req: PlanRequest) -> Plan:
         parallel = min(MAX_PARALLEL_BUCKETS, math.ceil(raw / MIN_PARALLEL_BUCKET_BYTES))
         buckets = max(1, buckets_for(n, capacity), min(parallel, max(n, 1)))
         buckets = min(buckets, MAX_BUCKETS)
-    mu = n / buckets
-    bucket_max = n if buckets == 1 else min(n, math.ceil(mu + HEADROOM_SIGMAS * math.sqrt(mu)))
-    recursion = bucket_max > capacity
     if req.map_rows is not None:
         map_rows = req.map_rows
     else:
@@ -268,29 +321,49 @@ def make_plan(req: PlanRequest) -> Plan:
     slevel = req.scratch_level if req.scratch_level is not None else default_scratch_level(req.scratch_remote)
     scratch_bytes = round(raw / (FAST_LEVEL_RATIO if slevel <= 0 else ratio))
     out_bytes = round(raw / (FAST_LEVEL_RATIO if req.level <= 0 else ratio))
-    rows_per_piece = n / max(1, maps * buckets)
-    # A piece is empty with probability exp(-rows_per_piece) (Poisson approximation of the multinomial).
-    reads = round(maps * buckets * -math.expm1(-rows_per_piece)) if n else 0
-    mean_read = scratch_bytes / reads if reads else 0.0
+    reads, mean_read = _pieces(n, maps * buckets, scratch_bytes)
+    levels = 2 if req.levels == "2" else 1
+    if (req.levels == "auto" and req.buckets is None and reads and mean_read < S3_EFFICIENT_READ
+            and buckets_for(n, capacity) >= AUTO_LEVEL2_MIN_BUCKETS):
+        levels = 2
+    leaves, sub_b, maps2, map2_rows = buckets, 0, 0, 0
+    reads2, mean_read2 = 0, 0.0
+    if levels == 2:
+        if req.buckets is None:
+            buckets = min(max(2, math.ceil(math.sqrt(buckets))), max(n, 1))  # S: both levels' pieces ~sqrt(B) larger
+        reads, mean_read = _pieces(n, maps * buckets, scratch_bytes)
+        mu_s = n / buckets
+        # A super-bucket that fits a task is permuted directly (reduce.run_reduce), as the serial recursion does.
+        sub_b = buckets_for(math.ceil(mu_s), capacity)
+        map2_rows = min(capacity, math.ceil(mu_s)) if sub_b > 1 else 0
+        maps2 = buckets * math.ceil(mu_s / capacity) if sub_b > 1 else 0
+        leaves = buckets * sub_b
+        reads2, mean_read2 = _pieces(n, maps2 * sub_b, scratch_bytes) if sub_b > 1 else (reads, mean_read)
+    mu = n / leaves
+    bucket_max = n if leaves == 1 else min(n, math.ceil(mu + HEADROOM_SIGMAS * math.sqrt(mu)))
+    recursion = bucket_max > capacity
     chunk_rows = max(1, req.chunk_bytes // rb)
     inter_chunks = maps * buckets + math.ceil(n / chunk_rows)
     # The buckets never depend on the threads (the output must not); threads beyond ENCODE_THREADS add their
     # chunk buffers on top of the budget.
     fixed += fixed_overhead(req.chunk_bytes, max(req.threads, ENCODE_THREADS)) - fixed_overhead(req.chunk_bytes)
-    peak_map = fixed + min(map_rows, max(n, 1)) * (rb + ROW_EXTRA_PASS1)
+    peak_map = fixed + max(min(map_rows, max(n, 1)), map2_rows) * (rb + ROW_EXTRA_PASS1)
     peak_reduce = fixed + min(bucket_max, capacity) * (rb + ROW_EXTRA_PASS2)
 
     warnings = []
     efficient = S3_EFFICIENT_READ if req.scratch_remote else LOCAL_EFFICIENT_READ
-    if reads and mean_read < efficient:
+    smallest = min(mean_read, mean_read2) if levels == 2 and reads2 else mean_read  # the warning's pieces
+    if reads and smallest < efficient:
         # Pieces are data / (M x B), and both M and B scale as data / memory, so pieces grow as memory^2.
-        need = fixed + (req.memory - fixed) * math.sqrt(efficient / max(mean_read, 1.0))
+        need = fixed + (req.memory - fixed) * math.sqrt(efficient / max(smallest, 1.0))
         where = "an object store" if req.scratch_remote else "local disk"
         fix = f"raise --memory to about {human_bytes(need)}"
         if req.scratch_remote:
             fix += ", or put --scratch on local disk where small reads are cheap"
+        if levels == 1 and buckets_for(n, capacity) >= AUTO_LEVEL2_MIN_BUCKETS:
+            fix += ", or give --levels 2 (pieces about sqrt(B) times larger, for one more pass)"
         warnings.append(
-            f"pass 2 ranged reads average {human_bytes(mean_read)}, below the ~{human_bytes(efficient)} that "
+            f"pass 2 ranged reads average {human_bytes(smallest)}, below the ~{human_bytes(efficient)} that "
             f"{where} needs to read efficiently; {fix} (pieces grow as memory^2 / data)"
         )
     if recursion and req.buckets is None:
@@ -334,7 +407,7 @@ def make_plan(req: PlanRequest) -> Plan:
         capacity_rows=capacity,
         map_rows=map_rows,
         map_tasks=maps,
-        reduce_tasks=buckets,
+        reduce_tasks=leaves,
         intermediate_objects=maps,
         ranged_reads=reads,
         mean_read_bytes=mean_read,
@@ -351,7 +424,21 @@ def make_plan(req: PlanRequest) -> Plan:
         recursion_expected=recursion,
         driver_index_bytes=driver,
         warnings=tuple(warnings),
+        levels=levels,
+        sub_buckets=sub_b,
+        level2_map_tasks=maps2,
+        level2_ranged_reads=reads2,
+        level2_mean_read_bytes=mean_read2,
     )
+
+
+def _pieces(rows: int, pairs: int, nbytes: int) -> tuple[int, float]:
+    """(ranged reads, mean bytes each) of `pairs` (map task, bucket) pieces of `rows` rows and `nbytes` in all.
+    A piece is empty with probability exp(-rows per piece) (Poisson approximation of the multinomial)."""
+    if not rows or not pairs:
+        return 0, 0.0
+    reads = max(1, round(pairs * -math.expm1(-rows / pairs)))
+    return reads, nbytes / reads
 
 
 def usable_cores() -> int:

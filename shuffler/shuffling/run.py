@@ -2,22 +2,16 @@
 
     shuffle("data/raw", "data/shuffled", seed=0, memory="4GiB")
 
-Layout under DST while a run is in progress (docs/shuffle.md, "Resume and safety"):
-
-    .shuffle/lock                 who runs now (first writer wins: Storage.put_if_absent)
-    .shuffle/run.json             what this run is: seed, sources and their fingerprints, plan; a re-run must match
-    .shuffle/reduce/b-000012.json bucket 12 committed: its output shards and fingerprint
-    .shuffle/scratch/run-<id>/    default scratch: map-000003.shard (intermediate) + map-000003.idx (its commit)
-    shard-000012-0000.shard       output shards, bucket by bucket
-    manifest.json                 written last: until it exists there is no dataset here
+Under DST while a run is in progress: its state in .shuffle/ (lock, run.json, commit markers, default scratch:
+shuffler/shuffling/markers.py, docs/shuffle.md "Resume and safety"), output shards bucket by bucket, and
+manifest.json, written last: until it exists there is no dataset here.
 
 This module holds the options (ShuffleConfig) and `Run`, one run's steps: check_dst and start_or_resume
 (what is at DST decides whether a run starts, resumes, returns a finished result or is refused), map (pass
-1), reduce (pass 2), commit (manifest last), cleanup. `Run.execute` is the one-machine run; the array-job
-stages (shuffler/shuffling/array_job.py) call the same steps one stage at a time, and `--from-scatter`
-(shuffler/shuffling/from_scatter.py) is a Run whose intermediates come from a ScatteredDataset. Where the
-tasks run is shuffler/shuffling/executor.py (process pool or Ray); the lock is shuffler/shuffling/lock.py;
-the names of the state objects and the task markers are shuffler/shuffling/markers.py.
+1), reduce (pass 2; with two levels shuffler/shuffling/second_level.py), commit (manifest last), cleanup.
+`Run.execute` is the one-machine run; the array-job stages (array_job.py) call the same steps one stage at a
+time; `--from-scatter` (from_scatter.py) is a Run whose intermediates come from a ScatteredDataset. Tasks run
+on executor.py's process pool or Ray; the lock is lock.py.
 
 Every task commits with a marker written after its objects, so a re-run after kill -9 skips committed tasks;
 tasks are deterministic, so redoing a half-done one rewrites the same bytes and the output is identical.
@@ -43,10 +37,11 @@ from shuffler.io.dataset import Dataset
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.keys import stream_key
 from shuffler.progress import Progress
+from shuffler.shuffling import second_level
 from shuffler.shuffling.executor import EXECUTORS, die, faults, make_executor, map_worker, reduce_worker
 from shuffler.shuffling.lock import Lock, ShuffleLockedError  # noqa: F401  (ShuffleLockedError: re-exported, tests use it from here)
-from shuffler.shuffling.map import MapOutput, MapTask
-from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_marker: re-exported, tests and tools use them from here)
+from shuffler.shuffling.map import MapOutput, MapTask, committed_maps
+from shuffler.shuffling.markers import (  # noqa: F401  (re-exported: tests and tools use them)
     DEFAULT_SCRATCH,
     LOCK,
     REDUCE_DONE,
@@ -57,6 +52,7 @@ from shuffler.shuffling.markers import (  # noqa: F401  (REDUCE_DONE, reduce_mar
 )
 from shuffler.shuffling.plan import (
     DEFAULT_MEMORY,
+    LEVELS,
     Plan,
     PlanRequest,
     make_plan,
@@ -110,6 +106,10 @@ class ShuffleConfig:
     """Where tasks run: "local" (this process or a process pool) or "ray" (Ray tasks). Never changes the output."""
     ray_address: str | None = None
     """Ray cluster to join with executor="ray" (None: the one this process joined, RAY_ADDRESS, or a new local one)."""
+    levels: str = "1"
+    """Scatter levels: 1, 2 (scatter into super-buckets, then each super-bucket is scattered again by its own
+    parallel tasks, and --buckets counts super-buckets), or auto (2 when one level's pieces would fall below
+    8 MiB and --buckets is not given). Changes the output."""
 
     def __post_init__(self) -> None:
         # memory also takes a size such as "4GiB" (None: the default), kept as bytes from here on.
@@ -123,6 +123,9 @@ class ShuffleConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2^64)")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers} must be >= 1")
+        object.__setattr__(self, "levels", str(self.levels))  # 2 and "2" alike
+        if self.levels not in LEVELS:
+            raise ValueError(f"levels={self.levels!r} must be one of {', '.join(LEVELS)}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"threads={self.threads!r} must be an integer >= 1 (codec threads per task)")
@@ -192,7 +195,7 @@ def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scrat
         workers=workers, threads=threads_for(cfg, workers), stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
         scratch_remote=not Storage(scratch_url).is_local, dst_remote=not Storage(dst_url).is_local,
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
-        map_rows=cfg.map_rows,
+        map_rows=cfg.map_rows, levels=cfg.levels,
     ))
 
 
@@ -224,13 +227,11 @@ class Run:
                 {"url": canonical_url(d.url), "rows": d.num_rows, "fingerprint": d.manifest.fingerprint.to_json()}
                 for d in self.datasets
             ],
-            "schema": self.schema.to_json(),
-            "buckets": self.plan.buckets,
-            "capacity_rows": self.plan.capacity_rows,
-            "chunk_bytes": cfg.chunk_bytes,
-            "shard_bytes": cfg.shard_bytes,
-            "level": cfg.level,
+            "schema": self.schema.to_json(), "buckets": self.plan.buckets, "capacity_rows": self.plan.capacity_rows,
+            "chunk_bytes": cfg.chunk_bytes, "shard_bytes": cfg.shard_bytes, "level": cfg.level,
         }
+        if self.plan.levels == 2:
+            self.identity["levels"] = 2  # one level's identities (and run ids) stay as they were
         if scattered is not None:
             # Another identity than a two-pass shuffle of the same data (which is possible too: scattered data
             # is also an ordinary dataset), so neither run mistakes the other's state or output for its own.
@@ -269,7 +270,8 @@ class Run:
                 maps = self.map(pool, map_rows)
                 self.stats["pass2_start"] = time.time()
                 try:
-                    results = self.reduce(pool, maps)
+                    results = (second_level.run_second_level(self, pool, maps, map_rows) if self.plan.levels == 2
+                               else self.reduce(pool, maps))
                 except FormatError as e:
                     raise self.uncommit_damaged(e) from None
                 self.stats["pass2_end"] = time.time()
@@ -359,15 +361,7 @@ class Run:
         table = ChunkTable.of_datasets(self.datasets)
         n, B = table.rows, self.plan.buckets
         store = storage(self.scratch)
-        names = set(store.list(""))
-        done: dict[int, MapOutput] = {}
-        for name in names:
-            if name.startswith("map-") and name.endswith(".idx") and name[:-4] + ".shard" in names:
-                try:
-                    out = MapOutput.from_bytes(store.read(name), where=store.url_of(name), buckets=B)
-                except FormatError:
-                    continue  # a damaged commit marker commits nothing: the task is redone below
-                done[out.index] = out
+        done = committed_maps(store, set(store.list("")), B)  # a damaged marker: its task is redone below
         key = stream_key(self.cfg.seed)
         calls = []
         tasks = -(-n // map_rows)
@@ -411,12 +405,7 @@ class Run:
             inter = inter if inter is not None else Intermediates(self.schema, self.scratch, maps, B)
             kill_in = int(self.faults.get("kill-in-reduce", 0))
             for i, b in enumerate(todo):
-                calls.append((ReduceTask(
-                    path=(b,), table=inter.table(b), seed=self.cfg.seed, capacity_rows=self.plan.capacity_rows,
-                    dst=self.dst.url, chunk_bytes=self.cfg.chunk_bytes, shard_bytes=self.cfg.shard_bytes,
-                    level=self.cfg.level, scratch=self.scratch, scratch_level=self.plan.scratch_level,
-                    threads=self.plan.request.threads, batch_bytes=read_batch_bytes(self.cfg.chunk_bytes),
-                ), self.dst.url, kill_in if i == 0 else 0))
+                calls.append((self.reduce_task((b,), inter.table(b)), self.dst.url, kill_in if i == 0 else 0))
         kill = int(self.faults.get("kill-after-reduce", 0))
         with Progress("pass 2/2 permute", self.plan.rows, enabled=self.progress) as bar:
             bar.update(sum(s.rows for r in results.values() for s in r[0]))
@@ -426,10 +415,17 @@ class Run:
             results[task.path[0]] = out
         return [results[b] for b in range(B) if b in results]
 
+    def reduce_task(self, path: tuple[int, ...], table: ChunkTable, *, scratch: str | None = None) -> ReduceTask:
+        """The task permuting bucket `path` ((b,), or (b, j) with two levels) from `table`; recursing in `scratch`."""
+        c = self.cfg
+        return ReduceTask(path=path, table=table, seed=c.seed, capacity_rows=self.plan.capacity_rows, dst=self.dst.url,
+                          chunk_bytes=c.chunk_bytes, shard_bytes=c.shard_bytes, level=c.level, scratch=scratch or self.scratch,
+                          scratch_level=self.plan.scratch_level, threads=self.plan.request.threads,
+                          batch_bytes=read_batch_bytes(c.chunk_bytes))
+
     def record_nodes(self, what: str, pool) -> None:
-        """stats["task_nodes"][what]: the cluster node each task of that pass ran on (Ray node ids, in task
-        order), when the executor reports them (RayExecutor.task_nodes; a local pool has one node and reports
-        none); the CLI prints a summary, so a user sees the spread."""
+        """stats["task_nodes"][what]: the Ray node each task of that pass ran on, in task order, when the executor
+        reports them (RayExecutor.task_nodes); the CLI prints a summary, so a user sees the spread."""
         nodes = getattr(pool, "task_nodes", None)
         if nodes:
             self.stats.setdefault("task_nodes", {})[what] = list(nodes)
@@ -440,7 +436,7 @@ class Run:
         a damaged scattered run is the producers' data, and is only named."""
         if self.scattered is not None:
             return error
-        m = re.search(re.escape(self.scratch) + r"/(map-\d+)\.shard", str(error))
+        m = re.search(re.escape(self.scratch) + r"/((?:sub-\d+/)?map-\d+)\.shard", str(error))
         if m is None:
             return error
         storage(self.scratch).delete(m.group(1) + ".idx")
@@ -463,6 +459,7 @@ class Run:
             "shuffle": {
                 "run_id": self.run_id, "seed": self.cfg.seed, "buckets": self.plan.buckets,
                 "capacity_rows": self.plan.capacity_rows, "sources": self.identity["sources"],
+                **({"levels": 2} if self.plan.levels == 2 else {}),
             },
             "source_metadata": [d.metadata for d in self.datasets],
         }
