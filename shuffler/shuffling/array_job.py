@@ -38,12 +38,12 @@ from shuffler.shuffling.lock import Lock
 from shuffler.shuffling.map import map_name
 from shuffler.shuffling.markers import PLAN, committed_reduces
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
-from shuffler.storage.storage import Storage
+from shuffler.storage.storage import Storage, split_prefixes
 
 STAGES = ("plan", "scatter", "permute", "finalize")
 #: ShuffleConfig fields that the plan fixes (they change the output, or where intermediates live).
-PLANNED = ("memory", "buckets", "scratch", "scratch_level", "keep_intermediate", "level", "chunk_bytes",
-           "shard_bytes", "map_rows")
+PLANNED = ("memory", "buckets", "scratch", "scratch_level", "scratch_prefixes", "keep_intermediate", "level",
+           "chunk_bytes", "shard_bytes", "map_rows")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,7 +251,7 @@ def _load(srcs, dst, seed, config, workers, threads, executor, ray_address, prog
     # Every stage uses the scratch folder the plan fixed, however this task spells DST (a node may mount the
     # same filesystem elsewhere, or say file://).
     scratch = plan.get("scratch")
-    if not isinstance(scratch, str) or not re.search(r"/run-[0-9a-f]{16}$", scratch):
+    if not isinstance(scratch, str) or not re.search(r"/run-[0-9a-f]{16}$", split_prefixes(scratch)[0]):
         raise FormatError(f"{store.url_of(PLAN)}: 'scratch' is {scratch!r}, not a run folder; run `--stage plan "
                           "--overwrite` again")
     run.scratch = scratch
