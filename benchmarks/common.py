@@ -490,6 +490,17 @@ def _hwm(pid: int) -> int:
     return 0
 
 
+def disk_counters(path: str) -> tuple[int, int] | None:
+    """(bytes read, bytes written) so far by the block device holding `path`, or None if unknown."""
+    st = os.stat(path)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat") as f:
+            v = f.read().split()
+        return int(v[2]) * 512, int(v[6]) * 512  # sectors read, sectors written (always 512 B units)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def load_note() -> str:
     la = os.getloadavg()
     return f"load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min) on {os.cpu_count()} cores"
