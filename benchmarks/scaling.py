@@ -130,7 +130,7 @@ def plots(res: dict, img: str) -> list[str]:
         made.append(path)
 
     s = res["size"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
     g = [r["gib"] for r in s]
     ax.plot(g, [r["per_gib"] for r in s], "o-", label="shuffle, s per GiB")
     ax.plot(g, [r["pred"] / r["gib"] for r in s], "x--", label="cost model, s per GiB")
@@ -148,7 +148,7 @@ def plots(res: dict, img: str) -> list[str]:
     ax2.set_ylabel("GiB")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     save(fig, "scaling-past-ram.png")
     if not res["workers"]:
         return made

@@ -177,8 +177,8 @@ def run_peers(srcs: list[str], work: str, *, seed: int, cores: int, ram: int, ra
     keep = parquet_bytes + 5 * GiB  # room for Ray's output and the machine
     full = min(0.95, max(0.05, (disk.total - keep) / disk.total))
     print(f"  (Parquet input for Ray: {fmt_bytes(parquet_bytes)} in {time.perf_counter() - t:.0f} s, not timed; "
-          f"sources deleted; Ray may spill until the disk is {full:.0%} full, {fmt_bytes(disk.free - keep)} "
-          "from now)", flush=True)
+          f"sources deleted; Ray may spill until the disk is {full:.0%} full, "
+          f"{fmt_bytes(full * disk.total - (disk.total - disk.free))} from now)", flush=True)
     raytmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     spill = f"{work}/ray-spill"
     os.makedirs(spill)
