@@ -381,10 +381,18 @@ class Measured:
     result: dict = field(default_factory=dict)
     leftover: list = field(default_factory=list)
     """PIDs of the tree still alive after the child exited (then terminated by us)."""
+    read_bytes: int = 0
+    """Bytes the tree read from storage devices (wait4's ru_inblock x 512: the child and every descendant it
+    reaped; O_DIRECT and page-cache misses count, page-cache hits do not)."""
+    write_bytes: int = 0
+    """Bytes the tree wrote to storage devices (ru_oublock x 512, the same way)."""
+    returncode: int = 0
+    stderr: str = ""
+    """The end of the child's stderr (kept when check=False lets a failed run return)."""
 
 
 def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0.2, timeout: float = 3600,
-                 pss: bool = True) -> Measured:
+                 pss: bool = True, check: bool = True) -> Measured:
     """Run `cmd`, sampling its process tree's RSS/PSS every `interval` s. The child's last stdout line, if JSON,
     becomes `.result`. Descendants still alive after it exits are killed by PID (TERM, then KILL)."""
     import psutil
@@ -431,7 +439,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
         r.start()
     deadline = time.monotonic() + timeout
     while True:
-        pid, status, _ = os.wait4(p.pid, os.WNOHANG)
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() > deadline:
@@ -460,12 +468,14 @@ def run_measured(cmd: list[str], *, env: dict | None = None, interval: float = 0
         for q in alive:
             q.kill()
     stdout = "".join(out_chunks)
-    if p.returncode != 0:
+    if p.returncode != 0 and check:
         raise RuntimeError(f"{' '.join(cmd)} exited with status {p.returncode}:\n{''.join(err_chunks)[-3000:]}")
     lines = [ln for ln in stdout.strip().splitlines() if ln.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
     return Measured(wall=wall, max_rss=peak["hwm"], tree_rss=peak["rss"], tree_pss=peak["pss"],
-                    procs=peak["procs"], result=result, leftover=leftover)
+                    procs=peak["procs"], result=result, leftover=leftover, read_bytes=usage.ru_inblock * 512,
+                    write_bytes=usage.ru_oublock * 512, returncode=p.returncode,
+                    stderr="".join(err_chunks)[-3000:])
 
 
 def _hwm(pid: int) -> int:
@@ -478,6 +488,17 @@ def _hwm(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def disk_counters(path: str) -> tuple[int, int] | None:
+    """(bytes read, bytes written) so far by the block device holding `path`, or None if unknown."""
+    st = os.stat(path)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat") as f:
+            v = f.read().split()
+        return int(v[2]) * 512, int(v[6]) * 512  # sectors read, sectors written (always 512 B units)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def load_note() -> str:

@@ -258,12 +258,12 @@ def main() -> None:
                 dst = os.path.join(work, f"dst-{mib}-{workers}")
                 stats: dict = {}
                 t, used = time.perf_counter(), _cpu_s()
-                m = shuffle(src, dst, seed=1, workers=workers, memory=384 * MiB, stats=stats)
+                m = shuffle(src, dst, seed=1, workers=workers, memory=512 * MiB, stats=stats)
                 measured = time.perf_counter() - t
                 cores_used = (_cpu_s() - used) / measured
                 from shuffler.shuffling.run import plan_for, open_sources, ShuffleConfig  # noqa: I001
 
-                plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=384 * MiB), workers=workers,
+                plan = plan_for(open_sources([src]), ShuffleConfig(seed=1, memory=512 * MiB), workers=workers,
                                 scratch_url=dst, dst_url=dst)
                 assert plan.buckets == m.metadata["shuffle"]["buckets"]
                 # The machine as it is: all its cores; the plan carries the worker count.

@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     from shuffler.units import parse_size
 
-    memory = parse_size(args.memory or ("300MiB" if args.quick else "400MiB"))
+    memory = parse_size(args.memory or ("428MiB" if args.quick else "528MiB"))
     mib = args.mib or (64 if args.quick else 512)
     row_bytes = args.d_model * 2 + 4 + 8 + 4  # float16 acts + token_id int32, doc_id int64, position int32
     rows = mib * MiB // row_bytes

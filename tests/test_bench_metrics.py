@@ -137,3 +137,28 @@ def test_run_measured_reports_child_json_and_memory():
     assert m.max_rss >= 50 * 2**20 and m.wall > 0 and not m.leftover
     with pytest.raises(RuntimeError, match="status 3"):
         run_measured([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_run_measured_counts_the_trees_disk_bytes_and_returns_failures_when_asked():
+    # A grandchild writes 8 MiB past the page cache and reads it back: wait4's block counts include it (the
+    # child reaped it), as benchmarks/scaling.py's "read" and "written" columns rely on. In the checkout, not
+    # in /tmp, which may be a tmpfs (no block device to count).
+    import os
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix=".test-io-", dir=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(folder, "blob")
+    grandchild = (f"import os, mmap; b = mmap.mmap(-1, 8 << 20); b.write(b'x' * (8 << 20)); "
+                  f"fd = os.open({path!r}, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644); os.write(fd, b); os.close(fd); "
+                  f"fd = os.open({path!r}, os.O_RDONLY | os.O_DIRECT); os.readv(fd, [b]); os.close(fd)")
+    code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}], check=True)"
+    try:
+        m = run_measured([sys.executable, "-c", code], interval=0.02)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder)
+    assert m.write_bytes >= 8 << 20 and m.read_bytes >= 8 << 20
+    failed = run_measured([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
+                          check=False)
+    assert failed.returncode == 3 and "boom" in failed.stderr

@@ -28,7 +28,7 @@ def _fields(cls, *, but=()):
 # command -> (its config, renames {parameter: field}, the fields it must cover)
 COMMANDS = {
     "shuffle": (ShuffleConfig, {}, _fields(ShuffleConfig)),
-    "plan": (ShuffleConfig, {}, {"memory", "buckets", "levels", "workers", "threads", "scratch", "scratch_level", "level", "chunk_bytes",
+    "plan": (ShuffleConfig, {}, {"memory", "buckets", "levels", "workers", "threads", "scratch", "scratch_level", "scratch_prefixes", "level", "chunk_bytes",
                                  "shard_bytes"}),
     "train": (TrainConfig, {"latents": "n_latents", "prefetch": "reader_prefetch", "threads": "reader_threads"},
               _fields(TrainConfig, but=("adam_betas", "adam_eps", "init_tokens"))),

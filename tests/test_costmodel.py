@@ -132,7 +132,7 @@ def test_cli_plan_with_cluster(tmp_path):
 def local_plan(workers):
     """768 MiB of bfloat16 at d_model 1024 on local disk, as benchmarks/costmodel.py shuffles it."""
     schema = Schema(dtype="bfloat16", d_model=1024, columns=standard_columns())
-    return make_plan(PlanRequest(rows=768 * 2**20 // schema.row_bytes, schema=schema, memory=384 * 2**20,
+    return make_plan(PlanRequest(rows=768 * 2**20 // schema.row_bytes, schema=schema, memory=512 * 2**20,
                                  workers=workers, scratch_remote=False, dst_remote=False))
 
 

@@ -23,7 +23,7 @@ from shuffler.shuffling.markers import PLAN
 from shuffler.shuffling.plan import ROW_EXTRA_PASS2, S3_EFFICIENT_READ, PlanRequest, fixed_overhead, make_plan
 from shuffler.shuffling.run import shuffle
 from shuffler.shuffling.verify import verify
-from shuffler.storage.storage import Storage
+from shuffler.storage.storage import Storage, prefixed_key
 
 from .test_shuffle import SMALL, assert_permutation, make_dataset, output_bytes, read_all
 
@@ -81,7 +81,7 @@ def test_plan_cli_prints_the_levels_and_the_stages():
     assert r.exit_code == 0, r.output
     assert "levels        2: S = 491 super-buckets" in r.output
     assert "stages        5 as an array job" in r.output
-    assert "  scatter2    x" in r.output and ": level-2 map tasks: one super-bucket's rows into its ~490 sub-buckets" in r.output
+    assert "  scatter2    x" in r.output and ": level-2 map tasks: one super-bucket's rows into its ~491 sub-buckets" in r.output
     r = CliRunner().invoke(main, [*args, "--levels", "auto", "--json"])
     doc = json.loads(r.output)
     assert doc["levels"] == 2 and doc["request"]["levels"] == "auto" and len(doc["stages"]) == 5
@@ -279,3 +279,32 @@ def test_scatter2_does_nothing_with_one_level(raw, tmp_path):
     assert out["did"] == 0 and out["note"] == "one scatter level: nothing to do"
     with pytest.raises(ValueError, match="needs a task slot"):
         run_stage("scatter2", [raw], dst, seed=1)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_levels_with_scratch_spread_over_hashed_prefixes(raw, serial, tmp_path, s3_url, where):
+    """The level-2 intermediates and markers go through the same prefixed scratch (a '#prefixes=N' URL,
+    shuffler/storage/storage.py) as pass 1's: the same bytes, and every scratch object sits under its hashed key."""
+    reference, _ = serial
+    if where == "local":
+        dst, scratch = str(tmp_path / "out"), str(tmp_path / "scratch")
+        stats: dict = {}
+        shuffle(raw, dst, seed=1, memory=memory_for(raw), levels=2, workers=2, map_rows=700, scratch=scratch,
+                scratch_prefixes=4, keep_intermediate=True, stats=stats, **SMALL)
+        assert stats["plan"]["scratch_prefixes"] == 4 and stats["plan"]["levels"] == 2
+        (run_dir,) = os.listdir(scratch)
+        keys = Storage(os.path.join(scratch, run_dir)).list("")
+        assert len({k.split("/", 1)[0] for k in keys}) > 1, "objects spread over several prefixes"
+        assert all(prefixed_key(k.split("/", 1)[1], 4) == k for k in keys), "every key, level 2's too, is hashed"
+        assert any("/sub-" in k for k in keys), "the level-2 intermediates were kept beside pass 1's"
+    else:
+        dst = s3_url
+        config = dict(memory=memory_for(raw), levels="2", map_rows=1000, scratch_prefixes=8, **SMALL)
+        out = run_stage("plan", [raw], dst, seed=1, config=config, workers=1)
+        assert out["levels"] == 2
+        for stage in ("scatter", "scatter2", "permute"):
+            for i in (0, 1):
+                run_stage(stage, [raw], dst, seed=1, slot=TaskSlot(index=i, count=2), workers=1)
+        run_stage("finalize", [raw], dst, seed=1, workers=1)
+    assert output_bytes(dst) == reference
+    assert verify([raw], dst).ok

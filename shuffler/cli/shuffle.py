@@ -37,6 +37,7 @@ _MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up
         "--workers 1 --threads 64.")
 @option(ShuffleConfig, "scratch", extra="E.g. local NVMe while DST is on S3.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
+@option(ShuffleConfig, "scratch_prefixes", type=click.IntRange(1, 4096))
 @options(ShuffleConfig, "keep_intermediate", "overwrite", "break_lock")
 @option(ShuffleConfig, "level", type=click.IntRange(-100, 22))
 @options(ShuffleConfig, "chunk_bytes", "shard_bytes")
@@ -50,8 +51,9 @@ _MEM_EXTRA = ("E.g. 4GiB. With --seed it fixes the output order; the run uses up
               "JOB_COMPLETION_INDEX or AWS Batch].")
 @click.option("--num-tasks", type=click.IntRange(1), help="How many array tasks share a stage [default: from the "
               "scheduler; required with JOB_COMPLETION_INDEX].")
-def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, threads, scratch, scratch_level, keep_intermediate,
-                overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows, executor, ray_address, stage,
+def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, threads, scratch, scratch_level,
+                scratch_prefixes, keep_intermediate, overwrite, break_lock, level, chunk_bytes, shard_bytes, map_rows,
+                executor, ray_address, stage,
                 task_index, num_tasks):
     """Write a globally shuffled copy of SRC (one or more datasets) to DST.
 
@@ -81,8 +83,8 @@ def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, thr
         _stage(stage, srcs, dst, seed, task_index, num_tasks, workers, threads, executor, ray_address, overwrite,
                break_lock,
                dict(memory=memory, buckets=buckets, scratch=scratch, scratch_level=scratch_level,
-                    keep_intermediate=keep_intermediate, level=level, chunk_bytes=chunk_bytes,
-                    shard_bytes=shard_bytes, map_rows=map_rows, levels=levels))
+                    scratch_prefixes=scratch_prefixes, keep_intermediate=keep_intermediate, level=level,
+                    chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows, levels=levels))
         return
     if task_index is not None or num_tasks is not None:
         raise click.UsageError("--task-index/--num-tasks need --stage scatter, scatter2 or permute")
@@ -98,9 +100,9 @@ def shuffle_cmd(paths, seed, memory, buckets, levels, from_scatter, workers, thr
     t0 = time.perf_counter()
     stats: dict = {}
     m = shuffle(srcs, dst, seed=seed, memory=memory, buckets=buckets, workers=workers, threads=threads, scratch=scratch,
-                scratch_level=scratch_level, keep_intermediate=keep_intermediate, overwrite=overwrite,
-                break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, map_rows=map_rows,
-                executor=executor, ray_address=ray_address, levels=levels, stats=stats)
+                scratch_level=scratch_level, scratch_prefixes=scratch_prefixes, keep_intermediate=keep_intermediate,
+                overwrite=overwrite, break_lock=break_lock, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
+                map_rows=map_rows, executor=executor, ray_address=ray_address, levels=levels, stats=stats)
     info = m.metadata["shuffle"]
     passes = ""
     if "pass2_end" in stats:
@@ -185,6 +187,7 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, s
 @click.option("--dst", help="Where the output would go (an s3:// DST puts the default scratch on S3).")
 @option(ShuffleConfig, "scratch", extra="Without --dst: local.")
 @option(ShuffleConfig, "scratch_level", type=click.IntRange(-100, 22))
+@option(ShuffleConfig, "scratch_prefixes", type=click.IntRange(1, 4096))
 @option(ShuffleConfig, "level", type=click.IntRange(-100, 22))
 @options(ShuffleConfig, "chunk_bytes", "shard_bytes")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -202,8 +205,9 @@ def _from_scatter(srcs, dst, seed, memory, buckets, workers, threads, scratch, s
 @click.option("--rates", "rates_file", type=click.Path(exists=True, dir_okay=False),
               help="Per-core codec rates, JSON (fields of shuffler.shuffling.costmodel.Rates; `python benchmarks/costmodel.py "
               "--save-rates FILE` measures them on the machine it runs on).")
-def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, levels, workers, threads, dst, scratch, scratch_level,
-             level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores, node_memory, network, disk,
+def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, levels, workers, threads, dst, scratch,
+             scratch_level, scratch_prefixes, level, chunk_bytes, shard_bytes, as_json, cluster_file, nodes, cores,
+             node_memory, network, disk,
              put_price, get_price, rates_file):
     """Print how a shuffle would run: buckets, tasks, objects, ranged reads, bytes per pass, peak memory;
     with a cluster description, also its cost there: time, requests and dollars per pass (docs/scale.md).
@@ -250,7 +254,7 @@ def plan_cmd(src, rows, d_model, dtype, columns, compression, memory, buckets, l
         threads=threads or -(-node_cores // workers), stored_bytes=stored,
         scratch_remote=bool(scratch_url) and not _is_local(scratch_url), dst_remote=bool(dst) and not _is_local(dst),
         scratch_level=scratch_level, level=level, chunk_bytes=chunk_bytes, shard_bytes=shard_bytes,
-        machine_memory=machine_memory, levels=levels,
+        machine_memory=machine_memory, levels=levels, scratch_prefixes=scratch_prefixes,
     )
     if cluster is not None and machine_memory == 0:
         # No --workers on a cluster: as many per node as its cores and its memory (at this plan's peak) allow,

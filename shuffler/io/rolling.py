@@ -222,7 +222,9 @@ class RollingShardWriter:
     def _open_shard(self) -> ShardSink:
         name = self.name_of(len(self.shards))
         self._stack = contextlib.ExitStack()
-        f = self._stack.enter_context(self.store.open_atomic(name, direct=True))  # past the page cache (storage/direct.py)
+        # Past the page cache (storage/direct.py); on S3 in parts sized for a whole shard (storage.part_bytes_for).
+        size = self.shard_chunks * self.chunk_rows * self.schema.row_bytes
+        f = self._stack.enter_context(self.store.open_atomic(name, direct=True, size=size))
         self._sink = ShardSink(f, self.schema, self.level, self.header_extra)
         self._name = name
         return self._sink

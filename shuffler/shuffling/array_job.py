@@ -41,14 +41,14 @@ from shuffler.shuffling.map import MapOutput, map_name
 from shuffler.shuffling.markers import PLAN, committed_paths, committed_reduces
 from shuffler.shuffling.reduce import Intermediates
 from shuffler.shuffling.run import Run, ShuffleConfig, canonical_url
-from shuffler.storage.storage import Storage
+from shuffler.storage.storage import Storage, split_prefixes
 
 Tables = second_level.Tables
 
 STAGES = ("plan", "scatter", "scatter2", "permute", "finalize")
 #: ShuffleConfig fields that the plan fixes (they change the output, or where intermediates live).
-PLANNED = ("memory", "buckets", "scratch", "scratch_level", "keep_intermediate", "level", "chunk_bytes",
-           "shard_bytes", "map_rows", "levels")
+PLANNED = ("memory", "buckets", "scratch", "scratch_level", "scratch_prefixes", "keep_intermediate", "level",
+           "chunk_bytes", "shard_bytes", "map_rows", "levels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,7 +305,7 @@ def _load(srcs, dst, seed, config, workers, threads, executor, ray_address, prog
     # Every stage uses the scratch folder the plan fixed, however this task spells DST (a node may mount the
     # same filesystem elsewhere, or say file://).
     scratch = plan.get("scratch")
-    if not isinstance(scratch, str) or not re.search(r"/run-[0-9a-f]{16}$", scratch):
+    if not isinstance(scratch, str) or not re.search(r"/run-[0-9a-f]{16}$", split_prefixes(scratch)[0]):
         raise FormatError(f"{store.url_of(PLAN)}: 'scratch' is {scratch!r}, not a run folder; run `--stage plan "
                           "--overwrite` again")
     run.scratch = scratch

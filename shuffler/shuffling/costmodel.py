@@ -23,11 +23,17 @@ storage/direct.py), so local I/O costs a fraction of that (Rates.local_io), and 
 
 Request counts follow what the code does (shuffler/shuffling/map.py, reduce.py, shuffler/storage/storage.py): a map task reads
 its input in batched ranged GETs of `read_batch_bytes`, writes one intermediate (one PUT, or a multipart
-upload of 16 MiB parts above 64 MiB) and one marker; a reduce task makes one ranged GET per non-empty piece,
-writes its shards the same way and one marker. With two levels (plan.levels == 2, docs/shuffle.md "Two levels")
-a "level 2 scatter" pass sits between them: it reads pass 1's pieces of the super-buckets and writes the level-2
-intermediates, and the permute pass then reads the level-2 pieces. Prices are per 1,000 requests; storage-time cost is left
-out (intermediates live for hours). Checked against measured runs by benchmarks/costmodel.py.
+upload of the plan's parts, 64 MiB by default, above one part) and one marker; a reduce task makes one ranged
+GET per non-empty piece, writes its shards the same way and one marker. With two levels (plan.levels == 2,
+docs/shuffle.md "Two levels") a "level 2 scatter" pass sits between them: it reads pass 1's pieces of the
+super-buckets and writes the level-2 intermediates, and the permute pass then reads the level-2 pieces. Prices
+are per 1,000 requests; storage-time cost is left out (intermediates live for hours). Checked against measured
+runs by benchmarks/costmodel.py.
+
+Requests also bound the time: S3 serves about 3,500 PUT and 5,500 GET requests per second per partitioned prefix
+(https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html), so a pass takes at least
+its scratch requests / (the plan's hashed prefixes x those rates): the `requests` bound. SRC and DST are the
+user's folders, one prefix each; where their rates pass the limit, the estimate warns (S3 must partition them).
 """
 
 from __future__ import annotations
@@ -39,11 +45,8 @@ from dataclasses import asdict, dataclass, field
 
 from shuffler.progress import human_bytes
 from shuffler.shuffling.plan import ENCODE_THREADS, GiB, Plan, PlanRequest, make_plan, read_batch_bytes
-from shuffler.storage.storage import SINGLE_PUT_BYTES
 from shuffler.units import parse_size
 
-PART_BYTES = 16 << 20
-"""Multipart part size of shuffler/storage/storage.py (s3fs block_size)."""
 PRICE_SOURCE = "AWS S3 pricing page, us-east-1, as documented defaults, check current prices"
 
 
@@ -106,10 +109,16 @@ class Prices:
     """GET (ranged or whole), HEAD and other read requests."""
     source: str = PRICE_SOURCE
     """Where the prices come from."""
+    put_rate: float = 3500.0
+    """PUT-class requests per second one prefix serves (S3: 3,500; see the module docstring)."""
+    get_rate: float = 5500.0
+    """GET-class requests per second one prefix serves (S3: 5,500)."""
 
     def __post_init__(self) -> None:
         if not (self.put >= 0 and self.get >= 0):
             raise ValueError(f"prices put={self.put}, get={self.get} must be >= 0 dollars per 1,000 requests")
+        if not (self.put_rate > 0 and self.get_rate > 0):
+            raise ValueError(f"put_rate={self.put_rate}, get_rate={self.get_rate} must be > 0 requests/s per prefix")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,10 +183,12 @@ class PassCost:
     name: str
     wall_s: float
     bound: str
-    """What limits it: "network", "disk" or "cpu"."""
+    """What limits it: "network", "disk", "cpu" or "requests" (per scratch prefix)."""
     network_s: float
     disk_s: float
     cpu_s: float
+    requests_s: float = 0.0
+    """Scratch requests / (prefixes x the per-prefix rates)."""
     gets: int
     puts: int
     dollars: float
@@ -221,12 +232,14 @@ class Estimate:
                  "per node"]
         for p in self.passes:
             lines.append(f"{p.name:<13} ~{_dur(p.wall_s)} ({p.bound}-bound: network {_dur(p.network_s)}, disk "
-                         f"{_dur(p.disk_s)}, cpu {_dur(p.cpu_s)}); {p.gets:,} GET, {p.puts:,} PUT = ${p.dollars:,.2f}")
+                         f"{_dur(p.disk_s)}, cpu {_dur(p.cpu_s)}, requests {_dur(p.requests_s)}); {p.gets:,} GET, "
+                         f"{p.puts:,} PUT = ${p.dollars:,.2f}")
         lines += [
             f"total         ~{_dur(self.wall_s)}, ${self.dollars:,.2f} in requests "
             f"(GET ${self.prices.get}/1k, PUT ${self.prices.put}/1k: {self.prices.source})",
             f"intermediates {self.intermediate_objects:,} object(s), {human_bytes(self.scratch_bytes)} of scratch "
-            "at the peak",
+            f"at the peak, over {self.plan.scratch_prefixes:,} hashed prefix(es); {human_bytes(self.plan.part_bytes)} "
+            "parts",
         ]
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -240,12 +253,13 @@ def _dur(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def _objects_puts(total_bytes: float, objects: int) -> int:
-    """PUT-class requests to write `objects` objects of `total_bytes` in all."""
+def _objects_puts(total_bytes: float, objects: int, part_bytes: int) -> int:
+    """PUT-class requests to write `objects` objects of `total_bytes` in all, in parts of `part_bytes` (one PUT
+    for an object that never fills a part: s3fs uploads it whole at close)."""
     if objects <= 0:
         return 0
     each = total_bytes / objects
-    per = 1 if each <= SINGLE_PUT_BYTES else math.ceil(each / PART_BYTES) + 2  # create + parts + complete
+    per = 1 if each <= part_bytes else math.ceil(each / part_bytes) + 2  # create + parts + complete
     return objects * per
 
 
@@ -286,17 +300,27 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
         warnings.append(f"{plan.map_tasks:,} map and {plan.reduce_tasks:,} reduce task(s) for "
                         f"{cluster.nodes * workers:,} workers: some workers idle (raise --num-tasks / lower map rows)")
 
-    def bound(name, ntasks, net_bytes, disk_bytes, cpu_core_s, gets, puts, extra_s=0.0) -> PassCost:
+    prefixes = plan.scratch_prefixes
+
+    def bound(name, ntasks, net_bytes, disk_bytes, cpu_core_s, gets, puts, scratch_gets, scratch_puts, other,
+              extra_s=0.0) -> PassCost:
         # A pass cannot use more cores than it has tasks, nor more nodes' links than it has tasks.
         nodes = max(1, min(cluster.nodes, ntasks))
         net = net_bytes / (nodes * cluster.network)
         dsk = disk_bytes / (nodes * cluster.disk)
         cpu_core_s += disk_bytes / rates.local_io
         cpu = cpu_core_s / max(1.0, min(usable, ntasks * busy))
-        which = max((net, "network"), (dsk, "disk"), (cpu, "cpu"))
+        req = max(scratch_gets / prices.get_rate, scratch_puts / prices.put_rate) / prefixes
+        which = max((net, "network"), (dsk, "disk"), (cpu, "cpu"), (req, "requests"))
+        wall = which[0] + rates.startup_s + extra_s
+        for folder, kind, count, rate in other:  # SRC and DST: one prefix each, the user's layout
+            if count / wall > rate:
+                warnings.append(f"{name}: {count / wall:,.0f} {kind}/s on {folder}, one prefix, above S3's "
+                                f"{rate:,.0f}/s per prefix: expect 503 SlowDown until S3 partitions it (retried "
+                                "with backoff); ramp the tasks up")
         dollars = gets / 1000 * prices.get + puts / 1000 * prices.put
-        return PassCost(name=name, wall_s=which[0] + rates.startup_s + extra_s, bound=which[1], network_s=net,
-                        disk_s=dsk, cpu_s=cpu, gets=int(gets), puts=int(puts), dollars=dollars)
+        return PassCost(name=name, wall_s=wall, bound=which[1], network_s=net, disk_s=dsk, cpu_s=cpu,
+                        requests_s=req, gets=int(gets), puts=int(puts), dollars=dollars)
 
     batch = read_batch_bytes(req.chunk_bytes)
     scratch_remote = req.scratch_remote
@@ -308,7 +332,8 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     enc_s = rates.encode_scratch if fast else rates.encode_output
     dec_s = rates.decode_scratch if fast else rates.decode_input
     p1_cpu = raw / rates.decode_input + raw / rates.scatter + raw / enc_s
-    p1_puts = (_objects_puts(plan.pass1_write_bytes, plan.map_tasks) + plan.map_tasks) if scratch_remote else 0
+    p1_puts = (_objects_puts(plan.pass1_write_bytes, plan.map_tasks, plan.part_bytes) + plan.map_tasks
+               if scratch_remote else 0)
     # The local executor runs a single task in-process; more start a pool (shuffler/shuffling/executor.py).
     pool1 = plan.map_tasks > 1 and workers > 1
     pool2 = not pool1 and plan.reduce_tasks > 1 and workers > 1
@@ -318,8 +343,9 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     started = min(cluster.nodes * workers, plan.map_tasks if pool1 else plan.reduce_tasks)
     touch = started * plan.peak_task_bytes / rates.first_touch
     p1_cpu += touch if pool1 else 0.0
-    p1 = bound("pass 1 scatter", plan.map_tasks, p1_net, p1_disk, p1_cpu, src_gets if src_remote else 0, p1_puts,
-               spawn1)
+    p1_gets = src_gets if src_remote else 0
+    p1 = bound("pass 1 scatter", plan.map_tasks, p1_net, p1_disk, p1_cpu, p1_gets, p1_puts, 0, p1_puts,
+               [("SRC", "GET", p1_gets, prices.get_rate)], spawn1)
     passes = [p1]
     if plan.levels == 2:
         # the second scatter level (docs/shuffle.md, "Two levels"): read each super-bucket's pieces, scatter them
@@ -328,9 +354,10 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
         l2_disk = 0 if scratch_remote else plan.pass2_read_bytes + plan.pass1_write_bytes
         l2_cpu = raw / dec_s + raw / rates.scatter + raw / enc_s
         l2_gets = (plan.ranged_reads + plan.map_tasks) if scratch_remote else 0  # pieces + footers or index
-        l2_puts = (_objects_puts(plan.pass1_write_bytes, plan.level2_map_tasks) + plan.level2_map_tasks
-                   if scratch_remote else 0)
-        passes.append(bound("level 2 scatter", plan.level2_map_tasks, l2_net, l2_disk, l2_cpu, l2_gets, l2_puts))
+        l2_puts = (_objects_puts(plan.pass1_write_bytes, plan.level2_map_tasks, plan.part_bytes)
+                   + plan.level2_map_tasks if scratch_remote else 0)
+        passes.append(bound("level 2 scatter", plan.level2_map_tasks, l2_net, l2_disk, l2_cpu, l2_gets, l2_puts,
+                            l2_gets, l2_puts, []))
     # pass 2: read intermediates piece by piece, write output shards
     out_shards = math.ceil(raw / req.shard_bytes) + plan.reduce_tasks  # shard_bytes is uncompressed; buckets split
     p2_net = (plan.pass2_read_bytes if scratch_remote else 0) + (plan.pass2_write_bytes if req.dst_remote else 0)
@@ -339,9 +366,10 @@ def estimate(plan: Plan, cluster: Cluster, prices: Prices | None = None, rates: 
     last_reads, last_maps = ((plan.level2_ranged_reads, plan.level2_map_tasks) if plan.levels == 2 and plan.level2_map_tasks
                              else (plan.ranged_reads, plan.map_tasks))
     p2_gets = (last_reads + last_maps) if scratch_remote else 0  # pieces + intermediate footers
-    p2_puts = (_objects_puts(plan.pass2_write_bytes, out_shards) + plan.reduce_tasks + 1) if req.dst_remote else 0
-    p2 = bound("pass 2 permute", plan.reduce_tasks, p2_net, p2_disk, p2_cpu, p2_gets, p2_puts,
-               spawn2)
+    p2_puts = ((_objects_puts(plan.pass2_write_bytes, out_shards, plan.part_bytes) + plan.reduce_tasks + 1)
+               if req.dst_remote else 0)
+    p2 = bound("pass 2 permute", plan.reduce_tasks, p2_net, p2_disk, p2_cpu, p2_gets, p2_puts, p2_gets, 0,
+               [("DST", "PUT", p2_puts, prices.put_rate)], spawn2)
     return Estimate(
         plan=plan, cluster=cluster, prices=prices, rates=rates, passes=(*passes, p2), workers_per_node=workers,
         intermediate_objects=2 * (plan.map_tasks + plan.level2_map_tasks),

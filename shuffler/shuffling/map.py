@@ -235,7 +235,8 @@ def write_intermediate(
     ends = np.minimum(starts + chunk_rows, bucket_pos[bucket + 1])
     fp = Fingerprint()
 
-    with store.open_atomic(name, direct=True) as f:  # past the page cache (storage/direct.py)
+    # Past the page cache (storage/direct.py); on S3 in parts sized for the rows (storage.part_bytes_for).
+    with store.open_atomic(name, direct=True, size=int(order.size) * schema.row_bytes) as f:
         sink = ShardSink(f, schema, level, extra)
 
         def emit(frame: bytes, rows: int, checksum: int, fsum: int) -> None:

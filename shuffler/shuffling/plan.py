@@ -7,6 +7,8 @@ The shuffle itself runs from the same `Plan`, so what `plan` prints is what `shu
 Memory model of one task (one worker process holds one task at a time; `memory` is that task's budget):
 
     fixed    = BASE_RSS + 3 x read batch (2 compressed batches in flight + 1 decoded) + 2 x (threads + 3) chunks
+               + 2 x upload part (an object being written to S3: s3fs's part buffer and its copy; counted on
+               local disk too, so the bucket count never depends on where DST or scratch lives)
     pass 1   = fixed + map_rows    x (row_bytes + 12)   rows of the run, int32 bucket ids, int64 sort order
     pass 2   = fixed + bucket_rows x (row_bytes + 16)   the permuted bucket, its sort keys, then the permutation
 
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from shuffler.format.schema import Schema
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES
 from shuffler.progress import human_bytes
+from shuffler.storage.storage import PART_BYTES, UPLOAD_BUFFERS, part_bytes_for
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -58,6 +61,11 @@ ROW_EXTRA_PASS1 = 12
 ROW_EXTRA_PASS2 = 16
 """Per row in pass 2: the permutation's sort keys, then the permutation itself (keys.permutation), int64 each."""
 ENCODE_THREADS = 2
+TASKS_PER_PREFIX = 64
+"""Object-store scratch gets one hashed prefix per 64 tasks (map or reduce, the more): a task issues at most a
+few dozen requests a second (a 12 MiB ranged GET or a 64 MiB part each), so 64 of them stay well under S3's
+3,500 PUT and 5,500 GET per second per prefix (storage/storage.py)."""
+MAX_PREFIXES = 4096
 
 #: Compression ratio of zstd-1 on byte-split real activations (docs/benchmarks.md, "Measurements behind the design").
 DTYPE_RATIO = {"float32": 1.185, "float16": 1.168, "bfloat16": 1.454}
@@ -72,8 +80,17 @@ def read_batch_bytes(chunk_bytes: int) -> int:
     return max(256 << 10, min(32 * MiB, 4 * chunk_bytes))
 
 
-def fixed_overhead(chunk_bytes: int, threads: int = ENCODE_THREADS) -> int:
-    return BASE_RSS + 3 * read_batch_bytes(chunk_bytes) + 2 * (threads + 3) * chunk_bytes
+def fixed_overhead(chunk_bytes: int, threads: int = ENCODE_THREADS, part_bytes: int = PART_BYTES) -> int:
+    return (BASE_RSS + 3 * read_batch_bytes(chunk_bytes) + 2 * (threads + 3) * chunk_bytes
+            + UPLOAD_BUFFERS * part_bytes)
+
+
+def default_prefixes(scratch_remote: bool, tasks: int) -> int:
+    """Hashed prefixes of the scratch: 1 on local disk; on an object store one per TASKS_PER_PREFIX tasks,
+    rounded up to a power of two."""
+    if not scratch_remote or tasks <= TASKS_PER_PREFIX:
+        return 1
+    return min(MAX_PREFIXES, 1 << math.ceil(math.log2(tasks / TASKS_PER_PREFIX)))
 
 
 def bucket_capacity_mean(capacity_rows: int) -> float:
@@ -119,6 +136,9 @@ class PlanRequest:
     """The output lives on an object store."""
     scratch_level: int | None = None
     """zstd level of intermediates; None picks from where scratch lives (local: -3, object store: 1)."""
+    scratch_prefixes: int | None = None
+    """Hashed prefixes the intermediates spread over (storage/storage.py, prefixed_key); None: 1 on local disk,
+    one per 64 tasks on an object store. Never changes the output."""
     level: int = 1
     """zstd level of the output shards."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -149,6 +169,8 @@ class PlanRequest:
             raise ValueError(f"threads={self.threads} must be >= 1")
         if self.machine_memory is not None and self.machine_memory < 0:
             raise ValueError(f"machine_memory={self.machine_memory} must be >= 0 bytes (0: no check)")
+        if self.scratch_prefixes is not None and not 1 <= self.scratch_prefixes <= MAX_PREFIXES:
+            raise ValueError(f"scratch_prefixes={self.scratch_prefixes} must be between 1 and {MAX_PREFIXES}")
         if self.stored_bytes is not None and self.stored_bytes < 0:
             raise ValueError(f"stored_bytes={self.stored_bytes} must be >= 0")
         for name, lv in (("scratch_level", self.scratch_level), ("level", self.level)):
@@ -167,7 +189,8 @@ class PlanRequest:
         if self.memory < least:
             raise ValueError(
                 f"memory={human_bytes(self.memory)} is below what one task needs: {human_bytes(fixed)} of fixed "
-                f"overhead (process, read batches, {human_bytes(self.chunk_bytes)} chunk buffers) plus room for "
+                f"overhead (process, read batches, {human_bytes(self.chunk_bytes)} chunk buffers, upload parts) "
+                "plus room for "
                 f"rows; give --memory {math.ceil(least / MiB) + 1}MiB or more"
             )
 
@@ -193,6 +216,11 @@ class Plan:
     """Pass-2 fetches: one per (map task, bucket) pair that holds rows."""
     mean_read_bytes: float
     scratch_level: int
+    scratch_prefixes: int
+    """Hashed prefixes the intermediates spread over (storage/storage.py)."""
+    part_bytes: int
+    """Multipart part size of objects written to an object store (storage.part_bytes_for of the largest object
+    a task can write, its budget): PART_BYTES up to 10,000 parts, larger past them."""
     pass1_read_bytes: int
     pass1_write_bytes: int
     pass2_read_bytes: int
@@ -261,13 +289,15 @@ class Plan:
             f"{self.bucket_max_rows:,} rows ({hb(self.bucket_max_rows * self.row_bytes)}); capacity "
             f"{self.capacity_rows:,} rows",
             f"pass 1        {self.map_tasks:,} map task(s) of <= {self.map_rows:,} rows; "
-            f"{self.intermediate_objects:,} intermediate object(s) at zstd level {self.scratch_level}",
+            f"{self.intermediate_objects:,} intermediate object(s) at zstd level {self.scratch_level}"
+            + (f", over {self.scratch_prefixes:,} hashed prefixes" if self.scratch_prefixes > 1 else ""),
             f"  read        {hb(self.pass1_read_bytes)}   write {hb(self.pass1_write_bytes)}",
             f"  peak        {hb(self.peak_map_bytes)} per task",
             f"pass 2        {self.reduce_tasks:,} reduce task(s); {self.ranged_reads:,} ranged read(s), mean "
             f"{hb(self.mean_read_bytes)}",
             f"  read        {hb(self.pass2_read_bytes)}   write {hb(self.pass2_write_bytes)}",
             f"  peak        {hb(self.peak_reduce_bytes)} per task (bucket plus {hb(self.fixed_bytes)} fixed)",
+            f"uploads       {hb(self.part_bytes)} multipart parts on object stores",
             f"total peak    {hb(self.peak_task_bytes * r.workers)} with {r.workers} worker(s); driver index "
             f"{hb(self.driver_index_bytes)}",
         ]
@@ -297,7 +327,9 @@ def make_plan(req: PlanRequest) -> Plan:
     s = req.schema
     n, rb = req.rows, s.row_bytes
     raw = n * rb
-    fixed = fixed_overhead(req.chunk_bytes)
+    # A task never writes an object larger than what it holds, its budget: that bounds the part size.
+    part = part_bytes_for(req.memory)
+    fixed = fixed_overhead(req.chunk_bytes, part_bytes=part)
     capacity = max(1, (req.memory - fixed) // (rb + max(ROW_EXTRA_PASS1, ROW_EXTRA_PASS2)))
     if req.buckets is not None:
         buckets = req.buckets
@@ -347,6 +379,7 @@ def make_plan(req: PlanRequest) -> Plan:
     # The buckets never depend on the threads (the output must not); threads beyond ENCODE_THREADS add their
     # chunk buffers on top of the budget.
     fixed += fixed_overhead(req.chunk_bytes, max(req.threads, ENCODE_THREADS)) - fixed_overhead(req.chunk_bytes)
+    prefixes = req.scratch_prefixes or default_prefixes(req.scratch_remote, max(maps, maps2, leaves))  # any stage's tasks
     peak_map = fixed + max(min(map_rows, max(n, 1)), map2_rows) * (rb + ROW_EXTRA_PASS1)
     peak_reduce = fixed + min(bucket_max, capacity) * (rb + ROW_EXTRA_PASS2)
 
@@ -412,6 +445,8 @@ def make_plan(req: PlanRequest) -> Plan:
         ranged_reads=reads,
         mean_read_bytes=mean_read,
         scratch_level=slevel,
+        scratch_prefixes=prefixes,
+        part_bytes=part,
         pass1_read_bytes=stored,
         pass1_write_bytes=scratch_bytes,
         pass2_read_bytes=scratch_bytes,

@@ -60,7 +60,7 @@ from shuffler.shuffling.plan import (
     usable_cores,
 )
 from shuffler.shuffling.reduce import Intermediates, ReduceTask
-from shuffler.storage.storage import Storage
+from shuffler.storage.storage import Storage, split_prefixes, with_prefixes
 from shuffler.units import parse_size
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ class ShuffleConfig:
     """URL for intermediates (may be another filesystem than DST); None: DST/.shuffle/scratch."""
     scratch_level: int | None = None
     """zstd level of intermediates; None picks from where scratch lives (local -3, object store 1)."""
+    scratch_prefixes: int | None = None
+    """Hashed prefixes the intermediates spread over, for S3's request rate per prefix (docs/scale.md); None: the
+    plan's (1 on local disk, one per 64 tasks on an object store). Never changes the output."""
     keep_intermediate: bool = False
     """Leave the intermediates in scratch after success."""
     overwrite: bool = False
@@ -195,7 +198,7 @@ def plan_for(datasets: list[Dataset], cfg: ShuffleConfig, *, workers: int, scrat
         workers=workers, threads=threads_for(cfg, workers), stored_bytes=sum(d.manifest.stored_bytes for d in datasets),
         scratch_remote=not Storage(scratch_url).is_local, dst_remote=not Storage(dst_url).is_local,
         scratch_level=cfg.scratch_level, level=cfg.level, chunk_bytes=cfg.chunk_bytes, shard_bytes=cfg.shard_bytes,
-        map_rows=cfg.map_rows, levels=cfg.levels,
+        map_rows=cfg.map_rows, levels=cfg.levels, scratch_prefixes=cfg.scratch_prefixes,
     ))
 
 
@@ -240,7 +243,10 @@ class Run:
         # Keyed by the destination too: two destinations sharing --scratch never see each other's intermediates
         # (the map split is checked marker by marker, map()). From scatter, only oversize buckets use it.
         owner = json.dumps([self.run_id, canonical_url(self.dst.url)]).encode()
-        self.scratch = f"{self.scratch_base}/run-{hashlib.sha256(owner).hexdigest()[:16]}"
+        # Spread over the plan's hashed prefixes (storage/storage.py): the marker travels in the URL, so every
+        # task, listing and recursion under it hashes the same way.
+        self.scratch = with_prefixes(f"{self.scratch_base}/run-{hashlib.sha256(owner).hexdigest()[:16]}",
+                                     self.plan.scratch_prefixes)
         urls = [self.dst.url, self.scratch] + [d.url for d in self.datasets]
         self.in_process = self.workers == 1 or any(u.startswith("memory://") for u in urls)
         if cfg.executor == "ray":
@@ -320,7 +326,11 @@ class Run:
         """Write run.json for a new run; for a resumed one keep its map split (it fixes the intermediates).
         Returns the rows per map task."""
         if self.dst.exists(RUN):
-            map_rows = self._read_state().get("map_rows")
+            state = self._read_state()
+            recorded = state.get("scratch")
+            if isinstance(recorded, str) and split_prefixes(recorded)[0] == split_prefixes(self.scratch)[0]:
+                self.scratch = recorded  # this run's folder, with the prefixes it started with
+            map_rows = state.get("map_rows")
             # A damaged value only changes the split, and the split never changes the output.
             return map_rows if isinstance(map_rows, int) and map_rows >= 1 else self.plan.map_rows
         state = {"identity": self.identity, "run_id": self.run_id, "map_rows": self.plan.map_rows,
@@ -340,7 +350,8 @@ class Run:
         if other is None and self.dst.exists(RUN):
             other = self._read_state()
         scratch = other.get("scratch") if other else None
-        if isinstance(scratch, str) and scratch != self.scratch and re.search(r"/run-[0-9a-f]{16}$", scratch):
+        if (isinstance(scratch, str) and scratch != self.scratch
+                and re.search(r"/run-[0-9a-f]{16}$", split_prefixes(scratch)[0])):
             # Only objects an intermediate can be named: run.json is data at DST, and must not be able to
             # make --overwrite delete anything else wherever it points.
             store = storage(scratch)

@@ -6,16 +6,28 @@ conformance suite (tests/test_storage.py):
   S3 objects are one PUT, or a multipart upload completed only on success and aborted on error (s3fs
   commits a truncated object if an exception escapes `with fs.open(..., "wb")`: docs/benchmarks.md, "Measurements behind the design");
 - `put_if_absent` is first-writer-wins (O_EXCL locally, If-None-Match on S3), for locks and markers.
+
+Spread over hashed prefixes. S3 serves about 3,500 PUT and 5,500 GET requests per second per partitioned
+prefix (https://docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html); pass 2 of the
+1 PB plan issues tens of thousands per second against one scratch folder (docs/scale.md). A URL ending in
+`#prefixes=N` (`with_prefixes`) names a Storage that keeps each object `name` under the key
+`prefixed_key(name, N)`: a hashed first folder (`9/map-000003.shard` for N=16), so S3 can split the load N ways.
+Names stay what they were for every caller (reads, writes, `list`, `url_of`); only the keys change. Path
+after the marker stays inside it (`run-x#prefixes=16/sub-1` hashes `sub-1/<name>` under `run-x`), so a
+child folder built by appending to the URL is spread over the same prefixes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import posixpath
+import re
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator
 
 import fsspec
@@ -24,9 +36,58 @@ from fsspec.implementations.local import LocalFileSystem
 from shuffler import env
 from shuffler.storage.direct import DirectWriter, open_direct
 
-#: Objects up to this size go to S3 as one PUT; larger ones stream as a multipart upload.
-SINGLE_PUT_BYTES = 64 << 20
+PART_BYTES = 64 << 20
+"""Multipart part size on S3 (the s3fs block size): each part is one PUT-class request, so 64 MiB parts cost
+a quarter of the requests of 16 MiB ones; S3 allows 10,000 parts per object, so 64 MiB parts reach 625 GiB."""
+MAX_PARTS = 10_000
+"""S3's limit on the parts of one multipart upload."""
+#: Objects up to this size go to S3 as one PUT (s3fs uploads at close what never filled a part); larger ones
+#: stream as a multipart upload.
+SINGLE_PUT_BYTES = PART_BYTES
+UPLOAD_BUFFERS = 2
+"""Part-sized buffers one object being written holds: s3fs fills one, then copies it out for upload_part
+(s3fs/core.py, S3File._upload_chunk reads the buffer into bytes before sending)."""
+_PREFIXES = re.compile(r"#prefixes=(\d+)(?=/|$)")
+_TMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
+"""A temporary name of open_atomic and put_if_absent: it hashes as the name it becomes, so it sits beside it."""
 _memory_lock = threading.Lock()
+
+
+def part_bytes_for(object_bytes: int) -> int:
+    """Part size for an object of up to `object_bytes`: PART_BYTES, or larger (whole MiB) past MAX_PARTS parts,
+    with 2% to spare for an estimate (compression headers, footers)."""
+    need = math.ceil(object_bytes * 1.02 / MAX_PARTS / (1 << 20)) << 20
+    return max(PART_BYTES, need)
+
+
+def prefixed_key(name: str, prefixes: int) -> str:
+    """The key of object `name` spread over `prefixes` hashed prefixes: "<h>/<name>", h = CRC-32 of the name
+    mod prefixes in hex (zero-padded to one width); `name` itself when prefixes <= 1. CRC-32, not hash(), so
+    every process and machine agrees."""
+    if prefixes <= 1:
+        return name
+    width = len(f"{prefixes - 1:x}")
+    return f"{zlib.crc32(_TMP.sub('', name).encode()) % prefixes:0{width}x}/{name}"
+
+
+def with_prefixes(url: str, prefixes: int) -> str:
+    """`url` marked to spread its objects over `prefixes` hashed prefixes (the URL itself when prefixes <= 1)."""
+    if prefixes < 1:
+        raise ValueError(f"prefixes={prefixes} must be >= 1")
+    plain, _ = split_prefixes(url)
+    return plain if prefixes == 1 else f"{plain}#prefixes={prefixes}"
+
+
+def split_prefixes(url: str) -> tuple[str, int]:
+    """(the URL without its `#prefixes=N` marker, N); N is 1 without a marker. Path after the marker is kept
+    in the plain URL: `s3://b/run-x#prefixes=4/sub-1` gives (`s3://b/run-x/sub-1`, 4)."""
+    m = _PREFIXES.search(url)
+    if m is None:
+        return url, 1
+    n = int(m.group(1))
+    if n < 1:
+        raise ValueError(f"{url!r}: #prefixes={n} must be >= 1")
+    return url[: m.start()] + url[m.end() :], n
 
 
 def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -83,7 +144,13 @@ class Storage:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/") or url
-        self.fs, self.root = _filesystem(self.url)
+        m = _PREFIXES.search(self.url)
+        # With a `#prefixes=N` marker: keys hash under the folder before it (`base`), names under it keep the
+        # path after it (`sub`) in front, so they hash the same whichever Storage names them.
+        base = self.url[: m.start()] if m else self.url
+        self.prefixes = int(m.group(1)) if m else 1
+        self.sub = self.url[m.end() :].strip("/") + "/" if m and self.url[m.end() :].strip("/") else ""
+        self.fs, self.root = _filesystem(base)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = self.root.rstrip("/") or "/"
 
@@ -96,6 +163,11 @@ class Storage:
 
     # -- names ----------------------------------------------------------------------------------------
     def path(self, name: str) -> str:
+        """Where object `name` lives on the filesystem (its hashed key, when spread over prefixes)."""
+        if self.prefixes > 1:
+            if not name:
+                raise ValueError(f"{self.url}: a folder spread over prefixes has no single path")
+            return posixpath.join(self.root, prefixed_key(self.sub + name, self.prefixes))
         return posixpath.join(self.root, name) if name else self.root
 
     def url_of(self, name: str) -> str:
@@ -134,6 +206,16 @@ class Storage:
 
     def list(self, prefix: str = "") -> list[str]:
         """Object names under `prefix` (relative to this storage), sorted; [] if none."""
+        if self.prefixes > 1:
+            # One recursive listing of the whole spread folder (as many LIST pages as objects / 1,000 on S3,
+            # whatever N), keeping the keys that hash to their own prefix: other layouts are not this folder's.
+            want = self.sub + prefix
+            out = []
+            for key in Storage(self.url[: _PREFIXES.search(self.url).start()]).list(""):
+                head, _, name = key.partition("/")
+                if name.startswith(want) and prefixed_key(name, self.prefixes) == key:
+                    out.append(name[len(self.sub) :])
+            return sorted(out)
         base = self.path(prefix)
         with explain(self.url_of(prefix), "listing"):
             try:
@@ -154,11 +236,13 @@ class Storage:
             f.write(data)
 
     @contextlib.contextmanager
-    def open_atomic(self, name: str, *, direct: bool = False) -> Iterator[io.RawIOBase]:
+    def open_atomic(self, name: str, *, direct: bool = False, size: int = 0) -> Iterator[io.RawIOBase]:
         """A binary file whose content becomes visible under `name` only when the block exits cleanly.
 
         direct=True: a local file is written with O_DIRECT, past the page cache (storage/direct.py); for large
-        objects written front to back and not read back at once (shards)."""
+        objects written front to back and not read back at once (shards). size: about how large the object
+        will be, if known: past MAX_PARTS parts of PART_BYTES, S3 uploads it in larger parts
+        (part_bytes_for)."""
         path = self.path(name)
         with explain(self.url_of(name), "writing"):
             if self.is_local:
@@ -180,7 +264,7 @@ class Storage:
                         os.unlink(tmp)
                     raise
             elif self.fs.protocol in ("s3", "s3a") or "s3" in (self.fs.protocol or ()):
-                f = self.fs.open(path, "wb", block_size=16 << 20)
+                f = self.fs.open(path, "wb", block_size=part_bytes_for(size))
                 try:
                     yield f
                 except BaseException:
@@ -244,7 +328,7 @@ class Storage:
         for n in self.list(prefix):
             self.delete(n)
         if self.is_local:
-            base = self.path(prefix)
+            base = self.root if self.prefixes > 1 else self.path(prefix)
             if os.path.isdir(base):
                 for dirpath, _, _ in sorted(os.walk(base), key=lambda t: -len(t[0])):
                     with contextlib.suppress(OSError):
