@@ -18,7 +18,7 @@ thread frees serve the next thread's allocation; threads allocate a few 8 MiB bl
 arena's lock is rarely contended) whose memory glibc advises MADV_HUGEPAGE (the tunable glibc.malloc.hugetlb=1,
 glibc 2.35 and later, read when a process starts: the executor starts its workers with WORKER_TUNABLES,
 shuffling/executor.py). On the 1 GiB shuffle that took the whole process tree from 74,000-78,000 faults to
-about 33,000, and the largest worker from 420-530 MiB to about 360 MiB.
+34,000-36,000, and the largest worker from 400-440 MiB to 350-370 MiB.
 """
 
 from __future__ import annotations
