@@ -144,12 +144,10 @@ def test_decoded_chunks_pages_leave_the_mapping(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
-@pytest.mark.parametrize("how", ["read_chunk", "iter_decoded"])
-def test_frames_outside_the_page_cache_are_read_past_it(tmp_path, monkeypatch, how):
+def test_frames_outside_the_page_cache_are_read_past_it(tmp_path, monkeypatch):
     # A frame mostly outside the page cache is read with O_DIRECT into a reused buffer, not faulted in through
     # the map (io/chunks.py: ChunkReader); one in the page cache still through the map. With the map's release
     # step disabled, a mapped read would leave the file's pages in this process's RSS.
-    from shuffler.io.chunks import ChunkTable, iter_decoded
     from shuffler.storage.mapped import LocalMaps
 
     url = str(tmp_path / "d")
@@ -161,28 +159,16 @@ def test_frames_outside_the_page_cache_are_read_past_it(tmp_path, monkeypatch, h
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache (ShardWriter wrote past it anyway)
     os.close(fd)
     monkeypatch.setattr(LocalMaps, "release", staticmethod(lambda frame, start: None))
-
-    def read_all(ds):
-        if how == "read_chunk":
-            return np.concatenate([ds.read_chunk(0, j).acts for j in range(ds.index(0).n_chunks)])
-        table = ChunkTable.of_datasets([ds])
-        # the decode threads' maps stay open until the generator ends: measure while it runs
-        parts, rss = [], 0
-        for _, a, _ in iter_decoded(table, 0, table.rows, batch_bytes=1 << 20):
-            parts.append(a.copy())
-            rss = max(rss, _mapped_rss_kib(path))
-        read_all.rss = rss
-        return np.concatenate(parts)
-
     with Dataset.open(url) as ds:
-        assert np.array_equal(read_all(ds).view(np.uint16), x.view(np.uint16))
-        assert (_mapped_rss_kib(path) if how == "read_chunk" else read_all.rss) == 0  # nothing through the map
+        got = np.concatenate([ds.read_chunk(0, j).acts for j in range(ds.index(0).n_chunks)])
+        assert np.array_equal(got.view(np.uint16), x.view(np.uint16))
+        assert _mapped_rss_kib(path) == 0  # nothing read through the map
     with open(path, "rb") as f:
         f.read()  # now in the page cache
     with Dataset.open(url) as ds:
-        assert np.array_equal(read_all(ds).view(np.uint16), x.view(np.uint16))
-        rss = _mapped_rss_kib(path) if how == "read_chunk" else read_all.rss
-        assert rss > os.path.getsize(path) // 1024 // 2  # read through the map
+        got = np.concatenate([ds.read_chunk(0, j).acts for j in range(ds.index(0).n_chunks)])
+        assert np.array_equal(got.view(np.uint16), x.view(np.uint16))
+        assert _mapped_rss_kib(path) > os.path.getsize(path) // 1024 // 2  # read through the map
 
 
 def test_dataset_as_context_manager_unmaps_and_stays_usable(tmp_path):

@@ -117,18 +117,17 @@ class ChunkReader:
     unmaps; the reader stays usable (a later read maps its file again).
 
     direct=True reads local files with O_DIRECT into reused buffers instead (storage/direct.py: DirectReads),
-    for objects not in the page cache and read once, such as a shuffle's intermediates. Otherwise read() and
-    frames() choose per frame: a frame whose pages are mostly not in the page cache (mincore, io/pages.py:
-    resident) is read with O_DIRECT too. Such a frame, say of a dataset written past the page cache
-    (storage/direct.py) or evicted since, would otherwise be faulted in 64 KiB at a time into fresh page-cache
-    pages: reading 1 GiB of shuffled float16 that way cost 1.01-1.03 CPU-s and 31,000 faults, with O_DIRECT
-    0.67-0.69 CPU-s and 16,000-18,000 (docs/benchmarks.md, "What was left"). A frame in the page cache is
-    still read through the map (a copy would cost more there). frame() (whole shards: Dataset.read_shard)
-    always maps.
+    for objects not in the page cache and read once, such as a shuffle's intermediates. read(), one frame at a
+    time (the readers' prefetch, Dataset.read_chunk), chooses per frame: a frame whose pages are mostly not in
+    the page cache (mincore, io/pages.py: resident) is read with O_DIRECT too. Such a frame, say of a dataset
+    written past the page cache (storage/direct.py) or evicted since, would otherwise be faulted in 64 KiB at a
+    time into fresh page-cache pages: reading 1 GiB of shuffled float16 that way cost 1.01-1.03 CPU-s and
+    31,000 faults, with O_DIRECT 0.67-0.69 CPU-s and 16,000-18,000 (docs/benchmarks.md, "Where the kernel's
+    time went"). A frame in the page cache is still read through the map (a copy would cost more there).
     """
 
     COLD = 0.5
-    """read() and frames() take the O_DIRECT path for a frame with less than this fraction of its pages in memory."""
+    """read() takes the O_DIRECT path for a frame with less than this fraction of its pages in memory."""
 
     def __init__(self, store: Storage, *, direct: bool = False):
         self.store = store
@@ -154,35 +153,24 @@ class ChunkReader:
         """frame(), but a mapped frame mostly outside the page cache is read with O_DIRECT instead (class doc)."""
         if self.maps is None or self.direct is None:
             return self.frame(name, start, end)
-        return self._cold_past_cache([name], [start], [end], [self._mapped(name, start, end)])[0]
-
-    def _mapped(self, name: str, start: int, end: int) -> bytes | memoryview:
         if name not in self.files:
             # Taken before the map is made: if the file is replaced in between, the identities differ and the
             # frame is read through the map, which then holds the new file; never the other way round.
             with contextlib.suppress(OSError):
                 self.files[name] = identity(self.store.path(name))
-        return self.frame(name, start, end)
-
-    def _cold_past_cache(self, names: list[str], starts: list[int], ends: list[int],
-                         views: list[bytes | memoryview]) -> list[bytes | memoryview]:
-        """`views` (mapped frames), with those mostly outside the page cache read with O_DIRECT instead."""
-        cold = [i for i, v in enumerate(views) if names[i] in self.files and resident(v) < self.COLD]
-        if not cold:
-            return views
+        got = self.frame(name, start, end)
+        if name not in self.files or resident(got) >= self.COLD:
+            return got
         try:
-            got = self.direct.frames([names[i] for i in cold], [starts[i] for i in cold], [ends[i] for i in cold],
-                                     identity=self.files)
+            cold = self.direct.frames([name], [start], [end], identity=self.files)[0]
         except (Replaced, FileNotFoundError):
-            return views  # renamed over or removed since it was mapped: the map holds the file the index describes
-        for i, g in zip(cold, got, strict=True):
-            views[i].release()  # untouched: nothing of it was faulted in
-            views[i] = g
-        return views
+            return got  # renamed over or removed since it was mapped: the map holds the file the index describes
+        got.release()  # untouched: nothing of it was faulted in
+        return cold
 
     def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes | memoryview]:
-        """Many frames at once: map views (direct, or frames not in the page cache: views of one reused buffer)
-        if local, else one batched ranged read (concurrent on object stores)."""
+        """Many frames at once: map views (direct: views of one reused buffer) if local, else one batched ranged
+        read (concurrent on object stores)."""
         if self.always_direct:
             try:
                 return self.direct.frames(names, starts, ends)
@@ -190,8 +178,7 @@ class ChunkReader:
                 raise FileNotFoundError(f"{e.filename}: shard named in the manifest is missing") from None
         if self.maps is None:
             return self.store.read_ranges(names, starts, ends)
-        views = [self._mapped(n, s, e) for n, s, e in zip(names, starts, ends, strict=True)]
-        return self._cold_past_cache(names, starts, ends, views) if self.direct is not None else views
+        return [self.maps.read(n, s, e) for n, s, e in zip(names, starts, ends, strict=True)]
 
     def check(self, schema: Schema, frame: bytes | memoryview, start: int, end: int, rows: int, checksum: int,
               *, where: str) -> bytes:
