@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 
 
 def s3_endpoint_url() -> str | None:
@@ -81,3 +84,33 @@ def array_task() -> tuple[int | None, int | None, str | None]:
 def ray_address() -> str | None:
     """RAY_ADDRESS: the Ray cluster a driver joins when none is given (Ray's own convention)."""
     return os.environ.get("RAY_ADDRESS") or None
+
+
+_child_env_lock = threading.Lock()
+
+
+def glibc_tunables() -> str:
+    """GLIBC_TUNABLES as this process sees it (glibc reads it once, when a process starts); empty if unset."""
+    return os.environ.get("GLIBC_TUNABLES", "")
+
+
+@contextlib.contextmanager
+def glibc_tunables_for_children(extra: str) -> Iterator[None]:
+    """Processes started inside the block get GLIBC_TUNABLES with the tunables of `extra` (`name=value:...`,
+    glibc's syntax: https://www.gnu.org/software/libc/manual/html_node/Tunables.html) added to this process's
+    own value; a tunable the user set keeps the user's value. multiprocessing's spawn execs the child with this
+    process's C `environ` (which os.environ updates), so the variable is set for the block and restored after
+    it; a lock keeps two blocks from interleaving. glibc ignores names it does not know, and other C libraries
+    the variable."""
+    with _child_env_lock:
+        own = glibc_tunables()
+        named = {t.split("=", 1)[0] for t in own.split(":") if t}
+        add = [t for t in extra.split(":") if t and t.split("=", 1)[0] not in named]
+        os.environ["GLIBC_TUNABLES"] = ":".join([*filter(None, own.split(":")), *add])
+        try:
+            yield
+        finally:
+            if own:
+                os.environ["GLIBC_TUNABLES"] = own
+            else:
+                os.environ.pop("GLIBC_TUNABLES", None)

@@ -1,5 +1,6 @@
 """Writes and reads past the page cache (shuffler/storage/direct.py) and the memory helpers beside them
-(shuffler/io/pages.py): the bytes are exactly what buffered I/O gives, on filesystems with and without O_DIRECT."""
+(shuffler/io/pages.py): the bytes are exactly what buffered I/O gives, on filesystems with and without O_DIRECT;
+the shuffle's pool workers start with the malloc tunables io/pages.py names."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import os
 import numpy as np
 import pytest
 
+from shuffler import env
 from shuffler.io.chunks import ChunkTable, iter_decoded
 from shuffler.io.dataset import Dataset
-from shuffler.io.pages import HUGE_MIN, huge_empty, keep_freed_memory
+from shuffler.io.pages import HUGE_MIN, WORKER_TUNABLES, huge_empty, keep_freed_memory
+from shuffler.progress import Progress
+from shuffler.shuffling.executor import LocalExecutor
 from shuffler.storage import direct
 from shuffler.storage.direct import ALIGN, BUFFER_BYTES, DirectReads, DirectWriter, open_direct
 from shuffler.storage.storage import Storage
@@ -165,3 +169,28 @@ def test_memory_helpers():
     assert a.shape == (HUGE_MIN // 2 + 3, 2) and a.dtype == np.uint16 and a.flags.writeable and (a == 7).all()
     small = huge_empty((3, 4), np.float32)
     assert small.shape == (3, 4) and small.flags.writeable
+
+
+def test_glibc_tunables_reach_children_and_keep_the_users(monkeypatch):
+    import subprocess
+    import sys
+
+    show = [sys.executable, "-c", "import os; print(os.environ.get('GLIBC_TUNABLES', '<unset>'))"]
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with env.glibc_tunables_for_children(WORKER_TUNABLES):
+        assert subprocess.run(show, capture_output=True, text=True).stdout.strip() == WORKER_TUNABLES
+    assert "GLIBC_TUNABLES" not in os.environ
+    # A tunable the user set keeps the user's value; the others are added after it.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    with env.glibc_tunables_for_children(WORKER_TUNABLES):
+        seen = subprocess.run(show, capture_output=True, text=True).stdout.strip()
+    assert seen == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4"
+
+
+def test_pool_workers_start_with_the_worker_tunables(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    with LocalExecutor(2, in_process=False) as ex, Progress("t", enabled=False) as bar:
+        seen = ex.run(os.getenv, [("GLIBC_TUNABLES",), ("GLIBC_TUNABLES",), ("GLIBC_TUNABLES",)], bar, lambda _: None)
+    assert seen == [WORKER_TUNABLES] * 3
+    assert "GLIBC_TUNABLES" not in os.environ  # the coordinator's own environment is as it was

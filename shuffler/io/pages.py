@@ -9,6 +9,16 @@ allocations made and freed per chunk (the decoded chunk, zstd's output bytes, a 
 serves an allocation above its mmap threshold with a fresh mmap and gives freed memory back to the kernel at
 once (its dynamic threshold adapts only up to 32 MiB, and trimming returns the top of each arena), so each
 8 MiB chunk was 2,048 fresh pages. `keep_freed_memory` makes the allocator keep and reuse that memory.
+
+What was left after that (about 30,000 faults per worker, docs/benchmarks.md) was each worker faulting in its
+malloc memory on its first tasks, once per arena: glibc gives each thread that allocates at the same time as
+another an arena of its own (up to 8 per core), and the decode, encode and write threads each kept 30-40 MiB
+of chunk-sized blocks in theirs, 4 KiB pages all. A worker now uses one arena (M_ARENA_MAX 1: the blocks one
+thread frees serve the next thread's allocation; threads allocate a few 8 MiB blocks per chunk, so the
+arena's lock is rarely contended) whose memory glibc advises MADV_HUGEPAGE (the tunable glibc.malloc.hugetlb=1,
+glibc 2.35 and later, read when a process starts: the executor starts its workers with WORKER_TUNABLES,
+shuffling/executor.py). On the 1 GiB shuffle that took the whole process tree from 74,000-78,000 faults to
+34,000-36,000, and the largest worker from 400-440 MiB to 350-370 MiB.
 """
 
 from __future__ import annotations
@@ -21,12 +31,17 @@ import numpy as np
 
 _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD = 32 << 20
 """glibc's largest allowed mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, mallopt(3)): chunk-sized
 allocations (8 MiB by default) come from the arenas and are reused."""
 _TRIM_THRESHOLD = 64 << 20
 """Give an arena's freed top back only past 64 MiB: freed chunk-sized blocks stay for the next chunk, while a
 task's large temporary arrays (above the mmap threshold anyway) do not pile up beyond the planned peak."""
+WORKER_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1"
+"""GLIBC_TUNABLES the shuffle's pool workers start with (https://www.gnu.org/software/libc/manual/html_node/Memory-Allocation-Tunables.html):
+one malloc arena, whose memory is advised MADV_HUGEPAGE. (arena_max is also set by keep_freed_memory, which
+works only before a process's threads first allocate; hugetlb has no mallopt equivalent.)"""
 HUGE_MIN = 4 << 20
 """Buffers from this size up are mapped with MADV_HUGEPAGE: a 2 MiB page is one fault instead of 512."""
 
@@ -53,8 +68,39 @@ def keep_freed_memory() -> bool:
         mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         mallopt.restype = ctypes.c_int
         ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+        ok = mallopt(_M_ARENA_MAX, 1) == 1 and ok  # one arena: freed blocks serve every thread (module docstring)
         return mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
     return False
+
+
+_mincore = None
+
+
+def resident(view) -> float:
+    """The fraction of a memory-mapped view's pages that are in memory (the page cache, for a file map), from
+    mincore(2) without touching them; 1.0 where mincore is not available or fails. Linux answers for a file's
+    page cache only to a process that owns the file or may write it (mincore(2), since 5.0); for other
+    files it counts the pages this process has mapped, so an unread foreign file reads as not resident."""
+    global _mincore
+    n = len(view)
+    if n == 0:
+        return 1.0
+    if _mincore is None:
+        try:
+            _mincore = ctypes.CDLL(None, use_errno=True).mincore
+            _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+            _mincore.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _mincore = False
+    if _mincore is False:
+        return 1.0
+    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    base = addr // mmap.PAGESIZE * mmap.PAGESIZE
+    length = addr + n - base
+    vec = np.zeros(-(-length // mmap.PAGESIZE), dtype=np.uint8)
+    if _mincore(base, length, vec.ctypes.data) != 0:
+        return 1.0
+    return float(np.count_nonzero(vec & 1)) / len(vec)
 
 
 def huge_empty(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from shuffler import env
 from shuffler.format.manifest import Fingerprint, ShardInfo
 from shuffler.io.chunks import storage
-from shuffler.io.pages import keep_freed_memory
+from shuffler.io.pages import WORKER_TUNABLES, keep_freed_memory
 from shuffler.progress import Progress
 from shuffler.shuffling.map import MapOutput, MapTask, release_buffers, run_map
 from shuffler.shuffling.markers import reduce_marker, reduce_marker_bytes
@@ -214,7 +214,10 @@ class LocalExecutor:
                 _report = None
                 release_buffers()  # the coordinator keeps no bucket-sized buffer while workers run
         ex = self._start()
-        futures = [ex.submit(fn, *args) for args in calls]
+        # Workers are spawned by submit() (ProcessPoolExecutor starts them on demand): with glibc's tunables for
+        # one malloc arena advised huge pages, which a process reads only as it starts (io/pages.py).
+        with env.glibc_tunables_for_children(WORKER_TUNABLES):
+            futures = [ex.submit(fn, *args) for args in calls]
         pending, done_count = set(futures), 0
         try:
             while pending:
