@@ -1,6 +1,6 @@
 """Codec benchmark: ShardWriter and chunk-reader throughput as a ratio of raw zstd-1 byte-split speed.
 
-Both sides run on the same bytes in one run, so the ratios hold on a noisy shared machine:
+Both sides run on the same bytes in one run, taking turns in each round, so the ratios hold on a noisy machine:
 - raw encode: byte-plane split into a reused buffer + zstd level-1 compress, one thread, no container;
 - writer: ShardWriter to local disk (header, index, row hashes for the fingerprint, atomic commit);
 - raw decode: zstd decompress of the very frames the writer produced + per-plane unsplit, one thread;
@@ -52,18 +52,21 @@ def as_dtype(x32: np.ndarray, dtype: str) -> np.ndarray:
     return x32.astype(dtype)
 
 
-def best_of(fn, repeat: int, setup=None) -> tuple[float, float]:
-    """Best (wall seconds, process CPU seconds) over `repeat` runs. CPU time is robust to a busy machine.
-    `setup` runs before each run, untimed."""
-    walls, cpus = [], []
+def best_of(runs: list[tuple], repeat: int) -> list[tuple[float, float]]:
+    """Best (wall seconds, process CPU seconds) of each (fn, setup) in `runs` over `repeat` rounds; `setup` (or
+    None) runs before its fn, untimed. The runs take turns within each round, so a change of load on a shared
+    machine hits each alike and the ratios between them hold. CPU time is robust to a busy machine."""
+    walls = [[] for _ in runs]
+    cpus = [[] for _ in runs]
     for _ in range(repeat):
-        if setup is not None:
-            setup()
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return min(walls), min(cpus)
+        for k, (fn, setup) in enumerate(runs):
+            if setup is not None:
+                setup()
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            walls[k].append(time.perf_counter() - t)
+            cpus[k].append(time.process_time() - c)
+    return [(min(w), min(c)) for w, c in zip(walls, cpus, strict=True)]
 
 
 def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: str, repeat: int, threads: int) -> dict:
@@ -89,13 +92,10 @@ def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: st
                          overwrite=True, threads=threads) as w:
             w.write(acts)
 
-    t_raw_enc = best_of(raw_encode, repeat)
     # Each timed write starts from an empty target: deleting the previous run's shards (what overwrite=True
-    # does, 15 ms per 256 MiB here) is not writing.
+    # does, 15 ms per 256 MiB here) is not writing. One untimed write first gives the shard bytes for `disk`.
     mem = f"memory://codec-bench/{name}-{dtype}"
-    t_write_mem = best_of(lambda: write(mem), repeat, setup=lambda: Storage(mem).delete_prefix(""))
-    Storage(mem).delete_prefix("")
-    t_write = best_of(lambda: write(url), repeat, setup=lambda: shutil.rmtree(url, ignore_errors=True))
+    write(url)
     ds = Dataset.open(url)
     frames, blobs = [], []
     for i, info in enumerate(ds.shards):
@@ -114,8 +114,15 @@ def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: st
                 for s in range(0, len(mv), chunk_bytes):
                     f.write(mv[s : s + chunk_bytes])
 
-    t_disk = best_of(disk_write, repeat, setup=lambda: disk.delete_prefix(""))
+    t_raw_enc, t_write_mem, t_write, t_disk = best_of([
+        (raw_encode, None),
+        (lambda: write(mem), lambda: Storage(mem).delete_prefix("")),
+        (lambda: write(url), lambda: shutil.rmtree(url, ignore_errors=True)),
+        (disk_write, lambda: disk.delete_prefix("")),
+    ], repeat)
+    Storage(mem).delete_prefix("")
     disk.delete_prefix("")
+    ds = Dataset.open(url)  # the last timed write's shards: the same bytes
 
     def raw_decode():
         for f, rows in frames:
@@ -126,8 +133,7 @@ def bench(name: str, acts: np.ndarray, dtype: str, chunk_bytes: int, workdir: st
             for j in range(ds.index(i).n_chunks):
                 ds.read_chunk(i, j)
 
-    t_raw_dec = best_of(raw_decode, repeat)
-    t_read = best_of(read, repeat)
+    t_raw_dec, t_read = best_of([(raw_decode, None), (read, None)], repeat)
     shutil.rmtree(url)
     return {
         "data": name, "dtype": dtype, "MiB": nbytes / 2**20, "ratio": nbytes / ds.manifest.stored_bytes,
