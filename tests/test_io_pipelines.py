@@ -11,7 +11,7 @@ from shuffler.errors import ChecksumError, FormatError
 from shuffler.format.codec import encode_chunk, fingerprint_sum, row_hashes, unsplit
 from shuffler.format.schema import Schema, standard_columns
 from shuffler.io.chunks import ChunkReader
-from shuffler.io.rolling import EncodePipeline, release_spares
+from shuffler.io.rolling import EncodePipeline
 from shuffler.storage.storage import Storage
 
 SCHEMA = Schema(dtype="float16", d_model=16, columns=standard_columns())
@@ -48,34 +48,6 @@ def test_encode_pipeline_emits_in_order_what_serial_encoding_gives(threads):
         frame, crc = encode_chunk(SCHEMA, a, c, 1)
         want.append((frame, e - s, crc, fingerprint_sum(row_hashes(SCHEMA, a, c))))
     assert got == want
-
-
-def test_a_closed_pipelines_chunk_buffers_serve_the_next_one_and_no_more_are_kept():
-    """Outside a shuffle worker a writer's threads end with it, but its chunk buffers (at most one pipeline's)
-    are kept for the next writer of the same shape: no fresh pages to fault in per dataset (io/rolling.py)."""
-    acts, cols = rows(100)
-    release_spares()
-
-    def run(buffers: int, chunks: int) -> tuple[list, list]:
-        got, handed = [], []
-        enc = EncodePipeline(SCHEMA, 10, level=1, threads=2, emit=lambda *a: got.append(a), buffers=buffers)
-        for k in range(chunks):
-            handed.append(enc.buffer())
-            enc.encode(handed[-1], 10, gather=(acts, cols, np.arange(10 * k, 10 * k + 10)))
-        enc.close()
-        return handed, got
-
-    first, _ = run(3, 5)
-    second, got = run(3, 3)
-    assert {id(b) for b in second} == {id(b) for b in first[:3]}  # the same three buffers, no new ones
-    for k, (frame, n, crc, _) in enumerate(got):  # and what they hold is encoded as from fresh ones
-        want = encode_chunk(SCHEMA, acts[10 * k : 10 * k + 10], [c[10 * k : 10 * k + 10] for c in cols], 1)
-        assert (frame, n, crc) == (want[0], 10, want[1])
-    third, _ = run(4, 4)  # only three were kept: the fourth is fresh
-    assert len({id(b) for b in third} & {id(b) for b in first}) == 3
-    release_spares()
-    fourth, _ = run(3, 1)
-    assert id(fourth[0]) not in {id(b) for b in first + third}  # dropped
 
 
 def test_encode_pipeline_reraises_a_workers_first_error():

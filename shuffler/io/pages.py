@@ -36,9 +36,8 @@ _keeping = False
 
 def keeping() -> bool:
     """True in a process that called keep_freed_memory: there, encode pipelines also share their threads and
-    keep up to 8 chunk buffers for later pipelines (io/rolling.py). Elsewhere (a user's program) their threads
-    end when they close, and one pipeline's chunk buffers (3 x 8 MiB by default) are kept for the next writer
-    (rolling.release_spares() drops them)."""
+    keep their chunk buffers for the next pipeline (io/rolling.py). Elsewhere (a user's program) they free
+    what they used when they close, as memory bounds of a writer promise."""
     return _keeping
 
 

@@ -43,14 +43,13 @@ class ChunkBuffer:
         self.cols = [np.empty(cap, dtype=np.dtype(t)) for _, t in schema.columns]
 
 
-# Chunk buffers outlive one pipeline: a pool worker running many tasks, or a program writing many datasets, does
-# not fault in fresh pages for each (docs/benchmarks.md, "Where the kernel's time went"; for a ShardWriter of
-# 16 MiB, 1.5 of its 22 ms of CPU: "Writer fixed costs").
+# Chunk buffers outlive one pipeline, as its threads do (io/threads.py): a pool worker running many tasks, or a
+# program writing many datasets, does not fault in fresh pages for each (docs/benchmarks.md, "Where the
+# kernel's time went").
 _shared_lock = threading.Lock()
 _spare: dict[tuple[Schema, int], list[ChunkBuffer]] = {}
 _SPARE_MAX = 8
-"""Chunk buffers kept between a shuffle worker's pipelines (threads + 1 per pipeline by default: 3 for two
-threads). Elsewhere at most one pipeline's buffers are kept (24 MiB by default); release_spares() drops them."""
+"""Chunk buffers kept between pipelines (threads + 1 per pipeline by default: 3 for two threads)."""
 
 
 def _spare_buffer(schema: Schema, cap: int) -> ChunkBuffer | None:
@@ -59,13 +58,12 @@ def _spare_buffer(schema: Schema, cap: int) -> ChunkBuffer | None:
         return have.pop() if have else None
 
 
-def _keep_buffers(schema: Schema, cap: int, bufs: list[ChunkBuffer], most: int) -> None:
-    """Keep a finished pipeline's buffers, at most `most`, for the next one of the same shape (only one shape
-    is kept)."""
+def _keep_buffers(schema: Schema, cap: int, bufs: list[ChunkBuffer]) -> None:
+    """Keep a finished pipeline's buffers for the next one of the same shape (only one shape is kept)."""
     with _shared_lock:
         have = _spare.get((schema, cap), [])
         _spare.clear()
-        _spare[(schema, cap)] = (have + bufs)[:most]
+        _spare[(schema, cap)] = (have + bufs)[:_SPARE_MAX]
 
 
 def release_spares() -> None:
@@ -88,14 +86,14 @@ class EncodePipeline:
         enc.close()                                                        # emits the rest, in order
 
     `emit` runs on the caller's thread, inside encode() or close(). A worker's first error is re-raised there.
-    After close() the buffers are kept for the next pipeline of the same shape; in a shuffle worker (io/pages.py:
-    keeping()) the threads (io/threads.py) are shared too.
+    In a shuffle worker (io/pages.py: keeping()) the threads (io/threads.py) and, after close(), the buffers are
+    shared with later pipelines of the process.
     """
 
     def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False,
                  buffers: int | None = None):
         self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
-        # In a shuffle worker (pages.keeping()) the threads outlive the pipeline; elsewhere they are its own.
+        # In a shuffle worker (pages.keeping()) threads and buffers outlive the pipeline; elsewhere they are its own.
         self.shared = keeping()
         self.pool = shared_threads("encode", max(1, threads)) if self.shared else ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="encode")
@@ -113,7 +111,8 @@ class EncodePipeline:
         if self.free:
             return self.free.pop()
         self.made += 1
-        return _spare_buffer(self.schema, self.chunk_rows) or ChunkBuffer(self.schema, self.chunk_rows)
+        spare = _spare_buffer(self.schema, self.chunk_rows) if self.shared else None
+        return spare or ChunkBuffer(self.schema, self.chunk_rows)
 
     def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
         """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
@@ -143,8 +142,9 @@ class EncodePipeline:
         """Emit every frame still in flight, in order, and stop the threads."""
         while self.inflight:
             self._emit_oldest()
-        _keep_buffers(self.schema, self.chunk_rows, self.free, _SPARE_MAX if self.shared else self.max_buffers)
-        if not self.shared:
+        if self.shared:
+            _keep_buffers(self.schema, self.chunk_rows, self.free)
+        else:
             self.pool.shutdown()
         self.free = []  # the buffers go now, not when a caller's reference cycle is collected
 
