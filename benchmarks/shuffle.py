@@ -121,7 +121,7 @@ def _table_of_objects(schema, objects) -> ChunkTable:
         size = st.size(name)
         trailer = st.read_range(name, size - 32, size)
         n = int.from_bytes(trailer[8:12], "little")
-        idx = decode_footer(st.read_range(name, size - tail_bytes(n), size), size, schema, where=name)
+        idx = decode_footer(st.read_range(name, size - tail_bytes(n, schema), size), size, schema, where=name)
         c = np.empty(idx.n_chunks, dtype=CHUNK)
         c["obj"] = k
         for f in ("offset", "comp_len", "rows", "checksum"):

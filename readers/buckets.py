@@ -30,6 +30,7 @@ import numpy as np
 
 from readers.order import EpochPlan
 from readers.prefetch import ReadStats
+from shuffler.format.schema import Schema
 from shuffler.io.chunks import ChunkTable, iter_decoded
 from shuffler.io.rolling import DEFAULT_CHUNK_BYTES
 from shuffler.keys import mix_key, permutation
@@ -143,8 +144,11 @@ class _Loaded:
 class PieceLoader:
     """Loads pieces on one background thread (decoding on `threads` more) into two reused slots."""
 
-    def __init__(self, bk: Buckets, *, seed: int, epoch: int, columns: tuple[str, ...], threads: int):
+    def __init__(self, bk: Buckets, *, seed: int, epoch: int, columns: tuple[str, ...], threads: int,
+                 read: Schema | None = None):
         self.bk, self.seed, self.epoch, self.columns, self.threads = bk, seed, epoch, columns, threads
+        self.read = read or bk.schema
+        """The rows served (Schema.select): the fields asked for, copied out of each decoded chunk."""
         s = bk.schema
         self.col_types = dict(s.columns)
         self.slots = [None, None]
@@ -158,12 +162,12 @@ class PieceLoader:
         return self.pool.submit(self._load, piece, slot)
 
     def _buffers(self, slot: int, n: int):
-        s = self.bk.schema
+        s = self.read
         have = self.slots[slot]
         if have is None or have[0].shape[0] < n:
             cap = max(n, min(self.bk.capacity, 1 << 16))  # grow once to a piece's size, then reuse
             have = self.slots[slot] = (
-                np.empty((cap, s.d_model), dtype=s.storage_dtype),
+                np.empty((cap, s.row_width), dtype=s.row_dtype),
                 {c: np.empty(cap, dtype=self.col_types[c]) for c in self.columns},
             )
         return have[0][:n], {c: v[:n] for c, v in have[1].items()}
@@ -191,7 +195,7 @@ class PieceLoader:
             assert len(a) == int(sub.chunks["rows"][k]), "iter_decoded yields whole chunks"
             local = need_sorted[lo[k] : hi[k]] - starts[used[k]]
             dest = srt[lo[k] : hi[k]]
-            acts[dest] = a[local]
+            acts[dest] = self.bk.schema.project(a[local], self.read)
             for name, col in zip(names, c, strict=True):
                 if name in cols:
                     cols[name][dest] = col[local]
@@ -202,14 +206,15 @@ class PieceLoader:
 
 
 def bucket_batches(
-    bk: Buckets, plan: EpochPlan, first: int, *, columns: tuple[str, ...], threads: int, stats: ReadStats, alloc
+    bk: Buckets, plan: EpochPlan, first: int, *, columns: tuple[str, ...], threads: int, stats: ReadStats, alloc,
+    read: Schema | None = None,
 ) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray], None]]:
     """(batch index, acts, columns, None) for batches first.. of this consumer's epoch. acts: [rows, d_model]."""
     B, rows = plan.batch_size, plan.rows
     if first >= plan.n_batches:
         return
     todo = pieces(bk, plan, first * B)
-    loader = PieceLoader(bk, seed=plan.seed, epoch=plan.epoch, columns=columns, threads=threads)
+    loader = PieceLoader(bk, seed=plan.seed, epoch=plan.epoch, columns=columns, threads=threads, read=read)
     col_types = dict(bk.schema.columns)
     try:
         nxt = next(todo, None)

@@ -29,9 +29,11 @@ class StreamBatch(Batch):
 
     def pin_memory(self) -> StreamBatch:
         """Called by DataLoader(pin_memory=True) on CUDA machines."""
-        a = self.acts
-        acts = a.pin_memory() if hasattr(a, "pin_memory") else a
-        return StreamBatch(acts, self.columns, self.dtype, self.epoch, self.index, self.worker)
+        pin = lambda a: a.pin_memory() if hasattr(a, "pin_memory") else a  # noqa: E731
+        fields = {n: pin(a) for n, a in self.fields.items()}
+        acts = next(iter(fields.values())) if fields else pin(self.acts)
+        return StreamBatch(acts, self.columns, self.dtype, fields, self.field_dtypes, self.epoch, self.index,
+                           self.worker)
 
 
 def torch_device(device):
@@ -65,7 +67,9 @@ class Buffers:
         import torch
 
         tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}[self.schema.dtype]
-        return torch.empty((self.batch_size, self.schema.d_model), dtype=tdt, pin_memory=True)
+        if self.schema.multi:
+            tdt = torch.uint8  # packed rows of several fields (Schema.row_dtype), split on the device
+        return torch.empty((self.batch_size, self.schema.row_width), dtype=tdt, pin_memory=True)
 
     def _record(self):
         import torch
@@ -78,16 +82,16 @@ class Buffers:
         return t.to(self.device, non_blocking=True)
 
     def alloc(self, rows: int) -> np.ndarray:
-        """A [rows, d_model] buffer in storage dtype, rows <= batch_size."""
+        """A [rows, row_width] buffer in schema.row_dtype, rows <= batch_size."""
         if not self.staged:
-            return np.empty((rows, self.schema.d_model), dtype=self.schema.storage_dtype)
+            return np.empty((rows, self.schema.row_width), dtype=self.schema.row_dtype)
         if self.free:
             buf, ev = self.free.pop(0)
             ev.synchronize()  # its previous copy to the GPU must be done before it is overwritten
         else:
             buf = self._new_pinned()
             self.allocated += 1
-        arr = buf.numpy().view(self.schema.storage_dtype)[:rows]
+        arr = buf.numpy().view(self.schema.row_dtype)[:rows]
         self.lent[arr.ctypes.data] = buf
         return arr
 
@@ -99,13 +103,37 @@ class Buffers:
 
         buf = self.lent.pop(acts.ctypes.data, None) if self.staged else None
         t = torch.from_numpy(acts) if buf is None else buf[: acts.shape[0]]
-        if self.schema.dtype == "bfloat16":
+        if self.schema.dtype == "bfloat16" and not self.schema.multi:
             t = t.view(torch.bfloat16)  # same 16 bits: no float32 round trip
         if buf is None:
             return t.to(self.device)
         out = self._transfer(t)
         self.free.append((buf, self._record()))
         return out
+
+    def fields(self, acts) -> dict:
+        """{field: [rows, d_model]} of a batch from to_device(), each contiguous in its true dtype (numpy storage
+        dtype without a device); empty when the schema does not name its fields."""
+        s = self.schema
+        if not s.fields:
+            return {}
+        if not s.multi:
+            return {s.field_names[0]: acts}
+        if self.device is None:
+            return {n: np.ascontiguousarray(s.field_view(acts, n)) for n in s.field_names}
+        import torch
+
+        tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        return {n: acts[:, off : off + d * b].contiguous().view(tdt[t])
+                for (n, off, d, b), (_, _, t) in zip(s.field_bytes(), s.field_specs, strict=True)}
+
+    def batch(self, acts, cols: dict, *, epoch: int, index: int, worker: int) -> StreamBatch:
+        """The StreamBatch of a filled buffer: on the device, each field split out, `acts` the first field."""
+        t = self.to_device(acts)
+        fields = self.fields(t)
+        s = self.schema
+        return StreamBatch(next(iter(fields.values())) if fields else t, cols, s.dtype, fields,
+                           {n: dt for n, _, dt in s.field_specs} if fields else {}, epoch, index, worker)
 
     def discard(self, acts: np.ndarray) -> None:
         """Give back a buffer that will not be sent (its batch was compacted after a skipped chunk)."""

@@ -38,15 +38,39 @@ def unsplit_rows(
 ) -> None:
     """Write rows [lo, hi) of a decompressed chunk into acts[at:at+hi-lo] and cols[name][at:...].
 
-    acts: [batch, d_model] C-contiguous, storage dtype. Only the columns named in `cols` are copied.
+    acts: [batch, row_width] C-contiguous, schema.row_dtype. Only the columns named in `cols` are copied.
     """
-    d, s = schema.d_model, schema.itemsize
-    n, cnt = rows * d, hi - lo
-    src = np.frombuffer(raw, dtype=np.uint8)
-    dst = acts[at : at + cnt].view(np.uint8).reshape(cnt * d, s)
-    for k in range(s):  # one strided copy per byte plane, as codec.unsplit (2.5-3 GB/s)
-        dst[:, k] = src[k * n + lo * d : k * n + hi * d]
-    off = n * s
+    cnt = hi - lo
+    if not schema.multi:
+        d, s = schema.d_model, schema.itemsize
+        n = rows * d
+        src = np.frombuffer(raw, dtype=np.uint8)
+        dst = acts[at : at + cnt].view(np.uint8).reshape(cnt * d, s)
+        for k in range(s):  # one strided copy per byte plane, as codec.unsplit (2.5-3 GB/s)
+            dst[:, k] = src[k * n + lo * d : k * n + hi * d]
+        off = n * s
+    else:
+        dst, off = acts[at : at + cnt].view(np.uint8), 0
+        for _, at_row, d, s in schema.field_bytes():
+            unsplit_plane_rows(memoryview(raw)[off : off + rows * d * s], rows, d, s, lo, hi, dst[:, at_row : at_row + d * s])
+            off += rows * d * s
+    copy_columns(schema, raw, off, rows, lo, hi, cols, at)
+
+
+def unsplit_plane_rows(raw, rows: int, d: int, s: int, lo: int, hi: int, dst: np.ndarray) -> None:
+    """Rows [lo, hi) of one field's byte planes (`raw`: rows x d elements of s bytes) into dst [hi - lo, d x s]
+    bytes (a column slice of packed rows, or a whole field's rows)."""
+    n = rows * d
+    src = np.frombuffer(raw, dtype=np.uint8, count=n * s)
+    out = dst.reshape(hi - lo, d, s)  # splits the contiguous last axis: a view, never a copy
+    for k in range(s):
+        out[:, :, k] = src[k * n + lo * d : k * n + hi * d].reshape(hi - lo, d)
+
+
+def copy_columns(schema: Schema, raw, off: int, rows: int, lo: int, hi: int, cols: dict[str, np.ndarray],
+                 at: int) -> None:
+    """Rows [lo, hi) of the columns stored from byte `off` of raw into cols[name][at:...] (those named only)."""
+    cnt = hi - lo
     for name, dt in schema.columns:
         size = np.dtype(dt).itemsize
         if name in cols:
@@ -98,10 +122,19 @@ class Assembler:
 
     def __init__(
         self, dataset: Dataset, *, columns: tuple[str, ...], threads: int, prefetch: int,
-        skip_damaged: bool, stats: ReadStats, alloc: Allocator,
+        skip_damaged: bool, stats: ReadStats, alloc: Allocator, read: Schema | None = None,
     ):
         self.dataset = dataset
         self.schema = dataset.schema
+        self.read = read or self.schema
+        """The rows this assembler fills (Schema.select): some fields of a several-field dataset decode only
+        those fields' frames, and the columns' frame only if columns are asked for."""
+        self.frames: list[int] | None = None
+        if self.read != self.schema:
+            names = self.schema.field_names
+            self.frames = [names.index(n) for n in self.read.field_names]
+            if columns:
+                self.frames.append(len(names))
         self.columns = columns
         self.prefetch = prefetch
         self.threads = threads
@@ -128,6 +161,8 @@ class Assembler:
         start, end = int(e["offset"]), int(e["offset"] + e["comp_len"])
         where = f"{ds.store.url_of(info.name)} chunk {unit.chunk}"
         try:
+            if self.frames is not None:
+                return self._fields_task(unit, pieces, where)
             raw = self.reader.read(self.schema, info.name, start, end, int(e["rows"]), int(e["checksum"]), where=where)
         except FormatError as err:  # ChecksumError included
             if isinstance(err, ChecksumError):
@@ -138,6 +173,31 @@ class Assembler:
         for slot, at, lo, hi in pieces:
             unsplit_rows(self.schema, raw, int(e["rows"]), lo, hi, slot.acts, slot.cols, at)
         return None
+
+    def _fields_task(self, unit: Unit, pieces: list[tuple[_Slot, int, int, int]], where: str) -> None:
+        """Fetch and decode only the frames of the fields asked for (and the columns' if asked for), with one
+        batched read, and un-split them into the slots' rows (docs/format.md, "Several fields")."""
+        ds = self.dataset
+        name = ds.shards[unit.shard].name
+        fr = ds.index(unit.shard).frames[unit.chunk][self.frames]
+        starts, ends = fr["offset"].astype(np.int64), (fr["offset"] + fr["comp_len"]).astype(np.int64)
+        blobs = self.reader.frames([name] * len(fr), starts.tolist(), ends.tolist())
+        raws = [self.reader.check_frame(b, int(a), int(z), int(f["raw_len"]), int(f["checksum"]),
+                                        where=f"{where} frame {k}")
+                for b, a, z, f, k in zip(blobs, starts, ends, fr, self.frames, strict=True)]
+        rows = int(fr["rows"][0])
+        for slot, at, lo, hi in pieces:
+            dst = slot.acts[at : at + hi - lo].view(np.uint8)
+            for raw, (_, off, d, s) in zip(raws, self.read.field_bytes(), strict=False):
+                unsplit_plane_rows(raw, rows, d, s, lo, hi, dst[:, off : off + d * s])
+            if self.columns:
+                copy_columns(self.schema, raws[-1], 0, rows, lo, hi, slot.cols, at)
+
+    def read_bytes(self, unit: Unit) -> int:
+        """Compressed bytes a unit fetches: its chunk, or the frames of the fields (and columns) asked for."""
+        if self.frames is not None:
+            return int(self.dataset.index(unit.shard).frames[unit.chunk][self.frames]["comp_len"].sum())
+        return int(self.dataset.index(unit.shard).entries[unit.chunk]["comp_len"])
 
     def batches(
         self, units: Iterator[Unit], *, rows: int, batch_rows: int, first: int
@@ -197,8 +257,7 @@ class Assembler:
             pos, lo = pos + take, lo + take
         fut = self.pool.submit(self._task, unit, pieces)
         self._futures.add(fut)
-        e = self.dataset.index(unit.shard).entries[unit.chunk]
-        self.stats.bytes_read += int(e["comp_len"])
+        self.stats.bytes_read += self.read_bytes(unit)
         for slot, *_ in pieces:
             slot.tasks.append((fut, unit))
 

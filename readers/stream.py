@@ -72,6 +72,9 @@ class StreamConfig:
     permuted in memory per (seed, epoch, bucket) (readers/buckets.py). No `shuffler shuffle` needed."""
     memory: int | str | None = None
     """With permute_buckets: bytes for the bucket being served and the one prefetched (default 2 GiB)."""
+    fields: tuple[str, ...] = ()
+    """Activation fields to decode, by name (default: every field). Only their frames are fetched and decoded
+    (docs/format.md, "Several fields"); batch.field(name) returns each, and batch.acts is the first named."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "prefetch", "threads", "world_size", "rank", "buffer_shuffle", "seed"):
@@ -93,6 +96,8 @@ class StreamConfig:
         if self.permute_buckets and self.buffer_shuffle:
             raise ValueError("permute_buckets and buffer_shuffle exclude each other: permute_buckets already "
                              "serves a uniform permutation")
+        if not isinstance(self.fields, tuple) or not all(isinstance(f, str) for f in self.fields):
+            raise ValueError(f"fields={self.fields!r} must be a tuple of field names")
         if self.memory is not None and not self.permute_buckets:
             raise ValueError(f"memory={self.memory!r} applies only with permute_buckets=True")
 
@@ -113,6 +118,9 @@ def stream_config(config: StreamConfig | None = None, /, **options) -> StreamCon
                         "options by keyword (batch_size=...)")
     if "columns" in options:
         options["columns"] = tuple(options["columns"])
+    if "fields" in options:
+        f = options["fields"]
+        options["fields"] = (f,) if isinstance(f, str) else tuple(f)
     if options.get("device") is not None:
         options["device"] = str(options["device"])
     for name in ("rank", "world_size"):
@@ -145,6 +153,11 @@ class ActivationStream:
             raise ValueError(
                 f"{self.url}: columns {missing} are not in the dataset; it has {list(self.manifest.schema.column_names)}"
             )
+        try:
+            self.read_schema = self.manifest.schema.select(self.config.fields)
+            """The rows this stream decodes: the fields asked for (Schema.select), every column."""
+        except ValueError as e:
+            raise ValueError(f"{self.url}: {e}") from None
         self._buckets = None
         if self.config.permute_buckets:
             from readers.buckets import Buckets
@@ -303,7 +316,7 @@ class ActivationStream:
         if self._finished:
             self._epoch, self._batch, self._base, self._finished = 0, 0, (0, ()), False
         ds = self.dataset
-        bufs = Buffers(ds.schema, c.batch_size, self._device)
+        bufs = Buffers(self.read_schema, c.batch_size, self._device)
         worker = self._split()[0]
         col_bytes = sum(np.dtype(dict(ds.schema.columns)[n]).itemsize for n in c.columns)
         while self._epoch < c.epochs:
@@ -317,8 +330,8 @@ class ActivationStream:
                     continue  # every row of this batch was in skipped damaged chunks
                 self.stats.batches += 1
                 self.stats.rows += len(acts)
-                self.stats.bytes_decoded += len(acts) * (ds.schema.act_row_bytes + col_bytes)
-                yield StreamBatch(bufs.to_device(acts), cols, ds.dtype, self._epoch, b, worker)
+                self.stats.bytes_decoded += len(acts) * (self.read_schema.act_row_bytes + col_bytes)
+                yield bufs.batch(acts, cols, epoch=self._epoch, index=b, worker=worker)
             self._epoch += 1
             self._batch = 0
         self._finished = True
@@ -327,7 +340,7 @@ class ActivationStream:
         c = self.config
         return Assembler(
             ds, columns=c.columns, threads=c.threads, prefetch=prefetch,
-            skip_damaged=c.on_damaged == "skip", stats=self.stats, alloc=alloc,
+            skip_damaged=c.on_damaged == "skip", stats=self.stats, alloc=alloc, read=self.read_schema,
         )
 
     def _epoch_batches(self, ds: Dataset, plan: EpochPlan, first: int, bufs: Buffers):
@@ -339,7 +352,8 @@ class ActivationStream:
             from readers.buckets import bucket_batches
 
             yield from bucket_batches(self._buckets, plan, first, columns=self.config.columns,
-                                      threads=self.config.threads, stats=self.stats, alloc=bufs.alloc)
+                                      threads=self.config.threads, stats=self.stats, alloc=bufs.alloc,
+                                      read=self.read_schema)
             return
         if not self.config.buffer_shuffle:
             asm = self._assembler(ds, self.config.prefetch, bufs.alloc)
@@ -365,7 +379,7 @@ class ActivationStream:
             return
         size = lambda k: min(N, total - k * N)  # noqa: E731  rows of block k (the epoch's last one is short)
         units = (u for i, k in enumerate(need) for u in plan.range_units(k * N, k * N + size(k), i * N))
-        alloc_np = lambda n: np.empty((n, ds.d_model), dtype=ds.schema.storage_dtype)  # noqa: E731
+        alloc_np = lambda n: np.empty((n, self.read_schema.row_width), dtype=self.read_schema.row_dtype)  # noqa: E731
         asm = self._assembler(ds, 2, alloc_np)  # 2 blocks: the next one decodes while this one is served
         blocks = asm.batches(units, rows=(len(need) - 1) * N + size(need[-1]), batch_rows=N, first=0)
         pieces = plan.sequence(first * B)

@@ -8,7 +8,7 @@ import time
 import uuid
 
 from shuffler.errors import SchemaError
-from shuffler.format.convert import acts_to_storage, columns_to_storage, nonfinite_count
+from shuffler.format.convert import columns_to_storage, fields_to_storage, nonfinite_fields
 from shuffler.format.manifest import (
     MANIFEST,
     Manifest,
@@ -41,8 +41,9 @@ class ShardWriter:
         self,
         url: str,
         *,
-        d_model: int,
-        dtype: str,
+        d_model: int | None = None,
+        dtype: str | None = None,
+        fields: dict[str, tuple[int, str]] | None = None,
         columns: tuple[tuple[str, str], ...] | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -54,7 +55,16 @@ class ShardWriter:
         threads: int = 2,
         scatter: ScatterSpec | None = None,
     ):
-        self.schema = Schema(dtype=dtype, d_model=d_model, columns=standard_columns() if columns is None else columns)
+        cols = standard_columns() if columns is None else columns
+        if fields is not None:
+            # Several activation fields per row (issue 19): {name: (d_model, dtype)}, stored in this order.
+            if d_model is not None or dtype is not None:
+                raise ValueError("give either fields={name: (d_model, dtype), ...} or d_model= and dtype=, not both")
+            self.schema = Schema.of_fields(fields, columns=cols)
+        else:
+            if d_model is None or dtype is None:
+                raise ValueError("ShardWriter needs d_model= and dtype= (or fields={name: (d_model, dtype), ...})")
+            self.schema = Schema(dtype=dtype, d_model=d_model, columns=cols)
         if chunk_bytes < self.schema.row_bytes or chunk_bytes > (1 << 31):
             raise ValueError(f"chunk_bytes={chunk_bytes} must hold at least one {self.schema.row_bytes}-byte row and be < 2 GiB")
         if shard_bytes < chunk_bytes:
@@ -136,17 +146,19 @@ class ShardWriter:
             self.abort()
 
     def write(self, acts, **columns) -> None:
-        """Append rows. acts: [rows, d_model] numpy or torch (any device); one 1-D array per column."""
+        """Append rows. acts: [rows, d_model] numpy or torch (any device), or with fields= a dict
+        {field name: [rows, d_model] array} naming every field; one 1-D array per column."""
         if self._done:
             raise ValueError(f"ShardWriter for {self.url} is closed")
-        a = acts_to_storage(self.schema, acts)
+        a = fields_to_storage(self.schema, acts)
         cols = columns_to_storage(self.schema, a.shape[0], columns)
         if not self.allow_nonfinite:
-            bad = nonfinite_count(self.schema, a)
+            bad = nonfinite_fields(self.schema, a)
             if bad:
+                where = "" if not self.schema.fields else f" (field {', '.join(map(repr, bad))})"
                 raise ValueError(
-                    f"{self.url}: batch after row {self.rows_written} holds {bad} NaN/inf values; "
-                    "pass allow_nonfinite=True to store them"
+                    f"{self.url}: batch after row {self.rows_written} holds {sum(bad.values())} NaN/inf values"
+                    f"{where}; pass allow_nonfinite=True to store them"
                 )
         self._rolling.append(a, cols)
         self.rows_written += a.shape[0]

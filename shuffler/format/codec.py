@@ -11,6 +11,7 @@ XXH64 of the uncompressed bytes), so verifying a chunk costs nothing beyond deco
 from __future__ import annotations
 
 import threading
+import zlib
 
 import numpy as np
 import zstandard
@@ -52,41 +53,98 @@ def raw_chunk_bytes(schema: Schema, rows: int) -> int:
     return rows * schema.row_bytes
 
 
-def encode_chunk(schema: Schema, acts: np.ndarray, columns: list[np.ndarray], level: int) -> tuple[bytes, int]:
-    """Encode rows into one zstd frame. Returns (frame, checksum), checksum = low 32 bits of XXH64.
+def frame_sizes(schema: Schema, rows: int) -> list[int]:
+    """Uncompressed bytes of each frame of a chunk of `rows` rows: one frame (planes, then columns) for one field;
+    with several fields one per field (its planes), then one for the columns if there are any."""
+    if not schema.multi:
+        return [rows * schema.row_bytes]
+    out = [rows * d * s for _, _, d, s in schema.field_bytes()]
+    if schema.columns:
+        out.append(rows * (schema.row_bytes - schema.act_row_bytes))
+    return out
 
-    acts: [rows, d_model] in schema.storage_dtype; columns: one 1-D array per schema column, same rows.
-    """
-    rows = acts.shape[0]
-    n = rows * schema.d_model
-    s = schema.itemsize
-    buf = _scratch(raw_chunk_bytes(schema, rows))
-    planes = buf[: n * s].reshape(s, n)
-    src = np.ascontiguousarray(acts).view(np.uint8).reshape(n, s)
-    np.copyto(planes, src.T)  # [itemsize, rows*d_model]: plane k holds byte k of every element
-    off = n * s
+
+def combined_checksum(checksums: list[int]) -> int:
+    """A several-frame chunk's index checksum: CRC-32 of its frames' checksums (u32 little-endian, in order)."""
+    return zlib.crc32(b"".join(int(c).to_bytes(4, "little") for c in checksums))
+
+
+def _split_into(schema: Schema, buf: np.ndarray, acts: np.ndarray, columns: list[np.ndarray]) -> None:
+    """Write the byte planes of every field, then the columns, into buf (the layout of docs/format.md)."""
+    rows, off = acts.shape[0], 0
+    for name, _, d, s in schema.field_bytes():
+        n = rows * d
+        src = np.ascontiguousarray(schema.field_view(acts, name)).view(np.uint8).reshape(n, s)
+        np.copyto(buf[off : off + n * s].reshape(s, n), src.T)  # plane k holds byte k of every element
+        off += n * s
     for (_, dt), col in zip(schema.columns, columns, strict=True):
         nb = rows * np.dtype(dt).itemsize
         buf[off : off + nb] = np.ascontiguousarray(col, dtype=np.dtype(dt).newbyteorder("<")).view(np.uint8)
         off += nb
-    frame = _compressor(level).compress(buf)
-    return frame, int.from_bytes(frame[-4:], "little")
+
+
+def encode_chunk(schema: Schema, acts: np.ndarray, columns: list[np.ndarray], level: int) -> tuple[bytes, int]:
+    """Encode rows into one zstd frame (several fields: one frame per field and one for the columns, back to
+    back). Returns (frames, checksum): the frame's low 32 bits of XXH64, or combined_checksum of the frames'.
+
+    acts: [rows, row_width] in schema.row_dtype; columns: one 1-D array per schema column, same rows.
+    """
+    rows = acts.shape[0]
+    buf = _scratch(raw_chunk_bytes(schema, rows))
+    _split_into(schema, buf, acts, columns)
+    c = _compressor(level)
+    if not schema.multi:
+        frame = c.compress(buf)
+        return frame, int.from_bytes(frame[-4:], "little")
+    frames, off = [], 0
+    for size in frame_sizes(schema, rows):
+        frames.append(c.compress(buf[off : off + size]))
+        off += size
+    return b"".join(frames), combined_checksum([int.from_bytes(f[-4:], "little") for f in frames])
 
 
 def decode_chunk(
     schema: Schema, frame: bytes | memoryview, rows: int, checksum: int, *, where: str
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Decode one frame into (acts [rows, d_model], {column: [rows]}), checking size and checksum first.
+    """Decode one chunk into (acts [rows, row_width], {column: [rows]}), checking size and checksum first.
 
     `where` names the object and chunk for error messages.
     """
     return unsplit(schema, decompress_chunk(schema, frame, rows, checksum, where=where), rows)
 
 
-def decompress_chunk(schema: Schema, frame: bytes | memoryview, rows: int, checksum: int, *, where: str) -> bytes:
-    """The frame's uncompressed bytes (byte planes, then columns), after the size and checksum checks;
-    ChecksumError or FormatError naming `where` for a damaged frame."""
-    expected = raw_chunk_bytes(schema, rows)
+def frame_spans(data: bytes | memoryview, *, where: str) -> list[tuple[int, int]]:
+    """(start, end) of each zstd frame in `data`, frames back to back, found from the frame and block headers
+    (RFC 8878, sections 3.1.1 and 3.1.1.2) without decoding. FormatError naming `where` if they do not tile it."""
+    mv, pos, out = memoryview(data), 0, []
+    while pos < len(mv):
+        try:
+            head = zstandard.frame_header_size(mv[pos : pos + 18])
+            params = zstandard.get_frame_parameters(mv[pos : pos + 18])
+        except zstandard.ZstdError as e:
+            raise ChecksumError(f"{where}: no zstd frame at byte {pos} of the chunk ({e})") from None
+        p = pos + head
+        while True:
+            if p + 3 > len(mv):
+                raise ChecksumError(f"{where}: zstd frame at byte {pos} of the chunk is truncated")
+            h = int.from_bytes(mv[p : p + 3], "little")
+            last, kind, size = h & 1, (h >> 1) & 3, h >> 3
+            if kind == 3:
+                raise ChecksumError(f"{where}: reserved zstd block type at byte {p} of the chunk (damaged)")
+            p += 3 + (1 if kind == 1 else size)
+            if last:
+                break
+        p += 4 if params.has_checksum else 0
+        if p > len(mv):
+            raise ChecksumError(f"{where}: zstd frame at byte {pos} of the chunk runs past its end")
+        out.append((pos, p))
+        pos = p
+    return out
+
+
+def decompress_frame(frame: bytes | memoryview, expected: int, checksum: int, *, where: str) -> bytes:
+    """One frame's uncompressed bytes after the size and checksum checks: it must declare `expected` bytes
+    (refused before allocating otherwise) and carry `checksum`; ChecksumError or FormatError naming `where`."""
     frame = memoryview(frame)
     if len(frame) < 12:  # magic, frame header, one block header, checksum
         raise FormatError(f"{where}: chunk frame is {len(frame)} bytes, too short to be a zstd frame")
@@ -94,12 +152,9 @@ def decompress_chunk(schema: Schema, frame: bytes | memoryview, rows: int, check
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as e:
         raise ChecksumError(f"{where}: chunk is not a valid zstd frame ({e})") from None
-    # Refuse before allocating: a frame that claims more than rows x row_bytes is damaged or hostile.
+    # Refuse before allocating: a frame that claims more than the index allows is damaged or hostile.
     if params.content_size != expected:
-        raise ChecksumError(
-            f"{where}: frame declares {params.content_size} uncompressed bytes, index says {rows} rows x "
-            f"{schema.row_bytes} B = {expected}"
-        )
+        raise ChecksumError(f"{where}: frame declares {params.content_size} uncompressed bytes, the index says {expected}")
     if not params.has_checksum or int.from_bytes(frame[-4:], "little") != checksum:
         raise ChecksumError(f"{where}: frame checksum does not match the shard index (damaged chunk)")
     try:
@@ -111,23 +166,67 @@ def decompress_chunk(schema: Schema, frame: bytes | memoryview, rows: int, check
     return raw
 
 
-def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    n = rows * schema.d_model
-    s = schema.itemsize
-    src = np.frombuffer(raw, dtype=np.uint8)
-    acts = np.empty((rows, schema.d_model), dtype=schema.storage_dtype)
-    dst = acts.view(np.uint8).reshape(n, s)
+def decompress_chunk(schema: Schema, frame: bytes | memoryview, rows: int, checksum: int, *, where: str) -> bytes:
+    """The chunk's uncompressed bytes (every field's byte planes, then columns), after the size and checksum
+    checks; ChecksumError or FormatError naming `where` for a damaged chunk."""
+    if not schema.multi:
+        return decompress_frame(frame, raw_chunk_bytes(schema, rows), checksum, where=where)
+    if len(frame) < 12:
+        raise FormatError(f"{where}: chunk is {len(frame)} bytes, too short to hold zstd frames")
+    sizes = frame_sizes(schema, rows)
+    spans = frame_spans(frame, where=where)
+    if len(spans) != len(sizes):
+        raise ChecksumError(f"{where}: chunk holds {len(spans)} zstd frames, its schema needs {len(sizes)}")
+    mv = memoryview(frame)
+    sums = [int.from_bytes(mv[e - 4 : e], "little") for _, e in spans]
+    if combined_checksum(sums) != checksum:
+        raise ChecksumError(f"{where}: frame checksums do not match the shard index (damaged chunk)")
+    parts = [decompress_frame(mv[a:b], size, c, where=f"{where} frame {k}")
+             for k, ((a, b), size, c) in enumerate(zip(spans, sizes, sums, strict=True))]
+    return b"".join(parts)
+
+
+def unsplit_field(raw: bytes | memoryview, rows: int, d: int, s: int, dst: np.ndarray) -> None:
+    """Un-split one field's byte planes `raw` (rows x d elements of s bytes) into dst, [rows, d x s] bytes (may be
+    a column slice of packed rows)."""
+    n = rows * d
+    src = np.frombuffer(raw, dtype=np.uint8, count=n * s)
+    out = dst.reshape(rows, d, s)
     # One strided copy per plane: 2.5-3 GB/s, where a transposing ascontiguousarray ran at 0.2-0.4 GB/s
     # (docs/benchmarks.md, "Measurements behind the design").
     for k in range(s):
-        dst[:, k] = src[k * n : (k + 1) * n]
-    cols = {}
-    off = n * s
+        out[:, :, k] = src[k * n : (k + 1) * n].reshape(rows, d)
+
+
+def unsplit_columns(schema: Schema, raw: bytes | memoryview, rows: int, offset: int) -> dict[str, np.ndarray]:
+    """The columns stored from byte `offset` of raw, each a fresh array of its dtype."""
+    cols, off = {}, offset
     for name, dt in schema.columns:
         d = np.dtype(dt).newbyteorder("<")
         cols[name] = np.frombuffer(raw, dtype=d, count=rows, offset=off).astype(np.dtype(dt), copy=True)
         off += rows * d.itemsize
-    return acts, cols
+    return cols
+
+
+def unsplit(schema: Schema, raw: bytes, rows: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(acts [rows, row_width] row_dtype, columns) from a chunk's uncompressed bytes."""
+    if not schema.multi:
+        n = rows * schema.d_model
+        s = schema.itemsize
+        src = np.frombuffer(raw, dtype=np.uint8)
+        acts = np.empty((rows, schema.d_model), dtype=schema.storage_dtype)
+        dst = acts.view(np.uint8).reshape(n, s)
+        # One strided copy per plane: 2.5-3 GB/s, where a transposing ascontiguousarray ran at 0.2-0.4 GB/s
+        # (docs/benchmarks.md, "Measurements behind the design").
+        for k in range(s):
+            dst[:, k] = src[k * n : (k + 1) * n]
+        return acts, unsplit_columns(schema, raw, rows, n * s)
+    acts = np.empty((rows, schema.row_width), dtype=np.uint8)
+    mv, at = memoryview(raw), 0
+    for _, off, d, s in schema.field_bytes():
+        unsplit_field(mv[at : at + rows * d * s], rows, d, s, acts[:, off : off + d * s])
+        at += rows * d * s
+    return acts, unsplit_columns(schema, raw, rows, at)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -58,6 +58,48 @@ def acts_to_storage(schema: Schema, acts, *, is_bf16_bits: bool = False) -> np.n
     return np.ascontiguousarray(a, dtype=schema.storage_dtype)
 
 
+def fields_to_storage(schema: Schema, given) -> np.ndarray:
+    """Rows of every activation field in memory form, [rows, row_width] schema.row_dtype (packed bytes with
+    several fields). `given` is {field name: [rows, d_model] array} (or one array for a one-field schema);
+    SchemaError naming the field for a missing, unknown or misshapen one."""
+    names = schema.field_names
+    if not isinstance(given, dict):
+        if schema.multi:
+            raise SchemaError(f"this dataset has {len(names)} activation fields {list(names)}: pass a dict of "
+                              f"field name -> [rows, d_model] array, got {type(given).__name__}")
+        return acts_to_storage(schema, given)
+    if set(given) != set(names):
+        missing, extra = sorted(set(names) - set(given)), sorted(set(given) - set(names))
+        raise SchemaError(f"activation fields given {sorted(given)} do not match the dataset's {list(names)} "
+                          f"(missing {missing}, unknown {extra})")
+    parts = []
+    for name, d, t in schema.field_specs:
+        try:
+            parts.append(acts_to_storage(Schema(dtype=t, d_model=d), given[name]))
+        except SchemaError as e:
+            raise SchemaError(f"field {name!r} ({d} x {t}): {e}") from None
+    rows = {p.shape[0] for p in parts}
+    if len(rows) != 1:
+        raise SchemaError(f"activation fields hold different row counts {dict(zip(names, [p.shape[0] for p in parts], strict=True))}; "
+                          "every field needs one row per token")
+    if not schema.multi:
+        return parts[0]
+    out = np.empty((parts[0].shape[0], schema.row_width), np.uint8)
+    for (_, off, d, s), p in zip(schema.field_bytes(), parts, strict=True):
+        out[:, off : off + d * s] = p.view(np.uint8)
+    return out
+
+
+def nonfinite_fields(schema: Schema, acts: np.ndarray) -> dict[str, int]:
+    """{field: NaN or infinite values} of rows in memory form, for the fields that hold any."""
+    out = {}
+    for name, d, t in schema.field_specs:
+        bad = nonfinite_count(Schema(dtype=t, d_model=d), schema.field_view(acts, name))
+        if bad:
+            out[name] = bad
+    return out
+
+
 _EXP_MASK = {"float32": (np.uint32, 0x7FFFFFFF, 0x7F800000), "float16": (np.uint16, 0x7FFF, 0x7C00),
              "bfloat16": (np.uint16, 0x7FFF, 0x7F80)}
 

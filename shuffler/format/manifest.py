@@ -131,7 +131,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME,
-            "format_version": VERSION,
+            "format_version": self.schema.version,  # 1 unless several fields (docs/format.md, "Several fields")
             **self.schema.to_json(),
             "num_rows": self.num_rows,
             "fingerprint": self.fingerprint.to_json(),
@@ -150,9 +150,13 @@ class Manifest:
             raise FormatError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: not an {FORMAT_NAME} manifest (field 'format' missing or different)")
-        if obj.get("format_version") != VERSION:
-            raise FormatError(f"{where}: format_version {obj.get('format_version')!r}, this code reads {VERSION}")
+        version = obj.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+            raise FormatError(f"{where}: format_version {version!r}, this code reads versions 1 to {VERSION}")
         schema = Schema.from_json(obj, where=where)
+        if schema.version != version:
+            raise FormatError(f"{where}: format_version {version} with {len(schema.field_specs)} activation fields; "
+                              f"that many fields are format_version {schema.version}")
         raw_shards = obj.get("shards")
         if not isinstance(raw_shards, list):
             raise FormatError(f"{where}: 'shards' must be a list")

@@ -1,8 +1,9 @@
 """The shard object: header, independent zstd chunks, footer index (byte layout in docs/format.md).
 
     header   8s magic "ACTSHARD" | u16 version | u16 flags | u32 schema_len | schema JSON (utf-8)
-    chunks   one zstd frame each (see codec.py)
+    chunks   one zstd frame each (see codec.py); version 2 (several fields): K frames each, back to back
     index    n_chunks x 24 B: u64 offset | u32 comp_len | u32 raw_len | u32 rows | u32 checksum
+             version 2: then n_chunks x K frame entries of the same 24 B, chunk by chunk
     trailer  32 B: u64 index_offset | u32 n_chunks | u32 crc32(index) | u64 rows | 8s magic "ACTSEND1"
 
 All integers little-endian. The index sits at the end so a writer can stream chunks without knowing their
@@ -19,11 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler.errors import FormatError
+from shuffler.format.codec import combined_checksum, frame_sizes, frame_spans
 from shuffler.format.schema import Schema
 
 MAGIC = b"ACTSHARD"
 END_MAGIC = b"ACTSEND1"
-VERSION = 1
+VERSION = 2
+"""Newest shard version: 2 holds several activation fields, one frame each (docs/format.md, "Several fields");
+a one-field shard is still written as version 1, byte for byte as before."""
 HEADER_FIXED = struct.Struct("<8sHHI")  # 16 bytes
 TRAILER = struct.Struct("<QIIQ8s")  # 32 bytes
 ENTRY = np.dtype([("offset", "<u8"), ("comp_len", "<u4"), ("raw_len", "<u4"), ("rows", "<u4"), ("checksum", "<u4")])
@@ -35,7 +39,7 @@ MAX_CHUNK_RAW = (1 << 32) - 1
 def encode_header(schema: Schema, level: int, extra: dict | None = None) -> bytes:
     body = dict(schema.to_json(), level=level, **(extra or {}))
     js = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return HEADER_FIXED.pack(MAGIC, VERSION, 0, len(js)) + js
+    return HEADER_FIXED.pack(MAGIC, schema.version, 0, len(js)) + js
 
 
 def decode_header(data: bytes, *, where: str) -> tuple[Schema, dict, int]:
@@ -45,8 +49,8 @@ def decode_header(data: bytes, *, where: str) -> tuple[Schema, dict, int]:
     magic, version, _flags, n = HEADER_FIXED.unpack_from(data)
     if magic != MAGIC:
         raise FormatError(f"{where}: bad magic {magic!r}, expected {MAGIC!r}: not a shard")
-    if version != VERSION:
-        raise FormatError(f"{where}: shard format version {version}, this code reads version {VERSION}")
+    if not 1 <= version <= VERSION:
+        raise FormatError(f"{where}: shard format version {version}, this code reads versions 1 to {VERSION}")
     if n > MAX_SCHEMA_BYTES or HEADER_FIXED.size + n > len(data):
         raise FormatError(f"{where}: header claims a {n}-byte schema, object has {len(data) - 16} bytes left")
     try:
@@ -54,6 +58,9 @@ def decode_header(data: bytes, *, where: str) -> tuple[Schema, dict, int]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{where}: header schema is not JSON ({e})") from None
     schema = Schema.from_json(body, where=where)
+    if schema.version != version:
+        raise FormatError(f"{where}: a version-{version} header holds {len(schema.field_specs)} activation fields, "
+                          f"which version {schema.version} stores")
     return schema, body, HEADER_FIXED.size + n
 
 
@@ -64,6 +71,9 @@ class ShardIndex:
     entries: np.ndarray  # structured [n_chunks] of ENTRY
     rows: int
     index_offset: int
+    frames: np.ndarray | None = None
+    """Version 2: [n_chunks, frames_per_chunk] ENTRY, each field's frame (then the columns'), so a reader can
+    fetch and decode only the fields it wants; None for version 1 (the chunk entry is its one frame)."""
 
     @property
     def n_chunks(self) -> int:
@@ -74,9 +84,10 @@ class ShardIndex:
         return np.concatenate([[0], np.cumsum(self.entries["rows"], dtype=np.int64)])
 
 
-def encode_footer(entries: list[tuple[int, int, int, int, int]], index_offset: int) -> bytes:
+def encode_footer(entries: list[tuple[int, int, int, int, int]], index_offset: int,
+                  frames: list[tuple[int, int, int, int, int]] | None = None) -> bytes:
     arr = np.array(entries, dtype=ENTRY) if entries else np.zeros(0, dtype=ENTRY)
-    blob = arr.tobytes()
+    blob = arr.tobytes() + (np.array(frames, dtype=ENTRY).tobytes() if frames else b"")
     rows = int(arr["rows"].sum()) if len(arr) else 0
     return blob + TRAILER.pack(index_offset, len(arr), zlib.crc32(blob), rows, END_MAGIC)
 
@@ -88,7 +99,8 @@ def decode_footer(tail: bytes, object_size: int, schema: Schema, *, where: str) 
     index_offset, n, crc, rows, magic = TRAILER.unpack_from(tail, len(tail) - TRAILER.size)
     if magic != END_MAGIC:
         raise FormatError(f"{where}: bad trailer magic {magic!r}, expected {END_MAGIC!r}: truncated or damaged")
-    index_len = n * ENTRY.itemsize
+    per = 1 + schema.frames_per_chunk if schema.multi else 1
+    index_len = n * per * ENTRY.itemsize
     if index_offset + index_len + TRAILER.size != object_size:
         raise FormatError(
             f"{where}: trailer says {n} chunks indexed at byte {index_offset}, which does not end at the object "
@@ -99,7 +111,7 @@ def decode_footer(tail: bytes, object_size: int, schema: Schema, *, where: str) 
     blob = bytes(tail[len(tail) - TRAILER.size - index_len : len(tail) - TRAILER.size])
     if zlib.crc32(blob) != crc:
         raise FormatError(f"{where}: shard index checksum mismatch: footer damaged")
-    entries = np.frombuffer(blob, dtype=ENTRY)
+    entries = np.frombuffer(blob, dtype=ENTRY, count=n)
     if int(entries["rows"].sum()) != rows:
         raise FormatError(f"{where}: index rows sum to {int(entries['rows'].sum())}, trailer says {rows}")
     ends = entries["offset"] + entries["comp_len"]
@@ -116,7 +128,32 @@ def decode_footer(tail: bytes, object_size: int, schema: Schema, *, where: str) 
             f"{where}: chunk {j} claims {entries['raw_len'][j]} uncompressed bytes for {entries['rows'][j]} rows "
             f"of {schema.row_bytes} B"
         )
-    return ShardIndex(entries=entries, rows=int(rows), index_offset=int(index_offset))
+    frames = None
+    if schema.multi:
+        frames = np.frombuffer(blob, dtype=ENTRY, offset=n * ENTRY.itemsize).reshape(n, per - 1)
+        _check_frames(entries, frames, schema, where=where)
+    return ShardIndex(entries=entries, rows=int(rows), index_offset=int(index_offset), frames=frames)
+
+
+def _check_frames(entries: np.ndarray, frames: np.ndarray, schema: Schema, *, where: str) -> None:
+    """A version-2 index's frame entries must tile their chunk, in order, with the sizes the schema gives."""
+    if not len(entries):
+        return
+    f = frames
+    ends = f["offset"] + f["comp_len"]
+    sizes = np.array([frame_sizes(schema, 1)], dtype=np.int64)  # [1, K] bytes per row
+    ok = (
+        (f["offset"][:, 0] == entries["offset"]).all()
+        and (f["offset"][:, 1:] == ends[:, :-1]).all()
+        and (ends[:, -1] == entries["offset"] + entries["comp_len"]).all()
+        and (f["rows"] == entries["rows"][:, None]).all()
+        and (f["raw_len"].astype(np.int64) == entries["rows"].astype(np.int64)[:, None] * sizes).all()
+    )
+    if not ok:
+        raise FormatError(f"{where}: the index's frame entries do not tile their chunks as the schema needs")
+    for j in range(len(entries)):
+        if combined_checksum(f["checksum"][j].tolist()) != int(entries["checksum"][j]):
+            raise FormatError(f"{where}: chunk {j}'s frame checksums do not match its entry: footer damaged")
 
 
 class ShardSink:
@@ -129,6 +166,7 @@ class ShardSink:
         f.write(header)
         self.pos = len(header)
         self.entries: list[tuple[int, int, int, int, int]] = []
+        self.frames: list[tuple[int, int, int, int, int]] = []
         self.rows = 0
 
     def add(self, frame: bytes, rows: int, checksum: int) -> None:
@@ -136,17 +174,23 @@ class ShardSink:
         assert raw_len <= MAX_CHUNK_RAW, "chunk too large for the index"
         self.f.write(frame)
         self.entries.append((self.pos, len(frame), raw_len, rows, checksum))
+        if self.schema.multi:  # each field's frame in the index, so a reader can fetch only the fields it wants
+            mv = memoryview(frame)
+            for (a, b), size in zip(frame_spans(mv, where="encoded chunk"), frame_sizes(self.schema, rows), strict=True):
+                self.frames.append((self.pos + a, b - a, size, rows, int.from_bytes(mv[b - 4 : b], "little")))
         self.pos += len(frame)
         self.rows += rows
 
     def finish(self) -> int:
         """Write the index and trailer. Returns the object's total size in bytes."""
-        footer = encode_footer(self.entries, self.pos)
+        footer = encode_footer(self.entries, self.pos, self.frames)
         self.f.write(footer)
         self.pos += len(footer)
         return self.pos
 
 
-def tail_bytes(n_chunks: int | None) -> int:
-    """How many bytes from the end to fetch to get the whole index in one read."""
-    return (n_chunks or 0) * ENTRY.itemsize + TRAILER.size
+def tail_bytes(n_chunks: int | None, schema: Schema | None = None) -> int:
+    """How many bytes from the end to fetch to get the whole index in one read (with a version-2 schema, the
+    frame entries too)."""
+    per = 1 + schema.frames_per_chunk if schema is not None and schema.multi else 1
+    return (n_chunks or 0) * per * ENTRY.itemsize + TRAILER.size

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shuffler.errors import FormatError
-from shuffler.format.codec import decompress_chunk, unsplit
+from shuffler.format.codec import decompress_chunk, decompress_frame, unsplit
 from shuffler.format.schema import Schema
 from shuffler.storage.direct import DirectReads
 from shuffler.storage.mapped import LocalMaps
@@ -151,6 +151,17 @@ class ChunkReader:
             if len(frame) != end - start:
                 raise FormatError(f"{where}: read {len(frame)} bytes, index says {end - start} (object truncated?)")
             return decompress_chunk(schema, frame, rows, checksum, where=where)
+        finally:
+            self.release(frame, start)
+
+    def check_frame(self, frame: bytes | memoryview, start: int, end: int, expected: int, checksum: int,
+                    *, where: str) -> bytes:
+        """One zstd frame of a several-field chunk (a field's, or the columns'), read from [start, end): its
+        `expected` uncompressed bytes after the same checks as check(). Its pages are released either way."""
+        try:
+            if len(frame) != end - start:
+                raise FormatError(f"{where}: read {len(frame)} bytes, index says {end - start} (object truncated?)")
+            return decompress_frame(frame, expected, checksum, where=where)
         finally:
             self.release(frame, start)
 

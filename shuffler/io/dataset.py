@@ -11,7 +11,7 @@ import numpy as np
 from shuffler.errors import ChecksumError, FormatError, SchemaError
 from shuffler.format.codec import decode_chunk, fingerprint_sum, row_hashes, unsplit
 from shuffler.format.manifest import MANIFEST, Fingerprint, Manifest, ShardInfo, read_manifest
-from shuffler.format.schema import Schema
+from shuffler.format.schema import DEFAULT_FIELD, Schema
 from shuffler.format.shard import ShardIndex, decode_footer, decode_header, tail_bytes
 from shuffler.io.chunks import ChunkReader
 from shuffler.storage.storage import Storage
@@ -21,15 +21,35 @@ from shuffler.storage.storage import Storage
 class Batch:
     """Rows of activations with their provenance columns.
 
-    acts: [rows, d_model] numpy (bfloat16 as raw uint16) or a torch tensor (true dtype) after `.to_torch()`.
+    acts: [rows, d_model] numpy (bfloat16 as raw uint16) or a torch tensor (true dtype) after `.to_torch()`;
+    with several activation fields, the first field. `field(name)` returns any field.
     """
 
     acts: np.ndarray
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     dtype: str = "float32"
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    """Every activation field by name, [rows, d_model] each (`acts` is the first), for a dataset that names its
+    fields; empty for one written without names, whose one field is "acts"."""
+    field_dtypes: dict[str, str] = field(default_factory=dict)
+    """Each named field's dtype ("float32", "float16", "bfloat16")."""
 
     def __len__(self) -> int:
         return int(self.acts.shape[0])
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(self.fields) or (DEFAULT_FIELD,)
+
+    def field(self, name: str):
+        """Field `name`'s rows, [rows, d_model] (numpy storage dtype, or torch after `.to_torch()`)."""
+        if self.fields:
+            if name not in self.fields:
+                raise KeyError(f"no activation field {name!r}; this batch has {list(self.fields)}")
+            return self.fields[name]
+        if name != DEFAULT_FIELD:
+            raise KeyError(f"no activation field {name!r}; this batch has [{DEFAULT_FIELD!r}]")
+        return self.acts
 
     def torch_acts(self, device=None, *, non_blocking: bool = False):
         """The activations as a torch tensor of the dataset's true dtype; bfloat16 is reinterpreted, not cast."""
@@ -44,7 +64,10 @@ class Batch:
         return t.to(device, non_blocking=non_blocking) if device is not None else t
 
     def to_torch(self, device=None, *, non_blocking: bool = False) -> Batch:
-        return Batch(self.torch_acts(device, non_blocking=non_blocking), self.columns, self.dtype)
+        fields = {n: Batch(a, dtype=self.field_dtypes[n]).torch_acts(device, non_blocking=non_blocking)
+                  for n, a in self.fields.items()}
+        acts = next(iter(fields.values())) if fields else self.torch_acts(device, non_blocking=non_blocking)
+        return Batch(acts, self.columns, self.dtype, fields, self.field_dtypes)
 
     def float32(self) -> np.ndarray:
         """Activations widened to float32 numpy (bfloat16 by shifting its bits into the high half)."""
@@ -54,7 +77,19 @@ class Batch:
         return a.astype(np.float32)
 
     def take(self, index: np.ndarray | slice) -> Batch:
-        return Batch(self.acts[index], {k: v[index] for k, v in self.columns.items()}, self.dtype)
+        fields = {k: v[index] for k, v in self.fields.items()}
+        acts = next(iter(fields.values())) if fields else self.acts[index]
+        return Batch(acts, {k: v[index] for k, v in self.columns.items()}, self.dtype, fields, self.field_dtypes)
+
+    @staticmethod
+    def of_rows(schema: Schema, acts: np.ndarray, columns: dict[str, np.ndarray]) -> Batch:
+        """A Batch of rows in memory form (schema.row_dtype: packed bytes with several fields), each field
+        contiguous."""
+        if not schema.fields:
+            return Batch(acts, columns, schema.dtype)
+        fields = {n: np.ascontiguousarray(schema.field_view(acts, n)) for n in schema.field_names}
+        dtypes = {n: t for n, _, t in schema.field_specs}
+        return Batch(fields[schema.field_names[0]], columns, schema.dtype, fields, dtypes)
 
     def to_arrow(self):
         """A pyarrow.RecordBatch over the same memory: `acts` as fixed_size_list[d_model] (bfloat16 as its
@@ -69,10 +104,13 @@ class Batch:
             raise ValueError("cannot concatenate zero batches")
         if len(batches) == 1:
             return batches[0]
+        fields = {k: np.concatenate([b.fields[k] for b in batches]) for k in batches[0].fields}
         return Batch(
-            np.concatenate([b.acts for b in batches]),
+            next(iter(fields.values())) if fields else np.concatenate([b.acts for b in batches]),
             {k: np.concatenate([b.columns[k] for b in batches]) for k in batches[0].columns},
             batches[0].dtype,
+            fields,
+            batches[0].field_dtypes,
         )
 
 
@@ -125,7 +163,17 @@ class Dataset:
 
     @property
     def d_model(self) -> int:
+        """The first field's d_model."""
         return self.schema.d_model
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The activation fields' names, in the writer's order ("acts" for a dataset written without names)."""
+        return self.schema.field_names
+
+    def field_spec(self, name: str) -> tuple[int, str]:
+        """(d_model, dtype) of field `name`; KeyError naming the fields there are."""
+        return self.schema.field_spec(name)
 
     @property
     def dtype(self) -> str:
@@ -151,7 +199,7 @@ class Dataset:
             return idx
         info = self.shards[i]
         where = self._where(i)
-        n = tail_bytes(info.chunks)
+        n = tail_bytes(info.chunks, self.schema)
         if info.bytes < n:
             raise FormatError(f"{where}: manifest says {info.bytes} bytes, too small for {info.chunks} chunks")
         try:
@@ -173,7 +221,7 @@ class Dataset:
     def decode(self, i: int, j: int, frame: bytes) -> Batch:
         e = self.index(i).entries[j]
         acts, cols = decode_chunk(self.schema, frame, int(e["rows"]), int(e["checksum"]), where=self._where(i, j))
-        return Batch(acts, cols, self.dtype)
+        return Batch.of_rows(self.schema, acts, cols)
 
     def chunk_range(self, i: int, j: int) -> tuple[int, int]:
         e = self.index(i).entries[j]
@@ -181,6 +229,10 @@ class Dataset:
 
     def read_chunk(self, i: int, j: int) -> Batch:
         """Chunk j of shard i: one ranged read (a view of the memory map if local), checksum checked."""
+        return Batch.of_rows(self.schema, *self.read_rows(i, j))
+
+    def read_rows(self, i: int, j: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Chunk j of shard i in memory form: (acts [rows, row_width] schema.row_dtype, columns)."""
         idx = self.index(i)
         if not 0 <= j < idx.n_chunks:
             raise IndexError(f"{self._where(i)} has {idx.n_chunks} chunks; chunk {j} does not exist")
@@ -188,8 +240,7 @@ class Dataset:
         start, end = self.chunk_range(i, j)
         rows = int(e["rows"])
         raw = self.reader.read(self.schema, self.shards[i].name, start, end, rows, int(e["checksum"]), where=self._where(i, j))
-        acts, cols = unsplit(self.schema, raw, rows)
-        return Batch(acts, cols, self.dtype)
+        return unsplit(self.schema, raw, rows)
 
     def close(self) -> None:
         """Unmap the local shards this dataset mapped (they are also unmapped when it is garbage collected).
@@ -214,13 +265,16 @@ class Dataset:
         for j, e in enumerate(idx.entries):
             a, b, rows = int(e["offset"]), int(e["offset"] + e["comp_len"]), int(e["rows"])
             raw = self.reader.check(self.schema, mv[a:b], a, b, rows, int(e["checksum"]), where=self._where(i, j))
-            acts, cols = unsplit(self.schema, raw, rows)
-            parts.append(Batch(acts, cols, self.dtype))
+            parts.append(unsplit(self.schema, raw, rows))
         del mv
         self.reader.release(blob, 0)
         if not parts:
-            return Batch(np.empty((0, self.d_model), self.schema.storage_dtype), self._empty_columns(), self.dtype)
-        return Batch.concat(parts)
+            return Batch.of_rows(self.schema, np.empty((0, self.schema.row_width), self.schema.row_dtype),
+                                 self._empty_columns())
+        if len(parts) == 1:
+            return Batch.of_rows(self.schema, *parts[0])
+        return Batch.of_rows(self.schema, np.concatenate([a for a, _ in parts]),
+                             {n: np.concatenate([c[n] for _, c in parts]) for n in self.schema.column_names})
 
     def _empty_columns(self) -> dict[str, np.ndarray]:
         return {n: np.empty(0, dtype=t) for n, t in self.schema.columns}
@@ -254,18 +308,18 @@ class Dataset:
         fp, kept = Fingerprint(), []
         for j in range(idx.n_chunks):
             try:
-                b = self.read_chunk(i, j)
+                acts, cols = self.read_rows(i, j)
             except (ChecksumError, FormatError) as e:
                 damage.append(Damage(info.name, j, str(e)))
                 continue
-            h = row_hashes(self.schema, b.acts, [b.columns[n] for n in self.schema.column_names])
-            fp = fp + Fingerprint(len(b), fingerprint_sum(h))
+            h = row_hashes(self.schema, acts, [cols[n] for n in self.schema.column_names])  # every field
+            fp = fp + Fingerprint(len(acts), fingerprint_sum(h))
             if visit is not None:
-                visit(b)
+                visit(Batch.of_rows(self.schema, acts, cols))
             if keep_hashes:
                 kept.append(h)
             if progress is not None:
-                progress(len(b), int(idx.entries[j]["raw_len"]))
+                progress(len(acts), int(idx.entries[j]["raw_len"]))
         return damage, fp, kept
 
     def check(self, *, progress=None, visit=None) -> tuple[list[Damage], Fingerprint]:

@@ -39,7 +39,7 @@ class ChunkBuffer:
 
     def __init__(self, schema: Schema, cap: int):
         # Pages are mapped lazily: a buffer costs nothing until rows arrive (then 2 MiB at a time: io/pages.py).
-        self.acts = huge_empty((cap, schema.d_model), schema.storage_dtype)  # [cap, d_model]
+        self.acts = huge_empty((cap, schema.row_width), schema.row_dtype)  # [cap, row_width]
         self.cols = [np.empty(cap, dtype=np.dtype(t)) for _, t in schema.columns]
 
 

@@ -54,7 +54,7 @@ def row_buffers(schema: Schema, rows: int, slot: str) -> tuple[np.ndarray, list[
     if have is None or have[0].shape[0] < rows or have[0].shape[0] > 2 * rows + (16 << 20) // schema.row_bytes:
         cache.pop(key, None)  # free the old one before allocating the new
         have = cache[key] = (
-            huge_empty((max(rows, 1), schema.d_model), schema.storage_dtype),  # 2 MiB pages: 1/512 the faults
+            huge_empty((max(rows, 1), schema.row_width), schema.row_dtype),  # 2 MiB pages: 1/512 the faults
             [np.empty(max(rows, 1), dtype=np.dtype(t)) for _, t in schema.columns],
         )
     return have[0][:rows], [c[:rows] for c in have[1]]
@@ -243,7 +243,7 @@ def write_intermediate(
 
 def read_intermediate_footer(store: Storage, name: str, out: MapOutput, schema: Schema) -> np.ndarray:
     """The index entries (shard.ENTRY) of a committed intermediate, checked against its marker."""
-    n = tail_bytes(out.n_chunks)
+    n = tail_bytes(out.n_chunks, schema)
     where = store.url_of(name)
     tail = store.read_range(name, out.size - n, out.size)
     idx = decode_footer(tail, out.size, schema, where=where)

@@ -123,7 +123,7 @@ class ScatterSink:
         if self.bufs:
             return self.bufs.pop()
         # np.empty maps pages lazily: a 128 MiB run buffer costs nothing until rows arrive.
-        return (np.empty((self.run_rows, self.schema.d_model), self.schema.storage_dtype),
+        return (np.empty((self.run_rows, self.schema.row_width), self.schema.row_dtype),
                 [np.empty(self.run_rows, np.dtype(t)) for _, t in self.schema.columns])
 
     def append(self, acts: np.ndarray, cols: list[np.ndarray]) -> None:
