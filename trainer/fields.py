@@ -36,9 +36,11 @@ class Fields:
 
     def read(self, batch, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(input [B, d_in], target [B, d_out]) of a batch as float32 (on `device`, if given); the same tensor
-        twice for an SAE."""
-        x = (batch.torch_acts(device) if self.input is None else _on(batch.field(self.input), device)).float()
-        return x, (_on(batch.field(self.target), device).float() if self.transcoder else x)
+        twice for an SAE. A batch of numpy rows (a stream without a device) is viewed as torch first, each
+        field in its true dtype (bfloat16 reinterpreted, not cast)."""
+        b = batch.to_torch()  # tensors stay where they are
+        x = (b.torch_acts(device) if self.input is None else _on(b.field(self.input), device)).float()
+        return x, (_on(b.field(self.target), device).float() if self.transcoder else x)
 
 
 def _on(t: torch.Tensor, device) -> torch.Tensor:
@@ -46,8 +48,15 @@ def _on(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def resolve_fields(ds: Dataset, input: str | None, target: str | None) -> Fields:
-    """The fields named `input` (None: the first) and `target` (None: the input) checked against `ds`'s."""
-    if input is None and target is None:
-        return Fields(None, None, ds.d_model, ds.d_model)
-    raise ValueError(f"{ds.url} holds one activation field; input={input!r} and target={target!r} "
-                     "need a dataset with named fields")
+    """The fields named `input` (None: the dataset's first) and `target` (None: the input) checked against
+    `ds`'s. An SAE on the first field reads it the way a one-field dataset is read (no `fields` option)."""
+    names = ds.fields
+    inp = names[0] if input is None else input
+    tgt = inp if target is None else target
+    for role, name in (("input", inp), ("target", tgt)):
+        if name not in names:
+            raise ValueError(f"{ds.url}: no activation field {name!r} (the {role}); its fields are {list(names)}")
+    d_in, d_out = ds.field_spec(inp)[0], ds.field_spec(tgt)[0]
+    if tgt == inp:
+        return Fields(None if inp == names[0] else inp, None, d_in, d_in)
+    return Fields(inp, tgt, d_in, d_out)
