@@ -163,3 +163,63 @@ def test_damaged_field_frame_is_found(tmp_path):
     Storage(url).write(name, bytes(data))
     damage, _ = Dataset.open(url).check()
     assert [(d.chunk, "frame 2" in d.message) for d in damage] == [(1, True)]
+
+
+def _retamper_index(url, name, edit):
+    """Apply edit(frames [n, K] ENTRY) to a version-2 index and fix the index CRC, so only the frame-entry
+    checks can notice."""
+    import zlib
+
+    from shuffler.format.shard import ENTRY, TRAILER
+
+    data = bytearray(Storage(url).read(name))
+    index_offset, n, _, _, _ = TRAILER.unpack_from(data, len(data) - TRAILER.size)
+    blob_end = len(data) - TRAILER.size
+    frames = np.frombuffer(data, ENTRY, offset=index_offset + n * ENTRY.itemsize,
+                           count=(blob_end - index_offset) // ENTRY.itemsize - n).copy()
+    edit(frames.reshape(n, -1))
+    data[index_offset + n * ENTRY.itemsize : blob_end] = frames.tobytes()
+    data[blob_end + 12 : blob_end + 16] = zlib.crc32(bytes(data[index_offset:blob_end])).to_bytes(4, "little")
+    Storage(url).write(name, bytes(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f["checksum"].__setitem__((0, 1), f["checksum"][0, 1] ^ 1), "frame checksums do not match"),
+    (lambda f: f["comp_len"].__setitem__((0, 0), f["comp_len"][0, 0] - 1), "do not tile their chunks"),
+    (lambda f: f["raw_len"].__setitem__((1, 2), f["raw_len"][1, 2] + 2), "do not tile their chunks"),
+])
+def test_forged_frame_entries_are_refused(tmp_path, edit, message):
+    from shuffler.errors import FormatError
+
+    url = str(tmp_path / "d")
+    write_fields(url)
+    name = Dataset.open(url).shards[0].name
+    _retamper_index(url, name, edit)
+    with pytest.raises(FormatError, match=message):
+        Dataset.open(url).index(0)
+    damage, _ = Dataset.open(url).check()
+    assert len(damage) == 1 and damage[0].chunk is None and message in damage[0].message
+
+
+def test_producers_write_parts_of_fields_and_seal_joins_them(tmp_path):
+    from shuffler.format.seal import seal
+
+    url = str(tmp_path / "d")
+    vals = field_values(1000)
+    for p, (a, z) in enumerate([(0, 400), (400, 1000)]):
+        with ShardWriter(url, fields=FIELDS, producer=f"gpu{p}", chunk_bytes=1 << 14) as w:
+            w.write({k: v[a:z] for k, v in vals.items()}, **cols(z - a, a))
+    with pytest.raises(SchemaError, match="fields"):  # a part of other fields cannot join
+        with ShardWriter(url, fields={"layer.2": (24, "bfloat16")}, producer="gpu9") as w:
+            w.write({"layer.2": vals["layer.2"][:5]}, **cols(5))
+        seal(url)
+    Storage(url).delete("parts/gpu9.json")
+    for name in Storage(url).list("gpu9/"):
+        Storage(url).delete(name)
+    Storage(url).delete("parts/gpu9.started")
+    m = seal(url)
+    assert m.schema.field_names == tuple(FIELDS) and m.num_rows == 1000
+    ds = Dataset.open(url)
+    ids = np.concatenate([ds.read_shard(i).columns["token_id"] for i in range(len(ds.shards))])
+    got = np.concatenate([ds.read_shard(i).field("layer.4") for i in range(len(ds.shards))])
+    np.testing.assert_array_equal(got, vals["layer.4"][ids])

@@ -91,3 +91,25 @@ def test_inspect_check_finds_a_damaged_field_after_a_shuffle(tmp_path):
     with pytest.raises(Exception, match="frame 1"):
         for _ in ActivationStream(dst, batch_size=100, fields=("layer.4",)):
             pass
+
+
+def test_inspect_shows_the_fields(tmp_path):
+    from click.testing import CliRunner
+
+    from shuffler.cli import main
+
+    url = str(tmp_path / "d")
+    write_fields(url)
+    r = CliRunner().invoke(main, ["inspect", url, "--check"])
+    assert r.exit_code == 0, r.output
+    assert "field        layer.4: d_model 40, float32," in r.output and "check        OK" in r.output
+    info = __import__("json").loads(CliRunner().invoke(main, ["inspect", url, "--json"]).output)
+    assert info["format_version"] == 2 and info["fields"][2] == ["mlp_out.4", 16, "float16"]
+    stored = info["field_stored_bytes"]
+    assert list(stored) == ["layer.2", "layer.4", "mlp_out.4", "(columns)"]
+    assert sum(stored.values()) < info["stored_bytes"]  # headers and indexes besides
+    one = str(tmp_path / "one")
+    with ShardWriter(one, d_model=4, dtype="float32") as w:
+        w.write(np.ones((10, 4), np.float32), **cols(10))
+    r = CliRunner().invoke(main, ["inspect", one])
+    assert "field " not in r.output  # a dataset written without names shows as before

@@ -88,7 +88,21 @@ def describe(ds: Dataset) -> dict:
         "compression_ratio": round(raw / m.stored_bytes, 4) if m.stored_bytes else None,
         "fingerprint": m.fingerprint.to_json(),
         "metadata": m.metadata,
+        "format_version": ds.schema.version,
+        "fields": [list(f) for f in ds.schema.field_specs],
+        **({"field_stored_bytes": field_stored_bytes(ds)} if ds.schema.multi else {}),
     }
+
+
+def field_stored_bytes(ds: Dataset) -> dict[str, int]:
+    """Compressed bytes of each field's frames (and the columns'), summed over every shard's index."""
+    names = [*ds.schema.field_names, *(["(columns)"] if ds.schema.columns else [])]
+    total = [0] * len(names)
+    for i in range(len(ds.shards)):
+        f = ds.index(i).frames
+        for k in range(len(names)):
+            total[k] += int(f["comp_len"][:, k].sum(dtype="int64"))
+    return dict(zip(names, total, strict=True))
 
 
 @click.command("inspect")
@@ -125,6 +139,11 @@ def inspect_cmd(url, as_json, check, rehash):
         click.echo(f"d_model      {info['d_model']}")
         click.echo(f"dtype        {info['dtype']}")
         click.echo(f"columns      {', '.join(f'{n}:{t}' for n, t in info['columns']) or '(none)'}")
+        if ds.schema.fields:  # named fields (issue 19); a dataset written without names shows as before
+            stored = info.get("field_stored_bytes", {})
+            for n, d, t in info["fields"]:
+                extra = f", {human_bytes(stored[n])} stored" if n in stored else ""
+                click.echo(f"field        {n}: d_model {d}, {t}{extra}")
         click.echo(f"shards       {info['shards']} ({info['chunks']} chunks)")
         click.echo(
             f"bytes        {human_bytes(info['stored_bytes'])} stored, {human_bytes(info['uncompressed_bytes'])} "

@@ -91,9 +91,9 @@ def import_cmd(src, dst, fmt, column, dtype, source_dtype, companions, drop, pos
         extra="Default: from DST's suffix (.arrow/.feather, .parquet).")
 @option(ExportConfig, "column", extra="arrow and parquet: default acts.")
 @option(ExportConfig, "compression", choices=COMPRESSIONS)
-@options(ExportConfig, "context_size", "drop_remainder", "row_group_bytes", "file_bytes", "overwrite")
+@options(ExportConfig, "context_size", "drop_remainder", "row_group_bytes", "file_bytes", "overwrite", "field")
 def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder, row_group_bytes, file_bytes,
-               overwrite):
+               overwrite, field):
     """Export the dataset at SRC to DST as Arrow IPC, Parquet, or a SAELens activation cache.
 
     \b
@@ -105,7 +105,8 @@ def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder,
                       bfloat16 is widened exactly to float32 (datasets has no bfloat16)
 
     Rows keep the dataset's order (globally shuffled, if SRC is a shuffle's output). DST appears only
-    when complete.
+    when complete. A dataset of several activation fields is exported one field at a time: --field NAME
+    (refused without it, naming the fields).
 
     \b
     Examples:
@@ -122,7 +123,7 @@ def export_cmd(src, dst, fmt, column, compression, context_size, drop_remainder,
             raise click.UsageError(f"cannot tell the format from {dst!r}; pass --format arrow, parquet or saelens")
     cfg = ExportConfig(format=fmt, column=column, compression=compression, context_size=context_size,
                        drop_remainder=drop_remainder, row_group_bytes=row_group_bytes, file_bytes=file_bytes,
-                       overwrite=overwrite)
+                       overwrite=overwrite, field=field)
     from shuffler.io.dataset import Dataset
 
     with Progress("export", Dataset.open(src).num_rows) as bar:

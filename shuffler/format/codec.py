@@ -6,6 +6,10 @@ On real activations the split lifts zstd-1 from 1.270x to 1.454x for bfloat16 an
 for float16, within 2.5% of the order-0 entropy bound; higher levels gain nothing and cost 2-10x
 (docs/benchmarks.md, "Measurements behind the design"). The frame carries zstd's own content checksum (low 32 bits of
 XXH64 of the uncompressed bytes), so verifying a chunk costs nothing beyond decoding it.
+
+With several activation fields (docs/format.md, "Several fields") a chunk is one such frame per field (its
+byte planes) and one for the columns, back to back, so a reader can fetch and decode only some fields; in
+memory such rows are packed bytes (Schema.row_dtype), every field of a row together.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from shuffler.format.schema import Schema
 from shuffler.interop.arrow import ACTS, numpy_to_arrow
 from shuffler.io.chunks import ChunkTable, iter_decoded
 from shuffler.io.dataset import Batch, Dataset
@@ -67,6 +68,9 @@ class ExportConfig:
     """Chunks read and decoded ahead, in parallel (zstd releases the GIL)."""
     overwrite: bool = False
     """Replace what is at DST."""
+    field: str | None = None
+    """The activation field to export, by name (docs/format.md, "Several fields"). Required for a dataset of
+    several fields: an export holds one activation column. saelens: the default --column is this name."""
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -97,14 +101,32 @@ class ExportReport:
     column: str = ACTS
 
 
-def iter_batches(ds: Dataset, *, threads: int = 4) -> Iterator[Batch]:
+def iter_batches(ds: Dataset, *, threads: int = 4, schema: Schema | None = None) -> Iterator[Batch]:
     """Every chunk of `ds` in stored order, read and decoded `threads` at a time by the chunk reader
     (shuffler/io/chunks.py: memory maps for local shards, batched ranged reads otherwise, about 32 MiB of
-    frames a batch, so memory stays bounded whatever the dataset's size); the first error re-raised."""
+    frames a batch, so memory stays bounded whatever the dataset's size); the first error re-raised.
+    `schema` (from export_schema) keeps one field of a several-field dataset as `acts`."""
     table = ChunkTable.of_datasets([ds])
     names = ds.schema.column_names
+    sch = schema or ds.schema
     for _, acts, cols in iter_decoded(table, 0, table.rows, threads=threads):
-        yield Batch(acts, dict(zip(names, cols, strict=True)), ds.dtype)
+        yield Batch(ds.schema.project(acts, sch), dict(zip(names, cols, strict=True)), sch.dtype)
+
+
+def export_schema(ds: Dataset, field: str | None) -> Schema:
+    """The one activation field an export writes, as a one-field schema with every column. ValueError for a
+    several-field dataset without `field`, or an unknown field, naming the dataset's fields."""
+    if field is None:
+        if ds.schema.multi:
+            raise ValueError(
+                f"{ds.url} holds {len(ds.fields)} activation fields {list(ds.fields)} and an export writes one "
+                f"activation column: pass --field NAME (field=NAME) to choose one, and export again for each"
+            )
+        return ds.schema
+    try:
+        return ds.schema.select((field,))
+    except ValueError as e:
+        raise ValueError(f"{ds.url}: --field {field!r}: {e}") from None
 
 
 def _split_url(dst: str) -> tuple[Storage, str]:
@@ -115,7 +137,7 @@ def _split_url(dst: str) -> tuple[Storage, str]:
     return Storage(parent or "."), name
 
 
-def _single_file(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
+def _single_file(ds: Dataset, sch: Schema, dst: str, cfg: ExportConfig, report: ExportReport,
                  progress: Callable[[int, int], None] | None) -> None:
     import pyarrow.parquet as pq
 
@@ -124,14 +146,14 @@ def _single_file(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     col = cfg.column or ACTS
     report.column = col
-    schema = Batch(np.empty((0, ds.d_model), ds.schema.storage_dtype),
-                   {n: np.empty(0, t) for n, t in ds.schema.columns}, ds.dtype).to_arrow().schema
+    schema = Batch(np.empty((0, sch.d_model), sch.storage_dtype),
+                   {n: np.empty(0, t) for n, t in sch.columns}, sch.dtype).to_arrow().schema
     schema = _renamed(schema, col)
     with store.open_atomic(name) as f:
         if cfg.format == "arrow":
             comp = None if cfg.compression in (None, "none") else cfg.compression
             with pa.ipc.new_file(f, schema, options=pa.ipc.IpcWriteOptions(compression=comp)) as w:
-                for b in iter_batches(ds, threads=cfg.threads):
+                for b in iter_batches(ds, threads=cfg.threads, schema=sch):
                     w.write_batch(_renamed_batch(b.to_arrow(), schema))
                     _count(report, b, progress)
         else:
@@ -141,7 +163,7 @@ def _single_file(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
                                   store_schema=True) as w:
                 pending: list[pa.RecordBatch] = []
                 size = 0
-                for b in iter_batches(ds, threads=cfg.threads):
+                for b in iter_batches(ds, threads=cfg.threads, schema=sch):
                     rb = _renamed_batch(b.to_arrow(), schema)
                     pending.append(rb)
                     size += rb.nbytes
@@ -179,7 +201,7 @@ def saelens_features(hook: str, ctx: int, d: int, dtype: str, columns: list[tupl
     return feats
 
 
-def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
+def _saelens(ds: Dataset, sch: Schema, dst: str, cfg: ExportConfig, report: ExportReport,
              progress: Callable[[int, int], None] | None) -> None:
     if "://" in dst and not dst.startswith("file://"):
         raise ValueError(f"{dst}: saelens export writes a local folder (SAELens loads it with datasets.load_from_disk)")
@@ -187,7 +209,7 @@ def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)) and not cfg.overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; pass --overwrite to replace it")
     # provenance: a shuffled import keeps hook_name and context_size in its sources' metadata
-    hook = cfg.column or ds.manifest.provenance("hook_name")
+    hook = cfg.column or (cfg.field if ds.schema.fields else None) or ds.manifest.provenance("hook_name")
     if not hook:
         raise ValueError(
             f"{ds.url}: saelens export needs the hook name SAELens is configured with; pass --column "
@@ -203,8 +225,8 @@ def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
     if n_ctx == 0:
         raise ValueError(f"{ds.url}: {ds.num_rows} rows do not fill one context of {ctx} rows")
     report.context_size, report.dropped_rows, report.column = ctx, rem, hook
-    d = ds.d_model
-    out_dtype = "float16" if ds.dtype == "float16" else "float32"  # no bfloat16 in datasets: widen exactly
+    d = sch.d_model
+    out_dtype = "float16" if sch.dtype == "float16" else "float32"  # no bfloat16 in datasets: widen exactly
     out_np = np.dtype(out_dtype)
     cols = list(ds.schema.columns)
     feats = saelens_features(hook, ctx, d, out_dtype, cols)
@@ -221,14 +243,14 @@ def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
     tmp = f"{dst}.tmp-{uuid.uuid4().hex[:12]}"
     os.makedirs(tmp)
     try:
-        contexts = _contexts(iter_batches(ds, threads=cfg.threads), ctx, n_ctx, max(1, (8 << 20) // ctx_bytes))
+        contexts = _contexts(iter_batches(ds, threads=cfg.threads, schema=sch), ctx, n_ctx, max(1, (8 << 20) // ctx_bytes))
         for k, name in enumerate(names):
             want = min(per_file, n_ctx - k * per_file)
             with pa.OSFile(os.path.join(tmp, name), "wb") as f, pa.ipc.new_stream(f, schema) as w:
                 while want:
                     acts, pcols = contexts.take(want)
                     k_ctx = acts.shape[0] // ctx
-                    flat = _widen(acts, ds.dtype, out_np)  # [k_ctx * ctx, d]
+                    flat = _widen(acts, sch.dtype, out_np)  # [k_ctx * ctx, d]
                     values = numpy_to_arrow(flat.reshape(-1))
                     inner = pa.ListArray.from_arrays(pa.array(np.arange(0, k_ctx * ctx + 1, dtype=np.int32) * d), values)
                     outer = pa.ListArray.from_arrays(pa.array(np.arange(0, k_ctx + 1, dtype=np.int32) * ctx), inner)
@@ -247,7 +269,7 @@ def _saelens(ds: Dataset, dst: str, cfg: ExportConfig, report: ExportReport,
         fp = ds.manifest.fingerprint
         finger = hashlib.sha256(f"{fp.rows}:{fp.hash_sum}:{hook}:{ctx}:{out_dtype}".encode()).hexdigest()[:16]
         with open(os.path.join(tmp, "shuffler_export.json"), "w") as f:
-            json.dump({"source": ds.url, "fingerprint": fp.to_json(), "dtype": ds.dtype, "context_size": ctx,
+            json.dump({"source": ds.url, "fingerprint": fp.to_json(), "dtype": sch.dtype, "context_size": ctx,
                        "dropped_rows": rem, "hook_name": hook}, f, indent=1)
         state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": finger, "_format_columns": None,
                  "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False, "_split": None}
@@ -312,9 +334,10 @@ def export_dataset(
     """Write the dataset at URL `src` to `dst` in `cfg.format`, rows in stored order."""
     report = ExportReport(url=dst, format=cfg.format)
     with Dataset.open(src) as ds:
+        sch = export_schema(ds, cfg.field)
         if cfg.format == "saelens":
-            _saelens(ds, dst, cfg, report, progress)
+            _saelens(ds, sch, dst, cfg, report, progress)
         else:
-            _single_file(ds, dst, cfg, report, progress)
+            _single_file(ds, sch, dst, cfg, report, progress)
     return report
 
