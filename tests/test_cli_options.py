@@ -37,7 +37,7 @@ COMMANDS = {
     "export": (ExportConfig, {}, _fields(ExportConfig, but=("threads",))),
     "capture": (CaptureConfig, {}, _fields(CaptureConfig)),
     "synth": (SynthConfig, {}, _fields(SynthConfig, but=("doc_features", "doc_bias", "noise"))),
-    "demo": (DemoConfig, {}, {"capture_tokens", "train_tokens", "latents", "k", "batch_size", "memory"}),
+    "demo": (DemoConfig, {}, {"capture_tokens", "train_tokens", "latents", "k", "batch_size", "memory", "transcoder"}),
 }
 
 
