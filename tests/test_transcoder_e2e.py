@@ -95,6 +95,9 @@ def test_an_sae_on_a_named_field_and_bad_names(two_fields, tmp_path):
     res = train(two_fields, tmp_path / "sae", cfg(tokens=512 * 4, input="layer.4", target=None), device="cpu",
                 progress=False)
     assert not res.sae.transcoder and res.sae.d_in == D_OUT
+    first = train(two_fields, tmp_path / "first", cfg(tokens=512 * 4, input=None, target=None), device="cpu",
+                  progress=False)
+    assert not first.sae.transcoder and first.sae.d_in == D_IN  # no names: the dataset's first field
     with pytest.raises(ValueError, match=r"no activation field 'layer.9' \(the target\); its fields are "
                                          r"\['layer.2', 'layer.4'\]"):
         train(two_fields, tmp_path / "bad", cfg(target="layer.9"), device="cpu", progress=False)

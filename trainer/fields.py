@@ -49,7 +49,7 @@ def _on(t: torch.Tensor, device) -> torch.Tensor:
 
 def resolve_fields(ds: Dataset, input: str | None, target: str | None) -> Fields:
     """The fields named `input` (None: the dataset's first) and `target` (None: the input) checked against
-    `ds`'s. An SAE on the first field reads it the way a one-field dataset is read (no `fields` option)."""
+    `ds`'s. A one-field dataset is read as before (no `fields` option)."""
     names = ds.fields
     inp = names[0] if input is None else input
     tgt = inp if target is None else target
@@ -57,6 +57,6 @@ def resolve_fields(ds: Dataset, input: str | None, target: str | None) -> Fields
         if name not in names:
             raise ValueError(f"{ds.url}: no activation field {name!r} (the {role}); its fields are {list(names)}")
     d_in, d_out = ds.field_spec(inp)[0], ds.field_spec(tgt)[0]
-    if tgt == inp:
-        return Fields(None if inp == names[0] else inp, None, d_in, d_in)
+    if tgt == inp:  # an SAE; on a several-field dataset the stream decodes its one field, not all of them
+        return Fields(None if len(names) == 1 else inp, None, d_in, d_in)
     return Fields(inp, tgt, d_in, d_out)
