@@ -20,6 +20,7 @@ from trainer import TopKSAE, TrainConfig, load_saelens, train
 from trainer import distributed as D
 from trainer.sae import loss_and_stats
 from trainer.train import TrainState, make_optimizer, train_step
+from writers import ShardWriter
 from writers.synth import SynthConfig, synth
 
 
@@ -119,9 +120,12 @@ def check_divergence_is_caught(rank: int) -> None:
         raise AssertionError("diverged replicas were not detected")
 
 
-def run_cfg(latent_shards: int) -> TrainConfig:
+def run_cfg(latent_shards: int, **kw) -> TrainConfig:
     return TrainConfig(n_latents=64, k=4, batch_size=256, tokens=256 * 12, lr=4e-3, dead_tokens=600,
-                       checkpoint_every=5, log_every=4, latent_shards=latent_shards)
+                       checkpoint_every=5, log_every=4, latent_shards=latent_shards, **kw)
+
+
+TC = {"input": "x", "target": "y"}  # the transcoder run's fields
 
 
 class Crash(Exception):
@@ -133,7 +137,7 @@ def crash_after_7(step: int) -> None:
         raise Crash
 
 
-def two_rank_worker(rank: int, port: int, url: str, out: str) -> None:
+def two_rank_worker(rank: int, port: int, url: str, out: str, tc_url: str) -> None:
     join_group(rank, 2, port)
     try:
         check_sharded_equals_whole(rank)
@@ -150,6 +154,8 @@ def two_rank_worker(rank: int, port: int, url: str, out: str) -> None:
             pass
         train(url, f"{out}/sharded", run_cfg(2), device="cpu", progress=False, resume=True,
               export_saelens=f"{out}/sharded-sae")
+        # A latent-sharded transcoder run (fields x -> y), exported: its shards are gathered like an SAE's.
+        train(tc_url, f"{out}/tc", run_cfg(2, **TC), device="cpu", progress=False, export_saelens=f"{out}/tc-sae")
     finally:
         dist.destroy_process_group()
 
@@ -171,8 +177,22 @@ def small_synth(tmp_path_factory):
     return url
 
 
-def test_two_processes_equal_one(small_synth, tmp_path):
-    mp.spawn(two_rank_worker, args=(free_port(), small_synth, str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def two_fields(tmp_path_factory):
+    """8192 rows of fields x [16] and y [12]: y a fixed linear map of x plus noise."""
+    url = str(tmp_path_factory.mktemp("dist") / "tc")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8192, 16, generator=g)
+    y = x @ torch.randn(16, 12, generator=g) + 0.1 * torch.randn(8192, 12, generator=g)
+    ids = torch.arange(8192)
+    with ShardWriter(url, fields={"x": (16, "float32"), "y": (12, "float32")}, chunk_bytes=1 << 16,
+                     shard_bytes=1 << 18) as w:
+        w.write({"x": x, "y": y}, token_id=ids, doc_id=ids, position=ids * 0)
+    return url
+
+
+def test_two_processes_equal_one(small_synth, two_fields, tmp_path):
+    mp.spawn(two_rank_worker, args=(free_port(), small_synth, str(tmp_path), two_fields), nprocs=2, join=True)
     # The whole latent-sharded run (12 steps, AuxK active after step 3, crashed after step 7 and resumed
     # from step 5) equals one uninterrupted process.
     torch.set_num_threads(1)
@@ -188,6 +208,12 @@ def test_two_processes_equal_one(small_synth, tmp_path):
     half = torch.load(ck / "shard-00001.pt", weights_only=True)["sae"]["W_dec"]
     assert half.shape == (32, 16)  # each rank saved only its own latents
     torch.testing.assert_close(half, single.sae.W_dec.detach()[32:], rtol=1e-4, atol=1e-5)
+    # The sharded transcoder equals one process's, weights and export alike.
+    tc = train(two_fields, tmp_path / "tc-single", run_cfg(1, **TC), device="cpu", progress=False)
+    sharded_tc = load_saelens(tmp_path / "tc-sae")
+    assert sharded_tc.transcoder and sharded_tc.W_dec.shape == (64, 12)
+    for name, p in tc.sae.state_dict().items():
+        torch.testing.assert_close(sharded_tc.state_dict()[name], p, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
