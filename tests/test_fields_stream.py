@@ -102,3 +102,43 @@ def test_unknown_field_is_refused(tmp_path):
     assert b.field("acts").shape == (10, 4) and b.field_names == ("acts",)
     with pytest.raises(ValueError, match=r"unknown \['layer\.4'\]; the dataset has \['acts'\]"):
         ActivationStream(one, batch_size=10, fields=("layer.4",))
+
+
+def test_staged_buffers_carry_packed_fields(tmp_path, monkeypatch):
+    """The CUDA path's logic on CPU (as tests/test_readers_torch.py does for one field): packed rows of several
+    fields are staged in reused uint8 buffers, copied, then split into each field's tensor of its true dtype."""
+    import readers.stream
+    from readers.device import Buffers
+
+    url = str(tmp_path / "d")
+    vals = write_fields(url)
+    made = []
+
+    class Event:
+        def synchronize(self):
+            pass
+
+    class CpuStaged(Buffers):
+        def __init__(self, schema, batch_size, device):
+            super().__init__(schema, batch_size, device, staged=True)
+            made.append(self)
+
+        def _new_pinned(self):  # as Buffers._new_pinned, without pin_memory (no CUDA here)
+            assert self.schema.multi and self.schema.row_width == 24 * 2 + 16 * 2
+            return torch.empty((self.batch_size, self.schema.row_width), dtype=torch.uint8)
+
+        def _record(self):
+            return Event()
+
+        def _transfer(self, t):
+            return t.clone()
+
+    monkeypatch.setattr(readers.stream, "Buffers", CpuStaged)
+    s = readers.stream.ActivationStream(url, batch_size=128, device="cpu", fields=("layer.2", "mlp_out.4"),
+                                        columns=("token_id",), prefetch=2)
+    ids = []
+    for b in s:
+        assert b.field("layer.2").dtype == torch.bfloat16 and b.field("mlp_out.4").dtype == torch.float16
+        ids.append(check_batch(b, vals))
+    assert sorted(np.concatenate(ids).tolist()) == list(range(3000))
+    assert made[0].allocated <= 6  # reused, not one per batch

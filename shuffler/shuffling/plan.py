@@ -210,7 +210,8 @@ class Plan:
         r, hb = self.request, human_bytes
         s = r.schema
         lines = [
-            f"data          {self.rows:,} rows x {s.d_model} {s.dtype}"
+            f"data          {self.rows:,} rows x "
+            + (" + ".join(f"{n} {d} {t}" for n, d, t in s.fields) if s.multi else f"{s.d_model} {s.dtype}")
             + (f" + {len(s.columns)} column(s)" if s.columns else "")
             + f" = {hb(self.raw_bytes)} uncompressed ({self.row_bytes} B/row)",
             f"memory        {hb(r.memory)} per task, {r.workers} worker(s) x {r.threads} codec thread(s)",
