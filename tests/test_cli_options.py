@@ -30,13 +30,14 @@ COMMANDS = {
     "shuffle": (ShuffleConfig, {}, _fields(ShuffleConfig)),
     "plan": (ShuffleConfig, {}, {"memory", "buckets", "levels", "workers", "threads", "scratch", "scratch_level", "scratch_prefixes", "level", "chunk_bytes",
                                  "shard_bytes"}),
-    "train": (TrainConfig, {"latents": "n_latents", "prefetch": "reader_prefetch", "threads": "reader_threads"},
+    "train": (TrainConfig, {"latents": "n_latents", "prefetch": "reader_prefetch", "threads": "reader_threads",
+                            "input_field": "input"},
               _fields(TrainConfig, but=("adam_betas", "adam_eps", "init_tokens"))),
     "import": (ImportConfig, {}, _fields(ImportConfig)),
     "export": (ExportConfig, {}, _fields(ExportConfig, but=("threads",))),
     "capture": (CaptureConfig, {}, _fields(CaptureConfig)),
     "synth": (SynthConfig, {}, _fields(SynthConfig, but=("doc_features", "doc_bias", "noise"))),
-    "demo": (DemoConfig, {}, {"capture_tokens", "train_tokens", "latents", "k", "batch_size", "memory"}),
+    "demo": (DemoConfig, {}, {"capture_tokens", "train_tokens", "latents", "k", "batch_size", "memory", "transcoder"}),
 }
 
 

@@ -88,7 +88,7 @@ def save(out: Path, cfg: TrainConfig, layout: D.Layout, *, d_in: int, dataset, s
     layout.barrier()  # every rank's files exist before meta.json and latest.json name them
     if layout.is_main:
         meta = {"step": state.step, "tokens": state.tokens, "world": layout.world,
-                "latent_shards": layout.latent_shards, "d_in": d_in, "dataset": dataset.url,
+                "latent_shards": layout.latent_shards, "d_in": d_in, "d_out": sae.d_out, "dataset": dataset.url,
                 "fingerprint": dataset.manifest.fingerprint.to_json(), "config": cfg.to_json()}
         _atomic_write(d / "meta.json", json.dumps(meta, indent=1).encode())
         _atomic_write(out / LATEST, json.dumps({"step": state.step, "dir": f"checkpoints/{d.name}"}).encode())
@@ -107,15 +107,17 @@ def load(d: Path, cfg: TrainConfig, layout: D.Layout, *, d_in: int, dataset, sae
             f"{d}: checkpoint was written by {meta['world']} process(es) with latent_shards="
             f"{meta['latent_shards']}; this run has {layout.world} with latent_shards={layout.latent_shards}"
         )
-    saved = Fingerprint.from_json(meta["fingerprint"], where=f"{d}/meta.json")
-    if meta["d_in"] != d_in or not dataset.manifest.names(saved):
-        raise ValueError(f"{d}: checkpoint was trained on {meta['dataset']} (d_in={meta['d_in']}, fingerprint "
-                         f"{meta['fingerprint']}), not on {dataset.url} (d_in={d_in}); refusing to resume")
     old = TrainConfig.from_json(meta["config"])
     changed = old.differs_from(cfg, ignore=RESUMABLE_CHANGES)
     if changed:
         raise ValueError(f"{d}: cannot resume with changed {changed} (checkpoint: "
                          f"{ {n: getattr(old, n) for n in changed} }, now: { {n: getattr(cfg, n) for n in changed} })")
+    saved = Fingerprint.from_json(meta["fingerprint"], where=f"{d}/meta.json")
+    d_out = meta.get("d_out", meta["d_in"])  # checkpoints from before transcoders hold SAEs
+    if meta["d_in"] != d_in or d_out != sae.d_out or not dataset.manifest.names(saved):
+        raise ValueError(f"{d}: checkpoint was trained on {meta['dataset']} (d_in={meta['d_in']}, d_out={d_out}, "
+                         f"fingerprint {meta['fingerprint']}), not on {dataset.url} (d_in={d_in}, "
+                         f"d_out={sae.d_out}); refusing to resume")
     r = layout.rank
     blob = torch.load(d / f"shard-{layout.shard:05d}.pt", map_location=state.since_fired.device, weights_only=True)
     sae.load_state_dict(blob["sae"])

@@ -25,6 +25,11 @@ class TrainConfig:
     """Tokens per optimizer step, summed over data-parallel replicas (OpenAI's bs; 4096 in SAELens)."""
     tokens: int
     """Training tokens in total; the run takes tokens // batch_size steps."""
+    input: str | None = None
+    """Activation field the encoder reads; None means the dataset's first field."""
+    target: str | None = None
+    """Activation field the decoder predicts, the one FVU is measured on; None means the input (an SAE); another
+    field trains a TopK transcoder from input to target."""
     lr: float | None = None
     """Adam learning rate; None means 2e-4 / sqrt(n_latents / 2**14) (Gao et al. 2024 scaling law, as in
     sparsify and dictionary_learning)."""
@@ -90,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"auxk_coef={self.auxk_coef!r} must be >= 0")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init={self.b_dec_init!r}; expected one of {B_DEC_INITS}")
+        for name in ("input", "target"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name}={v!r} must be a field name (a non-empty string) or None")
         for name in ("reader_prefetch", "reader_threads"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -104,9 +113,10 @@ class TrainConfig:
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
-    def resolved_k_aux(self, d_in: int) -> int:
-        """k_aux, or d_in // 2, never more than the latents there are."""
-        return min(self.k_aux or max(d_in // 2, 1), self.n_latents)
+    def resolved_k_aux(self, d_out: int) -> int:
+        """k_aux, or d_out // 2 (d_in for an SAE: the width of what the decoder predicts), never more than the
+        latents there are."""
+        return min(self.k_aux or max(d_out // 2, 1), self.n_latents)
 
     def to_json(self) -> dict:
         d = asdict(self)

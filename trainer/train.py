@@ -1,4 +1,8 @@
-"""The training loop: stream batches, step the SAE, measure, log, checkpoint, resume, export.
+"""The training loop: stream batches, step the SAE (or transcoder), measure, log, checkpoint, resume, export.
+
+A transcoder run (TrainConfig.target names another field than .input) reads both fields of each row from one
+stream, so input and target are the same tokens; everything else is the SAE's loop, with the target in the
+place of the reconstructed input.
 
 One step on each rank: read this replica's batch (timed: the reader-wait fraction is the time blocked in
 next(stream) over wall time), forward under bfloat16 autocast on CUDA, loss (sae.loss_and_stats), backward,
@@ -25,6 +29,7 @@ from shuffler.progress import Progress
 from trainer import checkpoint as ckpt
 from trainer import distributed as D
 from trainer.config import TrainConfig
+from trainer.fields import Fields, resolve_fields
 from trainer.sae import TopKSAE, loss_and_stats
 
 LOG = "log.jsonl"
@@ -72,8 +77,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.learning_rate
 
 
-def make_sae(cfg: TrainConfig, d_in: int, layout: D.Layout, device: torch.device) -> TopKSAE:
-    return TopKSAE(d_in, cfg.n_latents, cfg.k, k_aux=cfg.resolved_k_aux(d_in), seed=cfg.seed,
+def make_sae(cfg: TrainConfig, d_in: int, layout: D.Layout, device: torch.device, *,
+             d_out: int | None = None) -> TopKSAE:
+    """The SAE, or with `d_out` the transcoder, that `cfg` describes: this rank's latent shard of it."""
+    return TopKSAE(d_in, cfg.n_latents, cfg.k, d_out=d_out, k_aux=cfg.resolved_k_aux(d_out or d_in), seed=cfg.seed,
                    shard=layout.shard, n_shards=cfg.latent_shards, latent_group=layout.latent_group, device=device)
 
 
@@ -85,8 +92,9 @@ def make_optimizer(cfg: TrainConfig, sae: TopKSAE) -> torch.optim.Adam:
 
 
 def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state: TrainState, cfg: TrainConfig,
-               layout: D.Layout, *, amp: bool = False) -> dict[str, torch.Tensor]:
-    """One optimizer step on this rank's rows x [B_local, d_in]; returns detached statistics."""
+               layout: D.Layout, *, amp: bool = False, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step on this rank's rows x [B_local, d_in] with targets y [B_local, d_out] (None: x, an
+    SAE); returns detached statistics."""
     dead = state.since_fired >= cfg.dead_tokens  # [n_local] bool
     n_dead = 0
     if cfg.auxk_coef > 0 and state.tokens >= cfg.dead_tokens:  # before that no latent can be dead: no GPU sync
@@ -95,7 +103,8 @@ def train_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor, state:
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = sae(x, dead=dead if use_aux else None)
     # Fewer dead latents than k_aux: scale the AuxK term down (sparsify; SAELens topk_sae.py).
-    loss, stats = loss_and_stats(sae, x, out, auxk_coef=cfg.auxk_coef, aux_scale=min(n_dead / sae.k_aux, 1.0),
+    loss, stats = loss_and_stats(sae, x if y is None else y, out, auxk_coef=cfg.auxk_coef,
+                                 aux_scale=min(n_dead / sae.k_aux, 1.0),
                                  data_group=layout.data_group)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -147,9 +156,9 @@ class StepFence:
 class Meter:
     """Sums step statistics on the device; `record()` turns them into one JSON-lines log record."""
 
-    def __init__(self, device: torch.device, n_latents: int, d_in: int):
+    def __init__(self, device: torch.device, n_latents: int, d_out: int):
         self.sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
-        self.n_latents, self.d_in = n_latents, d_in
+        self.n_latents, self.d_out = n_latents, d_out
         self.steps = 0
         self.wait = 0.0
         self.t0 = time.perf_counter()
@@ -174,7 +183,7 @@ class Meter:
             "tokens": state.tokens,
             "lr": lr_at(cfg, state.step - 1),
             "loss": loss / self.steps,
-            "mse": sse / max(rows * self.d_in, 1),
+            "mse": sse / max(rows * self.d_out, 1),
             "fvu": sse / sst if sst > 0 else float("nan"),
             "l0": active / max(rows, 1),
             "dead_fraction": dead / self.n_latents,
@@ -199,10 +208,12 @@ def epochs_needed(num_rows: int, data_world: int, local_batch: int, steps: int, 
 
 
 def open_stream(url: str, cfg: TrainConfig, *, batch_size: int, rank: int, world_size: int, epochs: int,
-                device: torch.device | None, prefetch: int | None = None):
+                device: torch.device | None, prefetch: int | None = None, fields: Fields | None = None):
     from readers import ActivationStream
 
     extra = {}
+    if fields is not None and fields.stream_fields is not None:
+        extra["fields"] = fields.stream_fields
     prefetch = prefetch or cfg.reader_prefetch
     if prefetch is not None:
         extra["prefetch"] = prefetch
@@ -212,23 +223,29 @@ def open_stream(url: str, cfg: TrainConfig, *, batch_size: int, rank: int, world
                             seed=cfg.seed, drop_last=True, device=device, **extra)
 
 
-def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device) -> torch.Tensor:
+def init_sample(url: str, cfg: TrainConfig, num_rows: int, device: torch.device,
+                fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
     """The first init_tokens rows of the stream as rank 0 of 1 would read them: every rank gets the same
-    sample, so b_dec is identical everywhere without a broadcast. [N, d_in] float32."""
+    sample, so the biases are identical everywhere without a broadcast. (inputs [N, d_in], targets [N, d_out])
+    float32, copied out of the reader's buffers; one tensor twice for an SAE."""
     n = min(cfg.init_tokens, num_rows)
-    stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None, prefetch=1)
+    stream = open_stream(url, cfg, batch_size=n, rank=0, world_size=1, epochs=1, device=None, prefetch=1,
+                         fields=fields)
     it = iter(stream)
     try:
-        sample = next(it).torch_acts().to(torch.float32, copy=True)[:n]  # [n, d_in], out of the reader's buffer
+        x, y = fields.read(next(it), None)
+        x, y = x[:n].clone(), (y[:n].clone() if fields.transcoder else None)
     finally:
         it.close()  # stops the reader's prefetch threads
-    return sample.to(device)
+    x = x.to(device)
+    return x, (x if y is None else y.to(device))
 
 
 def train(url: str, out: str | Path, config: TrainConfig, *, device: str | torch.device | None = None,
           resume: bool = False, overwrite: bool = False, export_saelens: str | Path | None = None,
           on_step: Callable[[int], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train a TopK SAE on the dataset at `url`; checkpoints and log.jsonl go to the local folder `out`.
+    """Train a TopK SAE on the dataset at `url` (a transcoder when config.target names another field than
+    config.input); checkpoints and log.jsonl go to the local folder `out`.
 
     Under torchrun the processes form replicas x latent_shards (see distributed.py). `resume=True` continues
     from `out`'s latest checkpoint exactly (same weights, optimizer, dead counters and reader position);
@@ -249,16 +266,17 @@ def train(url: str, out: str | Path, config: TrainConfig, *, device: str | torch
 def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, overwrite, export_dir, on_step,
            progress):
     ds = Dataset.open(url)
-    d_in = ds.d_model
+    fields = resolve_fields(ds, cfg.input, cfg.target)
+    d_in = fields.d_in
     if cfg.batch_size % layout.data_world:
         raise ValueError(f"batch_size={cfg.batch_size} must divide evenly among {layout.data_world} data-parallel ranks")
     local_batch = cfg.batch_size // layout.data_world
     epochs = epochs_needed(ds.num_rows, layout.data_world, local_batch, cfg.steps, ds.url)
-    sae = make_sae(cfg, d_in, layout, dev)
+    sae = make_sae(cfg, d_in, layout, dev, d_out=fields.d_out if fields.transcoder else None)
     opt = make_optimizer(cfg, sae)
     state = TrainState(since_fired=torch.zeros(sae.n_local, dtype=torch.int64, device=dev))
     stream = open_stream(url, cfg, batch_size=local_batch, rank=layout.data_rank, world_size=layout.data_world,
-                         epochs=epochs, device=dev)
+                         epochs=epochs, device=dev, fields=fields)
     found = ckpt.latest(out)
     if found is not None and not resume:
         if not overwrite:
@@ -275,12 +293,13 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
     if found is not None:
         ckpt.load(found, cfg, layout, d_in=d_in, dataset=ds, sae=sae, opt=opt, state=state, stream=stream)
     else:
-        sae.init_b_dec(init_sample(url, cfg, ds.num_rows, dev), cfg.b_dec_init)
+        x0, y0 = init_sample(url, cfg, ds.num_rows, dev, fields)
+        sae.init_b_dec(y0, cfg.b_dec_init, inputs=x0)
         if layout.is_main:
             out.mkdir(parents=True, exist_ok=True)
     log = _open_log(out, state.step, layout)
     amp = use_autocast(cfg, dev)
-    meter = Meter(dev, cfg.n_latents, d_in)
+    meter = Meter(dev, cfg.n_latents, sae.d_out)
     last: dict = {}
     total_wait, t_start = 0.0, time.perf_counter()
     bar = Progress("train", cfg.steps * cfg.batch_size, enabled=None if progress and layout.is_main else False)
@@ -299,10 +318,10 @@ def _train(url, out: Path, cfg: TrainConfig, dev, layout: D.Layout, resume, over
             waited = time.perf_counter() - t0
             meter.wait += waited
             total_wait += waited
-            x = batch.torch_acts(dev).float()  # [B_local, d_in]
+            x, y = fields.read(batch, dev)  # [B_local, d_in], [B_local, d_out] (the same tensor for an SAE)
             if x.shape[0] != local_batch:
                 raise RuntimeError(f"reader gave a batch of {x.shape[0]} rows; expected {local_batch}")
-            meter.add(train_step(sae, opt, x, state, cfg, layout, amp=amp))
+            meter.add(train_step(sae, opt, x, state, cfg, layout, amp=amp, y=y if fields.transcoder else None))
             fence.step_launched()
             bar.update(cfg.batch_size)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:

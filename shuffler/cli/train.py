@@ -1,4 +1,5 @@
-"""`shuffler train`: train a TopK SAE on a dataset, on one process or under torchrun."""
+"""`shuffler train`: train a TopK SAE (or a TopK transcoder between two fields) on a dataset, on one process
+or under torchrun."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ import click
 # The options that stand for TrainConfig fields are written out here, not derived with shuffler/cli/options.py:
 # deriving them would import trainer (and so torch, seconds) to load this command, even for --help.
 # tests/test_cli_options.py checks that each one's default and help equal the field's.
-@click.command("train", short_help="Train a TopK SAE on the activations at URL (CPU, GPU, torchrun).")
+@click.command("train", short_help="Train a TopK SAE or transcoder on the activations at URL (CPU, GPU, torchrun).")
 @click.argument("url")
+@click.option("--input", "input_field", default=None,
+              help="Activation field the encoder reads; unset means the dataset's first field.")
+@click.option("--target", default=None,
+              help="Activation field the decoder predicts, the one FVU is measured on; unset means the input (an "
+              "SAE); another field trains a TopK transcoder from input to target.")
 @click.option("--latents", type=int, required=True, help="Number of SAE latents (dictionary size, SAELens's d_sae).")
 @click.option("--k", "k", type=int, required=True, help="Active latents per token (the TopK's k).")
 @click.option("--batch-size", type=int, default=4096, show_default=True,
@@ -58,10 +64,11 @@ import click
               "default.")
 @click.option("--threads", type=int, default=None, help="Reader I/O and decode threads; unset keeps the reader's "
               "default.")
-def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrite, export_saelens, lr, lr_warmup_steps, seed,
+def train_cmd(url, input_field, target, latents, k, batch_size, tokens, out, device, resume, overwrite, export_saelens, lr, lr_warmup_steps, seed,
               k_aux, auxk_coef, dead_tokens, b_dec_init, latent_shards, autocast, log_every, checkpoint_every,
               prefetch, threads):
-    """Train a TopK sparse autoencoder (Gao et al. 2024) on the activations at URL.
+    """Train a TopK sparse autoencoder (Gao et al. 2024) on the activations at URL, or with --target a TopK
+    transcoder that reads the --input field and predicts the --target field of the same tokens.
 
     Streams URL with the reader (shuffled order per --seed, prefetch threads), trains with Adam,
     logs MSE, FVU, L0, dead fraction, tokens/s and the reader-wait fraction to OUT/log.jsonl, and
@@ -73,6 +80,8 @@ def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrit
       shuffler train data/shuffled --latents 24576 --k 32 --tokens 1e8 --out runs/sae --resume
       torchrun --nproc-per-node 8 -m shuffler train s3://b/acts --latents 262144 --k 32 \\
           --batch-size 131072 --tokens 1e9 --latent-shards 2 --out runs/big --export-saelens runs/big/sae
+      shuffler train data/two-layers --input layer.2 --target layer.4 --latents 4096 --k 32 \
+          --tokens 1e8 --out runs/tc --export-saelens runs/tc/saelens
     """
     from trainer.config import TrainConfig
     from trainer.train import train
@@ -83,7 +92,8 @@ def train_cmd(url, latents, k, batch_size, tokens, out, device, resume, overwrit
         return int(v)
 
     cfg = TrainConfig(
-        n_latents=latents, k=k, batch_size=batch_size, tokens=whole("--tokens", tokens), lr=lr,
+        n_latents=latents, k=k, batch_size=batch_size, tokens=whole("--tokens", tokens), input=input_field,
+        target=target, lr=lr,
         lr_warmup_steps=lr_warmup_steps, seed=seed, k_aux=k_aux, auxk_coef=auxk_coef,
         dead_tokens=whole("--dead-tokens", dead_tokens), b_dec_init=b_dec_init, latent_shards=latent_shards,
         autocast=autocast, log_every=log_every, checkpoint_every=checkpoint_every, reader_prefetch=prefetch,
