@@ -179,3 +179,36 @@ def test_dataset_as_context_manager_unmaps_and_stays_usable(tmp_path):
         assert ds.reader.maps.maps
     assert not ds.reader.maps.maps
     assert np.array_equal(ds.read_chunk(0, 0).acts, a)  # maps again on demand
+
+
+
+def test_a_cold_frame_of_a_file_renamed_over_an_existing_map_is_read_from_the_map(tmp_path):
+    """The O_DIRECT path for cold frames (shuffler/io/chunks.py) checks the identity of the file the map holds,
+    taken from the mapped fd: a map made by frame() before any read() must not let a direct read take the file
+    renamed over it since (zeros here: a ChecksumError before the fix)."""
+    from shuffler import Dataset
+    from writers import ShardWriter
+
+    url = str(tmp_path / "d")
+    x = np.random.default_rng(0).standard_normal((4000, 64)).astype(np.float16)
+    with ShardWriter(url, d_model=64, dtype="float16", columns=(), chunk_bytes=64 << 10, shard_bytes=1 << 20) as w:
+        w.write(x)
+    ds = Dataset.open(url)
+    want = ds.read_chunk(0, 1).acts.copy()
+    ds = Dataset.open(url)
+    ds.index(0)
+    name = ds.shards[0].name
+    ds.reader.frame(name, 0, 16)  # the map exists before any read() of this name
+    path = os.path.join(url, name)
+    old = os.open(path, os.O_RDONLY)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(bytes(os.path.getsize(path)))
+        os.replace(path + ".tmp", path)
+        for fd in (old, os.open(path, os.O_RDONLY)):  # both files out of the page cache: the frame is cold
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if fd != old:
+                os.close(fd)
+        assert np.array_equal(ds.read_chunk(0, 1).acts.view(np.uint16), want.view(np.uint16))
+    finally:
+        os.close(old)

@@ -18,7 +18,6 @@ iter_decoded reads through one per storage.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections import deque
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from shuffler.errors import FormatError
 from shuffler.format.codec import decompress_chunk, decompress_frame, unsplit
 from shuffler.format.schema import Schema
 from shuffler.io.pages import resident
-from shuffler.storage.direct import DirectReads, Replaced, identity
+from shuffler.storage.direct import DirectReads, Replaced
 from shuffler.storage.mapped import LocalMaps
 from shuffler.storage.storage import Storage
 
@@ -134,9 +133,6 @@ class ChunkReader:
         self.maps = LocalMaps(store) if store.is_local and not direct else None
         self.direct = DirectReads(store.path) if store.is_local else None
         self.always_direct = store.is_local and direct
-        self.files: dict[str, tuple[int, int, int, int]] = {}
-        """Name -> identity of the file, taken before its first map: a direct read of a mapped file must read
-        that very file (a file renamed over it since is refused, and the frame read through the map)."""
 
     def frame(self, name: str, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) of shard `name` (shorter if the object is); FileNotFoundError naming it if missing."""
@@ -153,16 +149,14 @@ class ChunkReader:
         """frame(), but a mapped frame mostly outside the page cache is read with O_DIRECT instead (class doc)."""
         if self.maps is None or self.direct is None:
             return self.frame(name, start, end)
-        if name not in self.files:
-            # Taken before the map is made: if the file is replaced in between, the identities differ and the
-            # frame is read through the map, which then holds the new file; never the other way round.
-            with contextlib.suppress(OSError):
-                self.files[name] = identity(self.store.path(name))
         got = self.frame(name, start, end)
-        if name not in self.files or resident(got) >= self.COLD:
+        # The identity of the file the map holds, taken from the mapped fd (storage/mapped.py): a file renamed
+        # over it since is refused by the direct read, and the frame comes from the map; never the other way.
+        mapped = self.maps.identity(name)
+        if mapped is None or resident(got) >= self.COLD:
             return got
         try:
-            cold = self.direct.frames([name], [start], [end], identity=self.files)[0]
+            cold = self.direct.frames([name], [start], [end], identity={name: mapped})[0]
         except (Replaced, FileNotFoundError):
             return got  # renamed over or removed since it was mapped: the map holds the file the index describes
         got.release()  # untouched: nothing of it was faulted in
@@ -216,7 +210,6 @@ class ChunkReader:
             LocalMaps.release(frame, start)
 
     def close(self) -> None:
-        self.files.clear()
         if self.maps is not None:
             self.maps.close()
         if self.direct is not None:

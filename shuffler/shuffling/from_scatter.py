@@ -15,8 +15,9 @@ from shuffler.format.manifest import Manifest
 from shuffler.shuffling.on_write import ScatteredDataset
 from shuffler.shuffling.run import OPTIONS, Run, ShuffleConfig, check_options
 
-#: ShuffleConfig fields that do not apply here: the producers fixed the buckets and wrote the runs.
-FIXED = ("buckets", "map_rows", "keep_intermediate")
+#: ShuffleConfig fields that do not apply here: the producers fixed the buckets and wrote the runs, the one
+#: scatter level there is (so no `levels`: docs/shuffle.md, "Two levels").
+FIXED = ("buckets", "map_rows", "keep_intermediate", "levels")
 
 
 def shuffle_from_scatter(
@@ -27,7 +28,7 @@ def shuffle_from_scatter(
 
     `seed` keys the in-bucket permutations; None uses the scatter seed (any seed is as good: the bucket draws
     were made at write time). The bucket count is the one the producers used. `options` are those of
-    shuffler.shuffle but buckets, map_rows and keep_intermediate: executor="ray" runs the reduce tasks as Ray
+    shuffler.shuffle but buckets, map_rows, keep_intermediate and levels: executor="ray" runs the reduce tasks as Ray
     tasks (same bytes as "local"), so `url`, `dst` and `scratch` must be URLs every Ray worker can reach.
     NotScatteredError (a ValueError) if `url` was not written with a ScatterSpec.
     """

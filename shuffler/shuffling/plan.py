@@ -355,9 +355,12 @@ def make_plan(req: PlanRequest) -> Plan:
     out_bytes = round(raw / (FAST_LEVEL_RATIO if req.level <= 0 else ratio))
     reads, mean_read = _pieces(n, maps * buckets, scratch_bytes)
     levels = 2 if req.levels == "2" else 1
-    if (req.levels == "auto" and req.buckets is None and reads and mean_read < S3_EFFICIENT_READ
-            and buckets_for(n, capacity) >= AUTO_LEVEL2_MIN_BUCKETS):
-        levels = 2
+    if req.levels == "auto" and req.buckets is None and buckets_for(n, capacity) >= AUTO_LEVEL2_MIN_BUCKETS:
+        # Judged on what fixes the bytes only (rows, row size, the stored ratio, memory), never on --workers,
+        # --map-rows or where scratch lives, which must not change the output: map tasks of a full task's rows,
+        # the largest pieces one level can have, at the sources' compression.
+        _, widest = _pieces(n, math.ceil(n / capacity) * buckets, round(raw / ratio))
+        levels = 2 if widest < S3_EFFICIENT_READ else 1
     leaves, sub_b, maps2, map2_rows = buckets, 0, 0, 0
     reads2, mean_read2 = 0, 0.0
     if levels == 2:
