@@ -66,7 +66,7 @@ node-install:
 	sh install-node.sh $(NODE_VENV)
 	$(NODE_VENV)/bin/shuffler synth $(NODE_VENV)/raw --rows 20000 --d-model 16
 	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage plan --num-tasks 2
-	for s in scatter permute; do for i in 0 1; do \
+	for s in scatter scatter2 permute; do for i in 0 1; do \
 	  $(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage $$s --task-index $$i --num-tasks 2 || exit 1; \
 	done; done
 	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage finalize
