@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Quick versions of every benchmark (a few minutes); the full runs and their results are in docs/benchmarks.md.
-BENCHES := codec read shuffle fused train capture interop storage peers scaling shuffle_matters costmodel permutation threads resume cpu fields
+BENCHES := codec read shuffle fused train capture interop storage peers scaling shuffle_matters costmodel permutation threads resume cpu fields levels
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
