@@ -53,7 +53,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # Quick versions of every benchmark (a few minutes); the full runs and their results are in docs/benchmarks.md.
-BENCHES := codec read shuffle fused train capture interop storage peers scaling shuffle_matters costmodel permutation threads resume cpu fields
+BENCHES := codec read shuffle fused train capture interop storage peers scaling shuffle_matters costmodel permutation threads resume cpu fields levels
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	@for b in $(BENCHES); do echo "== benchmarks/$$b.py --quick"; $(BIN)/python benchmarks/$$b.py --quick || exit 1; done
@@ -66,7 +66,7 @@ node-install:
 	sh install-node.sh $(NODE_VENV)
 	$(NODE_VENV)/bin/shuffler synth $(NODE_VENV)/raw --rows 20000 --d-model 16
 	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage plan --num-tasks 2
-	for s in scatter permute; do for i in 0 1; do \
+	for s in scatter scatter2 permute; do for i in 0 1; do \
 	  $(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage $$s --task-index $$i --num-tasks 2 || exit 1; \
 	done; done
 	$(NODE_VENV)/bin/shuffler shuffle $(NODE_VENV)/raw $(NODE_VENV)/shuffled --seed 0 --stage finalize

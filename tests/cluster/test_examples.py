@@ -31,6 +31,17 @@ def includes() -> list[tuple[str, str, str]]:
     return found
 
 
+def test_the_example_files_chain_every_stage():
+    """scatter2 (the level-2 scatter; a no-op with one level) runs between scatter and permute in each example."""
+    sbatch = (ROOT / "examples" / "slurm" / "shuffle.sbatch").read_text()
+    stages = re.findall(r"--stage (\w+)", sbatch)
+    assert stages == ["plan", "scatter", "scatter2", "permute", "finalize"], stages
+    assert "--dependency=afterok:$scatter \\" in sbatch and "--dependency=afterok:$scatter2 \\" in sbatch
+    header = [line for line in MANIFEST.read_text().splitlines() if line.startswith("#")]
+    applied = [m for line in header for m in re.findall(r"sed s/scatter/(\w+)/g", line)]
+    assert applied == ["scatter2", "permute"], header
+
+
 def test_docs_include_the_example_files_verbatim():
     found = includes()
     assert {p for _, p, _ in found} >= {"examples/slurm/shuffle.sbatch", "examples/k8s/shuffle-job.yaml"}
@@ -39,13 +50,13 @@ def test_docs_include_the_example_files_verbatim():
 
 
 def manifests() -> dict[str, dict]:
-    """The shipped scatter Job and the permute Job its header derives from it (sed s/scatter/permute/g)."""
+    """The shipped scatter Job and the scatter2 and permute Jobs its header derives from it (sed s/scatter/.../g)."""
     text = MANIFEST.read_text()
-    return {"scatter": yaml.safe_load(text), "permute": yaml.safe_load(text.replace("scatter", "permute"))}
+    return {stage: yaml.safe_load(text.replace("scatter", stage)) for stage in ("scatter", "scatter2", "permute")}
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("stage", ["scatter", "permute"])
+@pytest.mark.parametrize("stage", ["scatter", "scatter2", "permute"])
 def test_manifest_is_a_valid_indexed_job(stage, version):
     import kubernetes_validate
 

@@ -3,7 +3,9 @@
 The cluster is Debian's slurmctld and two slurmd on this host (tests/cluster/slurm_cluster.py), the data is
 in S3 (moto on 127.0.0.1, tests/conftest.py). Checks: the output equals a local `shuffler shuffle` with the
 same seed byte for byte; array tasks ran on both nodes at once; a scatter task cancelled with `scancel`
-mid-run and requeued still gives the same bytes; `sacct` lists every array task as completed.
+mid-run and requeued still gives the same bytes; `sacct` lists every array task as completed; the same file
+with `--levels 2` among the planned options runs a two-level job (its scatter2 array does the level-2 scatter)
+with the bytes of a local `--levels 2` run.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ BIN = Path(sys.executable).parent
 SEED, TASKS, ROWS, MAP_ROWS = 7, 4, 120_000, 3000
 # Small chunks and many map tasks: each scatter task owns 10 maps, so one can be caught half done.
 PLANNED = ["--buckets", "8", "--chunk-bytes", "256KiB", "--shard-bytes", "2MiB", "--map-rows", str(MAP_ROWS)]
-STAGES = ("shuffle-plan", "shuffle-scatter", "shuffle-permute", "shuffle-finalize")
+STAGES = ("shuffle-plan", "shuffle-scatter", "shuffle-scatter2", "shuffle-permute", "shuffle-finalize")
+# Two levels (docs/shuffle.md): the smallest memory a task may have with these chunks, so 120,000 rows make
+# 4 super-buckets of about 3 task capacities each (shuffler plan prints the layout).
+TWO_LEVELS = ["--levels", "2", "--memory", "231MiB", "--chunk-bytes", "256KiB", "--shard-bytes", "2MiB"]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +62,11 @@ def case(s3_endpoint, tmp_path_factory):
     return base, src, output_bytes(ref)
 
 
-def submit(cluster: SlurmCluster, src: str, dst: str, workdir: Path) -> str:
+def submit(cluster: SlurmCluster, src: str, dst: str, workdir: Path, planned: list[str] = PLANNED) -> str:
     """sbatch the shipped script as a user would; its first job's id."""
     env = dict(cluster.env, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=str(ROOT),
                SHUFFLER_NO_PROGRESS="1")
-    out = cluster.run("sbatch", "--parsable", str(SBATCH), src, dst, str(SEED), str(TASKS), *PLANNED,
+    out = cluster.run("sbatch", "--parsable", str(SBATCH), src, dst, str(SEED), str(TASKS), *planned,
                       cwd=workdir, env=env)
     return out.strip()
 
@@ -75,11 +80,11 @@ def by_stage(jobs: list[dict]) -> dict[str, list[dict]]:
 
 def finished(cluster: SlurmCluster, workdir: Path) -> dict[str, list[dict]]:
     jobs = by_stage(cluster.wait(workdir, 300))
-    logs = "\n".join(f"== {p.name}\n{p.read_text()}" for p in sorted(workdir.glob("slurm-*.out")))
+    outs = "\n".join(f"== {p.name}\n{p.read_text()}" for p in sorted(workdir.glob("slurm-*.out")))
     for stage in STAGES:
         want = 1 if stage in ("shuffle-plan", "shuffle-finalize") else TASKS
         states = [j["JobState"] for j in jobs[stage]]
-        assert states == ["COMPLETED"] * want, f"{stage}: {states}\n{logs}\n{cluster.log_tail()}"
+        assert states == ["COMPLETED"] * want, f"{stage}: {states}\n{outs}\n{cluster.log_tail()}"
     return jobs
 
 
@@ -99,6 +104,31 @@ def test_sbatch_file_gives_the_local_bytes(cluster, case, tmp_path):
     assert any(overlap(a, b) for a in scatter for b in scatter if a is not b), "array tasks ran at once"
     assert sorted(int(j["ArrayTaskId"]) for j in scatter) == list(range(TASKS))
     assert s3_names(dst, ".shuffle/") == [], "finalize removed the state and scratch"
+    # One level: every scatter2 task ran and did nothing.
+    for log in logs(tmp_path, jobs["shuffle-scatter2"]):
+        assert "one scatter level: nothing to do" in log, log
+
+
+def logs(workdir: Path, jobs: list[dict]) -> list[str]:
+    """The slurm-<array>_<task>.out of each array task (sbatch's default output name)."""
+    return [(workdir / f"slurm-{j['ArrayJobId']}_{j['ArrayTaskId']}.out").read_text() for j in jobs]
+
+
+def test_sbatch_file_runs_two_levels_with_the_local_bytes(cluster, case, tmp_path):
+    base, src, _ = case
+    ref = str(tmp_path / "ref")
+    cli("shuffle", src, ref, "--seed", str(SEED), "--workers", "2", *TWO_LEVELS)
+    dst = f"{base}/out-two-levels"
+    plan_job = submit(cluster, src, dst, tmp_path, TWO_LEVELS)
+    jobs = finished(cluster, tmp_path)
+    plan_log = (tmp_path / f"slurm-{plan_job}.out").read_text()
+    assert "levels 2" in plan_log and "scatter2 x" in plan_log, plan_log
+    done = [re.search(r"stage scatter2 task \d+/4 of .*: done \(of (\d+)", log) for log in
+            logs(tmp_path, jobs["shuffle-scatter2"])]
+    assert all(done) and len({int(m.group(1)) for m in done}) == 1 and int(done[0].group(1)) >= TASKS, done
+    assert output_bytes(dst) == output_bytes(ref)
+    assert verify(src, dst, full=True).ok
+    assert s3_names(dst, ".shuffle/") == []
 
 
 def s3_names(url: str, prefix: str) -> list[str]:
@@ -146,20 +176,21 @@ def test_cancelled_task_requeued_gives_the_same_bytes_and_sacct_lists_every_task
     assert state == "CANCELLED", state
     assert 0 < len(done) < len(mine), f"cancelled mid-run: {len(done)} of its {len(mine)} maps committed"
 
-    # The other tasks finish; permute waits on a dependency that can no longer be met.
+    # The other tasks finish; scatter2 waits on a dependency that can no longer be met, and permute on scatter2.
     def stuck(jobs):
         return all(j["JobState"] not in ACTIVE for j in jobs if j["JobName"] == "shuffle-scatter") and any(
-            j["Reason"] == "DependencyNeverSatisfied" for j in jobs if j["JobName"] == "shuffle-permute")
+            j["Reason"] == "DependencyNeverSatisfied" for j in jobs if j["JobName"] == "shuffle-scatter2")
 
     jobs = by_stage(cluster.wait(tmp_path, 300, stuck))
-    permute = jobs["shuffle-permute"][0]["ArrayJobId"]
+    scatter2 = jobs["shuffle-scatter2"][0]["ArrayJobId"]
+    assert [j["JobState"] for j in jobs["shuffle-scatter2"]] == ["PENDING"]
     assert [j["JobState"] for j in jobs["shuffle-permute"]] == ["PENDING"]
     assert s3_names(dst, "manifest.json") == []
 
-    # The recovery docs/cluster.md gives: requeue the task (now, not after the requeue delay), re-arm permute.
+    # The recovery docs/cluster.md gives: requeue the task (now, not after the requeue delay), re-arm scatter2.
     cluster.run("scontrol", "requeue", f"{array}_{victim}")
     cluster.run("scontrol", "update", f"JobId={array}_{victim}", "StartTime=now")
-    cluster.run("scontrol", "update", f"JobId={permute}", f"Dependency=afterok:{array}_{victim}")
+    cluster.run("scontrol", "update", f"JobId={scatter2}", f"Dependency=afterok:{array}_{victim}")
     jobs = finished(cluster, tmp_path)
     assert output_bytes(dst) == ref
     assert verify(src, dst, full=True).ok
@@ -173,7 +204,7 @@ def test_cancelled_task_requeued_gives_the_same_bytes_and_sacct_lists_every_task
         jobid, _name, st = line.split("|")
         states.setdefault(jobid, []).append(st)
     ours = [j for stage in STAGES for j in jobs[stage]]
-    assert len(ours) == 2 + 2 * TASKS
+    assert len(ours) == 2 + 3 * TASKS
     for j in ours:
         assert "COMPLETED" in states.get(j["JobId"], []), (j["JobName"], j.get("ArrayTaskId"), states)
     victim_id = next(j["JobId"] for j in jobs["shuffle-scatter"] if j["ArrayTaskId"] == str(victim))
