@@ -123,8 +123,6 @@ def test_decoded_chunks_pages_leave_the_mapping(tmp_path):
     ds = Dataset.open(url)
     assert len(ds.shards) == 1 and ds.index(0).n_chunks >= 16
     path = os.path.join(url, ds.shards[0].name)
-    with open(path, "rb") as f:  # into the page cache: a cold frame would be read with O_DIRECT (io/chunks.py)
-        f.read()
     for j in range(ds.index(0).n_chunks):
         ds.read_chunk(0, j)
     assert ds.reader.maps.maps  # still mapped
@@ -143,34 +141,6 @@ def test_decoded_chunks_pages_leave_the_mapping(tmp_path):
         ds.close(), ds2.close()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
-def test_frames_outside_the_page_cache_are_read_past_it(tmp_path, monkeypatch):
-    # A frame mostly outside the page cache is read with O_DIRECT into a reused buffer, not faulted in through
-    # the map (io/chunks.py: ChunkReader); one in the page cache still through the map. With the map's release
-    # step disabled, a mapped read would leave the file's pages in this process's RSS.
-    from shuffler.storage.mapped import LocalMaps
-
-    url = str(tmp_path / "d")
-    x = np.random.default_rng(3).standard_normal((16384, 256)).astype(np.float16)
-    with ShardWriter(url, d_model=256, dtype="float16", columns=(), chunk_bytes=256 << 10, shard_bytes=64 << 20) as w:
-        w.write(x)
-    path = os.path.join(url, Dataset.open(url).shards[0].name)
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache (ShardWriter wrote past it anyway)
-    os.close(fd)
-    monkeypatch.setattr(LocalMaps, "release", staticmethod(lambda frame, start: None))
-    with Dataset.open(url) as ds:
-        got = np.concatenate([ds.read_chunk(0, j).acts for j in range(ds.index(0).n_chunks)])
-        assert np.array_equal(got.view(np.uint16), x.view(np.uint16))
-        assert _mapped_rss_kib(path) == 0  # nothing read through the map
-    with open(path, "rb") as f:
-        f.read()  # now in the page cache
-    with Dataset.open(url) as ds:
-        got = np.concatenate([ds.read_chunk(0, j).acts for j in range(ds.index(0).n_chunks)])
-        assert np.array_equal(got.view(np.uint16), x.view(np.uint16))
-        assert _mapped_rss_kib(path) > os.path.getsize(path) // 1024 // 2  # read through the map
-
-
 def test_dataset_as_context_manager_unmaps_and_stays_usable(tmp_path):
     url = str(tmp_path / "d")
     write(url)
@@ -183,9 +153,9 @@ def test_dataset_as_context_manager_unmaps_and_stays_usable(tmp_path):
 
 
 def test_a_cold_frame_of_a_file_renamed_over_an_existing_map_is_read_from_the_map(tmp_path):
-    """The O_DIRECT path for cold frames (shuffler/io/chunks.py) checks the identity of the file the map holds,
-    taken from the mapped fd: a map made by frame() before any read() must not let a direct read take the file
-    renamed over it since (zeros here: a ChecksumError before the fix)."""
+    """A cold frame of a file renamed over its map (zeros here) is read from the map, the file the index
+    describes: the reader never reads past the map (a trial O_DIRECT path for cold frames did, through a stale
+    identity; docs/benchmarks.md, "What was left")."""
     from shuffler import Dataset
     from writers import ShardWriter
 

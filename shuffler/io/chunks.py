@@ -29,8 +29,7 @@ import numpy as np
 from shuffler.errors import FormatError
 from shuffler.format.codec import decompress_chunk, decompress_frame, unsplit
 from shuffler.format.schema import Schema
-from shuffler.io.pages import resident
-from shuffler.storage.direct import DirectReads, Replaced
+from shuffler.storage.direct import DirectReads
 from shuffler.storage.mapped import LocalMaps
 from shuffler.storage.storage import Storage
 
@@ -114,30 +113,17 @@ class ChunkReader:
     Local files are read through memory maps (storage/mapped.py: zstd decodes straight from the page cache, and
     each decoded chunk's pages are dropped from this process again); other stores with ranged reads. close()
     unmaps; the reader stays usable (a later read maps its file again).
-
-    direct=True reads local files with O_DIRECT into reused buffers instead (storage/direct.py: DirectReads),
-    for objects not in the page cache and read once, such as a shuffle's intermediates. read(), one frame at a
-    time (the readers' prefetch, Dataset.read_chunk), chooses per frame: a frame whose pages are mostly not in
-    the page cache (mincore, io/pages.py: resident) is read with O_DIRECT too. Such a frame, say of a dataset
-    written past the page cache (storage/direct.py) or evicted since, would otherwise be faulted in 64 KiB at a
-    time into fresh page-cache pages: reading 1 GiB of shuffled float16 that way cost 1.01-1.03 CPU-s and
-    31,000 faults, with O_DIRECT 0.67-0.69 CPU-s and 16,000-18,000 (docs/benchmarks.md, "Where the kernel's
-    time went"). A frame in the page cache is still read through the map (a copy would cost more there).
     """
-
-    COLD = 0.5
-    """read() takes the O_DIRECT path for a frame with less than this fraction of its pages in memory."""
 
     def __init__(self, store: Storage, *, direct: bool = False):
         self.store = store
         self.maps = LocalMaps(store) if store.is_local and not direct else None
-        self.direct = DirectReads(store.path) if store.is_local else None
-        self.always_direct = store.is_local and direct
+        self.direct = DirectReads(store.path) if store.is_local and direct else None
 
     def frame(self, name: str, start: int, end: int) -> bytes | memoryview:
         """Bytes [start, end) of shard `name` (shorter if the object is); FileNotFoundError naming it if missing."""
         try:
-            if self.always_direct:
+            if self.direct is not None:
                 return self.direct.frames([name], [start], [end])[0]
             if self.maps is None:
                 return self.store.read_range(name, start, end)
@@ -145,27 +131,10 @@ class ChunkReader:
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.store.url_of(name)}: shard named in the manifest is missing") from None
 
-    def _frame_for_decode(self, name: str, start: int, end: int) -> bytes | memoryview:
-        """frame(), but a mapped frame mostly outside the page cache is read with O_DIRECT instead (class doc)."""
-        if self.maps is None or self.direct is None:
-            return self.frame(name, start, end)
-        got = self.frame(name, start, end)
-        # The identity of the file the map holds, taken from the mapped fd (storage/mapped.py): a file renamed
-        # over it since is refused by the direct read, and the frame comes from the map; never the other way.
-        mapped = self.maps.identity(name)
-        if mapped is None or resident(got) >= self.COLD:
-            return got
-        try:
-            cold = self.direct.frames([name], [start], [end], identity={name: mapped})[0]
-        except (Replaced, FileNotFoundError):
-            return got  # renamed over or removed since it was mapped: the map holds the file the index describes
-        got.release()  # untouched: nothing of it was faulted in
-        return cold
-
     def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes | memoryview]:
         """Many frames at once: map views (direct: views of one reused buffer) if local, else one batched ranged
         read (concurrent on object stores)."""
-        if self.always_direct:
+        if self.direct is not None:
             try:
                 return self.direct.frames(names, starts, ends)
             except FileNotFoundError as e:
@@ -198,16 +167,15 @@ class ChunkReader:
 
     def read(self, schema: Schema, name: str, start: int, end: int, rows: int, checksum: int, *, where: str) -> bytes:
         """Read one frame and check it: its uncompressed bytes (byte planes, then columns; codec.unsplit)."""
-        return self.check(schema, self._frame_for_decode(name, start, end), start, end, rows, checksum, where=where)
+        return self.check(schema, self.frame(name, start, end), start, end, rows, checksum, where=where)
 
     def release(self, frame: bytes | memoryview, start: int) -> None:
         """Drop a decoded mapped frame's pages from this process (the page cache keeps them), or give a direct
         read's buffer back once all its frames are decoded."""
-        # A direct read's buffer is an anonymous map: it must never get the map's MADV_DONTNEED.
-        if self.direct is not None and self.direct.release(frame):
-            return
         if self.maps is not None:
             LocalMaps.release(frame, start)
+        if self.direct is not None:
+            self.direct.release(frame)
 
     def close(self) -> None:
         if self.maps is not None:

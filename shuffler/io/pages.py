@@ -73,36 +73,6 @@ def keep_freed_memory() -> bool:
     return False
 
 
-_mincore = None
-
-
-def resident(view) -> float:
-    """The fraction of a memory-mapped view's pages that are in memory (the page cache, for a file map), from
-    mincore(2) without touching them; 1.0 where mincore is not available or fails. Linux answers for a file's
-    page cache only to a process that owns the file or may write it (mincore(2), since 5.0); for other
-    files it counts the pages this process has mapped, so an unread foreign file reads as not resident."""
-    global _mincore
-    n = len(view)
-    if n == 0:
-        return 1.0
-    if _mincore is None:
-        try:
-            _mincore = ctypes.CDLL(None, use_errno=True).mincore
-            _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-            _mincore.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            _mincore = False
-    if _mincore is False:
-        return 1.0
-    addr = np.frombuffer(view, dtype=np.uint8).ctypes.data
-    base = addr // mmap.PAGESIZE * mmap.PAGESIZE
-    length = addr + n - base
-    vec = np.zeros(-(-length // mmap.PAGESIZE), dtype=np.uint8)
-    if _mincore(base, length, vec.ctypes.data) != 0:
-        return 1.0
-    return float(np.count_nonzero(vec & 1)) / len(vec)
-
-
 def huge_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     """np.empty(shape, dtype), backed by an anonymous map advised MADV_HUGEPAGE when it is large (HUGE_MIN), so
     that first touch faults 2 MiB at a time where transparent huge pages are on (mode `madvise` or `always`).

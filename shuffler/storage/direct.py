@@ -196,16 +196,6 @@ def open_direct(path: str) -> io.RawIOBase | io.BufferedWriter:
     return open(path, "wb")
 
 
-class Replaced(OSError):
-    """DirectReads.frames(..., identity=...): the file at a name is no longer the one the caller knows."""
-
-
-def identity(path: str) -> tuple[int, int, int, int]:
-    """(device, inode, size, mtime in ns) of the file at `path`: which file a name meant when this was taken."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class DirectReads:
     """Ranged reads of local files with O_DIRECT into reused aligned buffers, for objects this process will not
     read again (a shuffle's intermediates, written past the page cache by DirectWriter).
@@ -233,11 +223,9 @@ class DirectReads:
                 raise  # FileNotFoundError when the object is missing
             return os.open(path, os.O_RDONLY)
 
-    def frames(self, names: list[str], starts: list[int], ends: list[int], *,
-               identity: dict[str, tuple[int, int, int, int]] | None = None) -> list[memoryview]:
+    def frames(self, names: list[str], starts: list[int], ends: list[int]) -> list[memoryview]:
         """Bytes [start, end) of each named object (shorter at an object's end), read into one buffer: each
-        run of touching ranges of one object is one aligned read. With `identity` (name -> identity() taken
-        earlier), Replaced is raised, nothing read, if a name now opens another file (renamed over it since)."""
+        run of touching ranges of one object is one aligned read."""
         runs: list[tuple[str, int, int, list[int]]] = []  # (name, start, end, indices), in order of the ranges
         for i in sorted(range(len(names)), key=lambda i: (names[i], starts[i])):
             if runs and runs[-1][0] == names[i] and starts[i] <= runs[-1][2]:
@@ -255,10 +243,6 @@ class DirectReads:
             for (name, _, _, idx), (a, b) in zip(runs, spans, strict=True):
                 if name not in fds:
                     fds[name] = self._open(name)
-                    if identity is not None:
-                        st = os.fstat(fds[name])
-                        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != identity[name]:
-                            raise Replaced(f"{self.path_of(name)} was replaced")
                 got = self._read(fds[name], view[at : at + b - a], a)
                 for i in idx:
                     lo = min(at + starts[i] - a, at + got)

@@ -29,9 +29,6 @@ class LocalMaps:
     def __init__(self, store, keep: int = 8):
         self.store, self.keep = store, keep
         self.maps: dict[str, mmap.mmap | None] = {}
-        self.ids: dict[str, tuple[int, int, int, int]] = {}
-        """Name -> (device, inode, size, mtime in ns) of the very file mapped under it, taken from the mapped fd
-        (shuffler/storage/direct.py: identity), so that a direct read can check it reads that file."""
         self.lock = threading.Lock()
 
     def read(self, name: str, start: int, end: int):
@@ -39,24 +36,16 @@ class LocalMaps:
             mm = self.maps.get(name, False)
             if mm is False:
                 with open(self.store.path(name), "rb") as f:  # FileNotFoundError when the shard is missing
-                    st = os.fstat(f.fileno())
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
+                    size = os.fstat(f.fileno()).st_size
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
                 self.maps[name] = mm
-                self.ids[name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 while len(self.maps) > self.keep:
-                    old = next(iter(self.maps))
-                    self.ids.pop(old, None)
-                    self._close(self.maps.pop(old))
+                    self._close(self.maps.pop(next(iter(self.maps))))
             if mm is None:
                 return b""
             # The view is taken under the lock: once it exists, another thread evicting this map cannot close
             # it (close() raises BufferError and the map is unmapped when the last view goes).
             return memoryview(mm)[start : min(end, len(mm))]
-
-    def identity(self, name: str) -> tuple[int, int, int, int] | None:
-        """Identity of the file mapped under `name` now (None if it is not mapped)."""
-        with self.lock:
-            return self.ids.get(name)
 
     @staticmethod
     def release(frame, start: int) -> None:
@@ -84,4 +73,3 @@ class LocalMaps:
             for mm in self.maps.values():
                 self._close(mm)
             self.maps.clear()
-            self.ids.clear()
