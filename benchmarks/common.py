@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import statistics
 import subprocess
 import threading
 import time
@@ -537,3 +538,17 @@ def moto_bucket(bucket: str) -> Iterator[str]:
     finally:
         server.stop()
 
+
+def timed_rounds(configs: dict, rounds: int, run_one, *, indent: str = "") -> dict[str, tuple[float, float]]:
+    """Run `run_one(opts)` -> (wall s, CPU s) for every config once per round, the configs taking turns so that a
+    change of load hits them alike; print and return each config's median (wall, CPU)."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for name, opts in configs.items():
+            times[name].append(run_one(opts))
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
+    width = max(22, *(len(k) for k in configs))
+    for name, (wall, cpu) in med.items():
+        print(f"{indent}{name:<{width}} wall {wall:6.2f} s   cpu {cpu:6.2f} s   "
+              f"({', '.join(f'{w:.2f}' for w, _ in times[name])})")
+    return med

@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MiB, load_note, write_synth  # noqa: E402
+from common import MiB, load_note, timed_rounds, write_synth  # noqa: E402
 
 ENV = dict(os.environ, SHUFFLER_NO_PROGRESS="1")
 
@@ -107,13 +106,7 @@ def compare(src: str, dst: str, rounds: int, configs: dict[str, list[str]]) -> N
     if not same:
         raise SystemExit(f"{one_name} and {two_name} wrote different bytes: the two levels must be the serial "
                          "recursion's (docs/shuffle.md)")
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
-    for _ in range(rounds):
-        for name, opts in configs.items():
-            times[name].append(run(src, dst, opts))
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-    for name, (wall, cpu) in med.items():
-        print(f"  {name:<30} wall {wall:6.2f} s   cpu {cpu:6.2f} s   ({', '.join(f'{w:.2f}' for w, _ in times[name])})")
+    med = timed_rounds(configs, rounds, lambda opts: run(src, dst, opts), indent="  ")
     one, two = med[one_name], med[two_name]
     print(f"  {two_name} / {one_name}: wall {two[0] / one[0]:.3f}, cpu {two[1] / one[1]:.3f}; {load_note()}")
 

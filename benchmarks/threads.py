@@ -16,7 +16,6 @@ import argparse
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MiB, load_note, write_synth  # noqa: E402
+from common import MiB, load_note, timed_rounds, write_synth  # noqa: E402
 
 CONFIGS = {  # name -> shuffle options
     "workers 1 threads 2": ["--workers", "1", "--threads", "2"],
@@ -62,13 +61,7 @@ def main() -> None:
     print(f"{mib} MiB float16, d_model {d_model}, {rows:,} rows; {os.cpu_count()} cores; {load_note()}")
     dst = os.path.join(args.out, "dst")
     run(src, dst, CONFIGS["workers 1 threads 2"])  # warm the page cache
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in CONFIGS}
-    for _ in range(rounds):
-        for name, opts in CONFIGS.items():
-            times[name].append(run(src, dst, opts))
-    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
-    for name, (wall, cpu) in med.items():
-        print(f"{name:<22} wall {wall:6.2f} s   cpu {cpu:6.2f} s   ({', '.join(f'{w:.2f}' for w, _ in times[name])})")
+    med = timed_rounds(CONFIGS, rounds, lambda opts: run(src, dst, opts))
     one, two = med["workers 1 threads 2"], med["workers 2 threads 1"]
     ratio = one[0] / two[0]
     print(f"wall, workers 1 threads 2 / workers 2 threads 1: {ratio:.3f} (target <= 1.10); "
