@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import threading
@@ -121,6 +122,17 @@ def write_synth(url: str, rows: int, d_model: int, *, dtype: str = "float16", se
             n = min(block, rows - s)
             x, doc = synth_docs(n, d_model, seed=seed, start=s)
             w.write(_cast(x, dtype), doc_id=doc, row_id=np.arange(s, s + n, dtype=np.int64))
+
+
+def synth_source(folder: str, mib: int, d_model: int = 768, *, dtype: str = "float16") -> tuple[str, int]:
+    """(url, rows) of `mib` MiB of write_synth rows under `folder`, kept between runs: written again only when
+    no manifest says a previous run finished it."""
+    rows = mib * MiB // (np.dtype(np.uint16 if dtype == "bfloat16" else dtype).itemsize * d_model)
+    url = os.path.join(folder, f"src-{mib}")
+    if not os.path.exists(os.path.join(url, "manifest.json")):
+        shutil.rmtree(url, ignore_errors=True)
+        write_synth(url, rows, d_model, dtype=dtype)
+    return url, rows
 
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MiB, load_note, timed_rounds, write_synth  # noqa: E402
+from common import load_note, synth_source, timed_rounds  # noqa: E402
 
 ENV = dict(os.environ, SHUFFLER_NO_PROGRESS="1")
 
@@ -75,11 +75,7 @@ def main() -> None:
     if mib > 1024:
         ap.error(f"--mib {mib}: at most 1024 (this benchmark is for small sizes; benchmarks/scaling.py goes large)")
     d_model = 768
-    rows = mib * MiB // (2 * d_model)
-    src = os.path.join(args.out, f"src-{mib}")
-    if not os.path.exists(os.path.join(src, "manifest.json")):
-        shutil.rmtree(src, ignore_errors=True)
-        write_synth(src, rows, d_model, dtype="float16")
+    src, rows = synth_source(args.out, mib, d_model)
     plan = json.loads(shuffler("plan", src, "--memory", memory, "--levels", "2", "--workers", "2", "--json"))
     S = plan["buckets"]
     print(f"{mib} MiB float16, d_model {d_model}, {rows:,} rows, --memory {memory}: the plan's S = {S} super-buckets "

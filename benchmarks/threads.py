@@ -23,7 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import MiB, load_note, timed_rounds, write_synth  # noqa: E402
+from common import load_note, synth_source, timed_rounds  # noqa: E402
 
 CONFIGS = {  # name -> shuffle options
     "workers 1 threads 2": ["--workers", "1", "--threads", "2"],
@@ -53,11 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     mib, rounds = (192, 2) if args.quick else (args.mib, args.rounds)
     d_model = 768
-    rows = mib * MiB // (2 * d_model)
-    src = os.path.join(args.out, f"src-{mib}")
-    if not os.path.exists(os.path.join(src, "manifest.json")):
-        shutil.rmtree(src, ignore_errors=True)
-        write_synth(src, rows, d_model, dtype="float16")
+    src, rows = synth_source(args.out, mib, d_model)
     print(f"{mib} MiB float16, d_model {d_model}, {rows:,} rows; {os.cpu_count()} cores; {load_note()}")
     dst = os.path.join(args.out, "dst")
     run(src, dst, CONFIGS["workers 1 threads 2"])  # warm the page cache
