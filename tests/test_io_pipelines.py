@@ -24,13 +24,15 @@ def rows(n: int, seed: int = 0):
     return acts, [(r % 97).astype(np.int32), r.astype(np.int64), (r % 50).astype(np.int32)]
 
 
+@pytest.mark.parametrize("hash_thread", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_encode_pipeline_emits_in_order_what_serial_encoding_gives(threads):
+def test_encode_pipeline_emits_in_order_what_serial_encoding_gives(threads, hash_thread):
     acts, cols = rows(1000)
     order = np.random.default_rng(1).permutation(1000)
     spans = [(0, 64), (64, 128), (128, 130), (130, 194), (194, 1000 - 6), (1000 - 6, 1000)]
     got = []
-    enc = EncodePipeline(SCHEMA, 806, level=1, threads=threads, emit=lambda *a: got.append(a), hashes=True)
+    enc = EncodePipeline(SCHEMA, 806, level=1, threads=threads, emit=lambda *a: got.append(a), hashes=True,
+                         hash_thread=hash_thread)
     for k, (s, e) in enumerate(spans):
         if k % 2:  # rows the caller copies in
             b = enc.buffer()
@@ -61,6 +63,38 @@ def test_encode_pipeline_reraises_a_workers_first_error():
         enc.close()
     enc.abort()
     assert len(got) == 1  # the chunk before the failure, and nothing after it
+
+
+def test_encode_pipeline_reraises_a_hash_threads_error_and_reuses_no_buffer_in_use(monkeypatch):
+    """With hash_thread, a chunk's hash runs apart from its encode: an error there reaches the caller like an
+    encode error, after the chunks before it, and a buffer goes back for reuse only once both are done with it."""
+    import shuffler.io.rolling as rolling
+
+    acts, cols = rows(40)
+    calls = []
+    real = rolling.row_hashes
+
+    def hashes(schema, a, c):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("hash failed on chunk 1")
+        return real(schema, a, c)
+
+    monkeypatch.setattr(rolling, "row_hashes", hashes)
+    got = []
+    enc = EncodePipeline(SCHEMA, 10, level=1, threads=2, emit=lambda *a: got.append(a), hashes=True, hash_thread=True)
+    with pytest.raises(RuntimeError, match="chunk 1"):
+        for k in range(4):
+            b = enc.buffer()
+            assert all(b is not held for _, _, held, _ in enc.inflight)  # never a buffer still being read
+            b.acts[:10] = acts[10 * k : 10 * k + 10]
+            for d, c in zip(b.cols, cols, strict=True):
+                d[:10] = c[10 * k : 10 * k + 10]
+            enc.encode(b, 10)
+        enc.close()
+    enc.abort()
+    assert [g[1] for g in got] == [10]  # chunk 0 only
+    assert got[0][3] == fingerprint_sum(real(SCHEMA, acts[:10], [c[:10] for c in cols]))
 
 
 def test_chunk_reader_reads_mapped_and_ranged_frames_alike_and_names_damage(tmp_path):

@@ -137,3 +137,58 @@ def test_failed_overwrite_keeps_the_old_dataset(any_url):
     assert ds.num_rows == 30 and ds.check()[0] == []
     shard_objects = [n for n in Storage(any_url).list() if n.endswith(".shard")]
     assert sorted(shard_objects) == sorted(s.name for s in ds.shards)  # the old shards were removed
+
+
+def _shard_bytes(url: str) -> dict[str, bytes]:
+    st = Storage(url)
+    return {name: st.read(name) for name in sorted(st.list())}
+
+
+def _batches(n_rows: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_rows, 8)).astype(np.float32), cols(n_rows, 1000 * seed)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_batches_encoded_in_place_give_the_bytes_of_copied_small_ones(tmp_path, threads):
+    """A batch of several chunks is encoded from the caller's arrays in place (writers/shard_writer.py: borrow);
+    the shards are the same bytes as the same rows written in small batches, which are copied into chunk buffers.
+    Changing the caller's array after write() returns changes nothing written."""
+    x, c = _batches(1000, 1)
+    kw = dict(d_model=8, dtype="float16", chunk_bytes=32 * 30, shard_bytes=32 * 30 * 3, threads=threads)
+    with ShardWriter(str(tmp_path / "big"), **kw) as w:
+        w.write(x[:10], **{k: v[:10] for k, v in c.items()})  # a partial chunk first: this batch copies
+        w.write(x[10:30], **{k: v[10:30] for k, v in c.items()})  # completes a chunk: fill is 0 again
+        big, big_cols = x[30:].copy(), {k: v[30:].copy() for k, v in c.items()}
+        w.write(big, **big_cols)  # 970 rows: 32 whole chunks in place and a 10-row tail
+        big[:] = 7.0  # the caller reuses its buffers at once
+        for v in big_cols.values():
+            v[:] = 0
+    with ShardWriter(str(tmp_path / "small"), **kw) as w:
+        for s in range(0, 1000, 7):
+            w.write(x[s : s + 7], **{k: v[s : s + 7] for k, v in c.items()})
+    assert _shard_bytes(str(tmp_path / "big")) == _shard_bytes(str(tmp_path / "small"))
+    got = Dataset.open(str(tmp_path / "big"))
+    assert np.array_equal(np.concatenate([got.read_shard(i).float32() for i in range(len(got.shards))]),
+                          x.astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("bad_chunk", [0, 5, 31])
+def test_a_refused_large_batch_leaves_the_writer_as_it_was(tmp_path, bad_chunk):
+    """A NaN anywhere in a batch of many chunks refuses the whole batch, though its first chunks are encoded
+    while the batch is checked: the writer goes on as if the batch had never come (same bytes as a writer that
+    never saw it), keeping the rows written before it, some of them still being encoded."""
+    x, c = _batches(600, 2)
+    bad, bad_cols = _batches(970, 3)
+    bad[bad_chunk * 30 + 3, 5] = np.nan
+    kw = dict(d_model=8, dtype="bfloat16", chunk_bytes=32 * 30, shard_bytes=32 * 30 * 4, threads=2)
+    with ShardWriter(str(tmp_path / "a"), **kw) as w:
+        w.write(x[:300], **{k: v[:300] for k, v in c.items()})  # 10 chunks, the last ones in flight
+        with pytest.raises(ValueError, match=r"batch after row 300 holds 1 NaN/inf values.*nothing of this batch"):
+            w.write(bad, **bad_cols)
+        w.write(x[300:], **{k: v[300:] for k, v in c.items()})
+        assert w.rows_written == 600
+    with ShardWriter(str(tmp_path / "b"), **kw) as w:
+        w.write(x, **c)
+    assert _shard_bytes(str(tmp_path / "a")) == _shard_bytes(str(tmp_path / "b"))
+    assert Dataset.open(str(tmp_path / "a")).manifest.fingerprint == Dataset.open(str(tmp_path / "b")).manifest.fingerprint

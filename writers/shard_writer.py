@@ -131,6 +131,11 @@ class ShardWriter:
                 shard_bytes=shard_bytes,
                 level=level,
                 threads=threads,
+                # The writer's callers wait on its encode threads (a capture, an import): hashing beside them, and
+                # encoding whole chunks of a large batch in place while the batch is checked, keeps a float16
+                # writer within 0.9 of raw encode (docs/benchmarks.md, "Writer fixed costs").
+                hash_thread=True,
+                borrow=True,
             )
         self._done = False
         self.rows_written = 0
@@ -152,15 +157,19 @@ class ShardWriter:
             raise ValueError(f"ShardWriter for {self.url} is closed")
         a = fields_to_storage(self.schema, acts)
         cols = columns_to_storage(self.schema, a.shape[0], columns)
-        if not self.allow_nonfinite:
+        after = self.rows_written
+
+        def refuse_nonfinite() -> None:
             bad = nonfinite_fields(self.schema, a)
             if bad:
                 where = "" if not self.schema.fields else f" (field {', '.join(map(repr, bad))})"
                 raise ValueError(
-                    f"{self.url}: batch after row {self.rows_written} holds {sum(bad.values())} NaN/inf values"
-                    f"{where}; pass allow_nonfinite=True to store them"
+                    f"{self.url}: batch after row {after} holds {sum(bad.values())} NaN/inf values"
+                    f"{where}; pass allow_nonfinite=True to store them (nothing of this batch was written)"
                 )
-        self._rolling.append(a, cols)
+
+        # The check runs before any row of the batch is kept; a refused batch leaves the writer as it was.
+        self._rolling.append(a, cols, check=None if self.allow_nonfinite else refuse_nonfinite)
         self.rows_written += a.shape[0]
 
     def close(self) -> Manifest:

@@ -5,7 +5,9 @@ bounded set of reused chunk buffers, worker threads byte-split and zstd-encode t
 the GIL, so encoding overlaps the caller's work), and the frames are handed on in submission order by the
 caller's thread, so the output bytes never depend on thread timing. It serves writers.ShardWriter and pass 2's
 output (RollingShardWriter), pass-1 intermediates and scatter-on-write's runs (shuffling/map.py:
-write_intermediate).
+write_intermediate). A caller may instead lend whole chunks of its own rows (borrow=, read in place until
+settle()) and put a gate before a chunk's emission: ShardWriter encodes a large batch this way while it checks
+the batch, and takes the batch back (drop()) if the check refuses it.
 """
 
 from __future__ import annotations
@@ -91,18 +93,28 @@ class EncodePipeline:
     """
 
     def __init__(self, schema: Schema, chunk_rows: int, *, level: int, threads: int, emit: Emit, hashes: bool = False,
-                 buffers: int | None = None):
+                 buffers: int | None = None, hash_thread: bool = False):
         self.schema, self.chunk_rows, self.level, self.emit, self.hashes = schema, chunk_rows, level, emit, hashes
         # In a shuffle worker (pages.keeping()) threads and buffers outlive the pipeline; elsewhere they are its own.
         self.shared = keeping()
         self.pool = shared_threads("encode", max(1, threads)) if self.shared else ThreadPoolExecutor(
             max_workers=max(1, threads), thread_name_prefix="encode")
+        # hash_thread: rows the caller filled are hashed on a thread of their own, beside their encode, instead of
+        # after it on the encode thread. The CPU is the same; the encode threads' path per chunk is shorter by the
+        # hash (1.3-1.5 ms beside a 6 ms float16 encode of 8 MiB: docs/benchmarks.md, "Writer fixed costs"),
+        # which a writer whose encode threads are its bottleneck gains in wall time. Gathered rows (gather=) are
+        # still hashed after their gather, on the encode thread.
+        self.hash_pool: ThreadPoolExecutor | None = None
+        if hashes and hash_thread:
+            self.hash_pool = shared_threads("hash", 1) if self.shared else ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="hash")
         # Default: one per thread encoding, plus the one the caller fills (a frame that finished early waits in
         # its buffer until its turn). Memory is buffers x chunk, plus the frames in flight.
         self.max_buffers = max(1, buffers if buffers is not None else max(1, threads) + 1)
         self.made = 0
         self.free: list[ChunkBuffer] = []
-        self.inflight: deque[tuple[Future, ChunkBuffer]] = deque()
+        # In flight, oldest first: (encode, hash apart or None, the buffer or None for borrowed rows, the gate or None).
+        self.inflight: deque[tuple[Future, Future | None, ChunkBuffer | None, Callable[[], None] | None]] = deque()
 
     def buffer(self) -> ChunkBuffer:
         """A buffer to fill (encode() keeps one free; should all be in use, the oldest chunk is emitted first)."""
@@ -114,29 +126,66 @@ class EncodePipeline:
         spare = _spare_buffer(self.schema, self.chunk_rows) if self.shared else None
         return spare or ChunkBuffer(self.schema, self.chunk_rows)
 
-    def encode(self, buf: ChunkBuffer, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None) -> None:
-        """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx]."""
-        self.inflight.append((self.pool.submit(self._encode, buf, rows, gather), buf))
+    def encode(self, buf: ChunkBuffer | None, rows: int, *, gather: tuple[np.ndarray, list[np.ndarray], np.ndarray] | None = None,
+               borrow: tuple[np.ndarray, list[np.ndarray]] | None = None, gate: Callable[[], None] | None = None) -> None:
+        """Encode rows [:rows] of `buf` (from buffer()), or with gather=(acts, cols, idx) the rows acts[idx] into
+        `buf`, or with borrow=(acts, cols) and buf=None the caller's own rows, read in place: the caller keeps
+        them unchanged until settle() returns. `gate`, if given, runs on the caller's thread before this chunk is
+        emitted; should it raise, nothing of this chunk or after it has been emitted (drop() discards them)."""
+        assert (buf is None) == (borrow is not None) and not (gather is not None and borrow is not None)
+        if borrow is not None:
+            a, c = borrow
+        else:
+            a, c = buf.acts, buf.cols
+        apart = self.hash_pool is not None and gather is None
+        hashed = self.hash_pool.submit(self._hash, a, c, rows) if apart else None
+        fut = self.pool.submit(self._encode, a, c, rows, gather, self.hashes and not apart)
+        self.inflight.append((fut, hashed, buf, gate))
         while len(self.inflight) >= self.max_buffers:  # emit now: one buffer is free for the caller's next chunk
             self._emit_oldest()
 
-    def _encode(self, buf: ChunkBuffer, n: int, gather) -> tuple[bytes, int, int, int]:
+    def _hash(self, acts: np.ndarray, cols: list[np.ndarray], n: int) -> int:
+        return fingerprint_sum(row_hashes(self.schema, acts[:n], [col[:n] for col in cols]))
+
+    def _encode(self, acts: np.ndarray, cols: list[np.ndarray], n: int, gather, hashes: bool) -> tuple[bytes, int, int, int]:
         if gather is not None:
-            acts, cols, idx = gather
+            src, src_cols, idx = gather
             # mode="clip": with the default "raise", numpy buffers `out` and gathers at 0.6-1.1 GB/s, against
             # 2.6-3.2 GB/s here (measured on 8 MiB chunks of 1,552-byte rows); callers' indices are in range.
-            np.take(acts, idx, axis=0, out=buf.acts[:n], mode="clip")
-            for c, d in zip(cols, buf.cols, strict=True):
-                np.take(c, idx, out=d[:n], mode="clip")
-        a, c = buf.acts[:n], [col[:n] for col in buf.cols]
+            np.take(src, idx, axis=0, out=acts[:n], mode="clip")
+            for s, d in zip(src_cols, cols, strict=True):
+                np.take(s, idx, out=d[:n], mode="clip")
+        a, c = acts[:n], [col[:n] for col in cols]
         frame, checksum = encode_chunk(self.schema, a, c, self.level)
-        return frame, n, checksum, fingerprint_sum(row_hashes(self.schema, a, c)) if self.hashes else 0
+        return frame, n, checksum, fingerprint_sum(row_hashes(self.schema, a, c)) if hashes else 0
 
     def _emit_oldest(self) -> None:
-        fut, buf = self.inflight.popleft()
-        out = fut.result()  # re-raises the worker's first error here
-        self.free.append(buf)
-        self.emit(*out)
+        fut, hashed, buf, gate = self.inflight[0]
+        if gate is not None:
+            gate()  # may raise: the chunk stays in flight, for drop()
+        self.inflight.popleft()
+        if hashed is not None:
+            wait([fut, hashed])  # both done with the rows before anyone may reuse them, even on error
+        frame, rows, checksum, fsum = fut.result()  # re-raises the worker's first error here
+        if hashed is not None:
+            fsum = hashed.result()
+        if buf is not None:
+            self.free.append(buf)
+        self.emit(frame, rows, checksum, fsum)
+
+    def settle(self) -> None:
+        """Wait until the threads are done reading every borrowed row in flight (their frames are still to emit)."""
+        wait([f for fut, hashed, buf, _ in self.inflight if buf is None for f in (fut, hashed) if f is not None])
+
+    def drop(self) -> None:
+        """Discard every chunk in flight, once the threads are done with it (none of them is emitted); their
+        buffers are free again. The pipeline stays usable."""
+        futs = [f for fut, hashed, _, _ in self.inflight for f in (fut, hashed) if f is not None]
+        for f in futs:
+            f.cancel()
+        wait(futs)
+        self.free.extend(buf for _, _, buf, _ in self.inflight if buf is not None)
+        self.inflight.clear()
 
     def close(self) -> None:
         """Emit every frame still in flight, in order, and stop the threads."""
@@ -146,16 +195,17 @@ class EncodePipeline:
             _keep_buffers(self.schema, self.chunk_rows, self.free)
         else:
             self.pool.shutdown()
+            if self.hash_pool is not None:
+                self.hash_pool.shutdown()
         self.free = []  # the buffers go now, not when a caller's reference cycle is collected
 
     def abort(self) -> None:
         """Drop what is in flight (nothing more is emitted), once the threads are done with it."""
-        for fut, _ in self.inflight:
-            fut.cancel()
-        wait([fut for fut, _ in self.inflight])
+        self.drop()
         if not self.shared:
             self.pool.shutdown(wait=True)
-        self.inflight.clear()
+            if self.hash_pool is not None:
+                self.hash_pool.shutdown(wait=True)
         self.free = []
 
 
@@ -173,12 +223,20 @@ class RollingShardWriter:
         level: int = 1,
         threads: int = 2,
         header_extra: dict | None = None,
+        hash_thread: bool = False,
+        buffers: int | None = None,
+        borrow: bool = False,
     ):
+        """hash_thread and buffers: as EncodePipeline's (rows hashed on a thread of their own; chunk buffers).
+        borrow: whole chunks of a batch that starts a chunk are encoded from the caller's arrays in place, not
+        copied into a chunk buffer first; append() returns once the threads are done reading them."""
         self.store, self.schema, self.name_of, self.level = store, schema, name_of, level
         self.header_extra = header_extra
         self.chunk_rows = rows_per_chunk(schema, chunk_bytes)
         self.shard_chunks = max(1, shard_bytes // (self.chunk_rows * schema.row_bytes))
-        self.encoder = EncodePipeline(schema, self.chunk_rows, level=level, threads=threads, emit=self._add, hashes=True)
+        self.encoder = EncodePipeline(schema, self.chunk_rows, level=level, threads=threads, emit=self._add, hashes=True,
+                                      hash_thread=hash_thread, buffers=buffers)
+        self.borrow = borrow
         self.buf: ChunkBuffer | None = None
         self.fill = 0
         self.shards: list[ShardInfo] = []
@@ -189,8 +247,52 @@ class RollingShardWriter:
         self._closed = False
 
     # -- input -----------------------------------------------------------------------------------------
-    def append(self, acts: np.ndarray, cols: list[np.ndarray]) -> None:
-        """Append rows already in storage form: acts [rows, d_model] storage dtype, cols in schema order."""
+    def append(self, acts: np.ndarray, cols: list[np.ndarray], *, check: Callable[[], None] | None = None) -> None:
+        """Append rows already in storage form: acts [rows, d_model] storage dtype, cols in schema order.
+
+        `check` (the writer's non-finite check, say) runs before any row of this batch is emitted; if it raises,
+        no row of the batch is kept and the writer is as it was before the call. With borrow, whole chunks are
+        encoded while it runs: a large batch's check no longer delays its first chunk's encode (a 256 MiB batch's
+        check is 13 ms here, 0.4 ms per 8 MiB chunk: docs/benchmarks.md, "Writer fixed costs").
+        """
+        n = acts.shape[0]
+        if self.borrow and self.fill == 0 and n >= self.chunk_rows:
+            self._append_borrowed(acts, cols, check)
+            return
+        if check is not None:
+            check()
+        self._copy_in(acts, cols)
+
+    def _append_borrowed(self, acts: np.ndarray, cols: list[np.ndarray], check: Callable[[], None] | None) -> None:
+        state = {"check": check}
+
+        def gate() -> None:  # the check, once: before this batch's first emission or at the end, whichever is first
+            c = state.pop("check", None)
+            if c is not None:
+                c()
+            state["passed"] = True
+
+        n, cr, pos = acts.shape[0], self.chunk_rows, 0
+        try:
+            while n - pos >= cr:
+                self.encoder.encode(None, cr, borrow=(acts[pos : pos + cr], [c[pos : pos + cr] for c in cols]),
+                                    gate=gate if pos == 0 else None)
+                pos += cr
+            self._copy_in(acts[pos:], [c[pos:] for c in cols])  # the tail, less than a chunk: fill was 0
+            gate()
+            self.encoder.settle()
+        except BaseException:
+            if state.get("passed"):
+                # Past the check some chunks may be emitted already: as on the copying path, the error stands,
+                # and the caller's rows are left alone once the threads are done with them.
+                self.encoder.settle()
+                raise
+            # Nothing of this batch was emitted (the gate runs before its first chunk is): take it all back.
+            self.encoder.drop()
+            self.fill = 0
+            raise
+
+    def _copy_in(self, acts: np.ndarray, cols: list[np.ndarray]) -> None:
         n, pos = acts.shape[0], 0
         while pos < n:
             if self.buf is None:
@@ -208,7 +310,7 @@ class RollingShardWriter:
     def _submit(self) -> None:
         if self.buf is not None and self.fill:
             self.encoder.encode(self.buf, self.fill)
-            self.buf = None
+            self.buf, self.fill = None, 0
 
     def _add(self, frame: bytes, rows: int, checksum: int, fsum: int) -> None:
         sink = self._sink or self._open_shard()

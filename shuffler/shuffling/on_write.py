@@ -22,6 +22,7 @@ boundaries, or on what other producers did (docs/shuffle.md, "Scatter on write")
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -126,8 +127,11 @@ class ScatterSink:
         return (np.empty((self.run_rows, self.schema.row_width), self.schema.row_dtype),
                 [np.empty(self.run_rows, np.dtype(t)) for _, t in self.schema.columns])
 
-    def append(self, acts: np.ndarray, cols: list[np.ndarray]) -> None:
-        """Rows in storage form: acts [rows, d_model] storage dtype, cols in schema order."""
+    def append(self, acts: np.ndarray, cols: list[np.ndarray], *, check: Callable[[], None] | None = None) -> None:
+        """Rows in storage form: acts [rows, d_model] storage dtype, cols in schema order. `check` runs first
+        (RollingShardWriter.append's contract: if it raises, nothing of the batch is kept)."""
+        if check is not None:
+            check()
         n, pos = acts.shape[0], 0
         while pos < n:
             if self.cur is None:
