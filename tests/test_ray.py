@@ -127,6 +127,38 @@ def test_ray_retries_a_dead_worker_and_reraises_errors(local_ray, tmp_path):
             ex.run(_fails, [(1,)], _Bar(), lambda k: None)
 
 
+def _assigned_cpus(x: int) -> float:
+    return ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+
+
+def test_ray_tasks_ask_for_their_codec_threads_as_cpus(local_ray, monkeypatch, tmp_path):
+    """A task with --threads N asks Ray for N CPUs, so Ray places no more tasks on a node than its cores run;
+    capped at the largest node's CPUs (2 here), since Ray never schedules a task no node can hold."""
+    ray.cloudpickle.register_pickle_by_value(__import__(__name__))
+    for threads, want in ((1, 1.0), (2, 2.0), (8, 2.0)):
+        with RayExecutor(cpus_per_task=threads) as ex:
+            assert ex.task_cpus() == int(want)
+            assert ex.run(_assigned_cpus, [(1,), (2,)], _Bar(), lambda k: None) == [want, want]
+    with pytest.raises(ValueError, match=r"cpus_per_task=0 must be an integer >= 1"):
+        RayExecutor(cpus_per_task=0)
+    # Through the shuffle's options: --threads 2 reaches the executor, and the bytes do not change.
+    src = str(tmp_path / "raw")
+    make_dataset(src, 3000)
+    shuffle(src, str(tmp_path / "one"), seed=5, executor="ray", threads=1, memory=MEMORY, map_rows=900, **SMALL)
+    made = []
+    run_module = importlib.import_module("shuffler.shuffling.run")
+    real = run_module.make_executor
+
+    def spy(kind, **kw):
+        made.append(kw["threads"])
+        return real(kind, **kw)
+
+    monkeypatch.setattr(run_module, "make_executor", spy)
+    shuffle(src, str(tmp_path / "two"), seed=5, executor="ray", threads=2, memory=MEMORY, map_rows=900, **SMALL)
+    assert made and set(made) == {2}
+    assert output_bytes(str(tmp_path / "two")) == output_bytes(str(tmp_path / "one"))
+
+
 def test_ray_refuses_memory_urls(local_ray, memory_url, tmp_path):
     src = str(tmp_path / "raw")
     make_dataset(src, 100)

@@ -199,6 +199,16 @@ class LocalExecutor:
                                                 initargs=(self.queue, os.getpid()))
         return self.executor
 
+    def task_cpus(self) -> int:
+        """CPUs each task asks Ray for: its codec threads, so that Ray places no more tasks on a node than its
+        cores can run (a task asking 1 CPU while it runs 8 threads would share a core eight ways), but never
+        more than the largest live node has: Ray would hold such a task as infeasible for ever
+        (https://docs.ray.io/en/latest/ray-core/scheduling/resources.html)."""
+        import ray
+
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        return max(1, min(self.cpus_per_task, int(largest)))
+
     def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
         """fn(*call) for every call; on_done(count_done) after each commit. Results in call order."""
         global _report
@@ -274,10 +284,14 @@ class RayExecutor:
     After `run`, `task_nodes[i]` is the id of the Ray node whose attempt of call i succeeded.
     """
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None, max_retries: int = 3):
+    def __init__(self, address: str | None = None, *, workers: int | None = None, max_retries: int = 3,
+                 cpus_per_task: int = 1):
         if max_retries < 0:
             raise ValueError(f"max_retries={max_retries} must be >= 0")
+        if isinstance(cpus_per_task, bool) or not isinstance(cpus_per_task, int) or cpus_per_task < 1:
+            raise ValueError(f"cpus_per_task={cpus_per_task!r} must be an integer >= 1 (a task's codec threads)")
         self.address, self.workers, self.max_retries = address, workers, max_retries
+        self.cpus_per_task = cpus_per_task
         self.owned = False
         self.task_nodes: list[str] = []
 
@@ -288,8 +302,9 @@ class RayExecutor:
             raise RuntimeError("--executor ray needs the `ray` extra: pip install 'activation-shuffler[ray]'") from None
         if not ray.is_initialized():
             address = self.address or env.ray_address()
-            # A new local Ray gets one CPU per worker; an existing cluster refuses resource arguments.
-            kw = {"num_cpus": self.workers} if address is None and self.workers else {}
+            # A new local Ray gets each worker's CPUs (its codec threads); an existing cluster refuses resource
+            # arguments.
+            kw = {"num_cpus": self.workers * self.cpus_per_task} if address is None and self.workers else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **kw)
             self.owned = True
         return self
@@ -300,6 +315,16 @@ class RayExecutor:
 
             ray.shutdown()
             self.owned = False
+
+    def task_cpus(self) -> int:
+        """CPUs each task asks Ray for: its codec threads, so that Ray places no more tasks on a node than its
+        cores can run (a task asking 1 CPU while it runs 8 threads would share a core eight ways), but never
+        more than the largest live node has: Ray would hold such a task as infeasible for ever
+        (https://docs.ray.io/en/latest/ray-core/scheduling/resources.html)."""
+        import ray
+
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
+        return max(1, min(self.cpus_per_task, int(largest)))
 
     def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
         """fn(*call) for every call as Ray tasks; on_done(count_done) after each. Results in call order."""
@@ -316,7 +341,7 @@ class RayExecutor:
         # ran there). Ray Data spreads its read tasks the same way (DEFAULT_SCHEDULING_STRATEGY = "SPREAD" in
         # ray/data/context.py; https://docs.ray.io/en/latest/ray-core/scheduling/index.html#spread).
         remote = ray.remote(max_retries=self.max_retries, retry_exceptions=[OSError])(on_node).options(
-            name=getattr(fn, "__name__", "task"), scheduling_strategy="SPREAD")
+            name=getattr(fn, "__name__", "task"), scheduling_strategy="SPREAD", num_cpus=self.task_cpus())
         refs = [remote.remote(fn, *args) for args in calls]
         pending, done_count = list(refs), 0
         try:
@@ -340,12 +365,13 @@ class RayExecutor:
             raise
 
 
-def make_executor(kind: str, *, workers: int, in_process: bool, ray_address: str | None = None):
-    """The executor named `kind` ("local" or "ray"), as a context manager."""
+def make_executor(kind: str, *, workers: int, in_process: bool, ray_address: str | None = None, threads: int = 1):
+    """The executor named `kind` ("local" or "ray"), as a context manager. `threads`: each task's codec threads
+    (Ray asks that many CPUs per task; local workers are processes that start their own threads)."""
     if kind == "local":
         if ray_address is not None:
             raise ValueError(f"ray_address={ray_address!r} needs executor='ray', not 'local'")
         return LocalExecutor(workers, in_process)
     if kind == "ray":
-        return RayExecutor(ray_address, workers=workers)
+        return RayExecutor(ray_address, workers=workers, cpus_per_task=threads)
     raise ValueError(f"executor={kind!r} is not one of {', '.join(EXECUTORS)}")

@@ -289,7 +289,7 @@ class Run:
     def executor(self):
         """The executor (shuffler/shuffling/executor.py) the options name, as a context manager."""
         return make_executor(self.cfg.executor, workers=self.workers, in_process=self.in_process,
-                             ray_address=self.cfg.ray_address)
+                             ray_address=self.cfg.ray_address, threads=threads_for(self.cfg, self.workers))
 
     # -- what is at DST ----------------------------------------------------------------------------------
     def check_dst(self) -> Manifest | None:
