@@ -65,9 +65,9 @@ def test_encode_pipeline_reraises_a_workers_first_error():
     assert len(got) == 1  # the chunk before the failure, and nothing after it
 
 
-def test_encode_pipeline_reraises_a_hash_threads_error_and_reuses_no_buffer_in_use(monkeypatch):
+def test_encode_pipeline_reraises_a_hash_threads_error(monkeypatch):
     """With hash_thread, a chunk's hash runs apart from its encode: an error there reaches the caller like an
-    encode error, after the chunks before it, and a buffer goes back for reuse only once both are done with it."""
+    encode error, after the chunks before it."""
     import shuffler.io.rolling as rolling
 
     acts, cols = rows(40)
@@ -86,7 +86,6 @@ def test_encode_pipeline_reraises_a_hash_threads_error_and_reuses_no_buffer_in_u
     with pytest.raises(RuntimeError, match="chunk 1"):
         for k in range(4):
             b = enc.buffer()
-            assert all(b is not held for _, _, held, _ in enc.inflight)  # never a buffer still being read
             b.acts[:10] = acts[10 * k : 10 * k + 10]
             for d, c in zip(b.cols, cols, strict=True):
                 d[:10] = c[10 * k : 10 * k + 10]
@@ -120,3 +119,33 @@ def test_chunk_reader_reads_mapped_and_ranged_frames_alike_and_names_damage(tmp_
         reader.close()
         store.delete("obj")
     assert not os.path.exists(tmp_path / "d" / "obj")
+
+
+def test_a_failed_chunk_is_raised_only_once_its_hash_stopped_reading_the_rows(monkeypatch):
+    """With the hash apart, a chunk whose encode fails is reported only after its hash is done too: the caller
+    may then reuse rows it lent (borrow=) or the pipeline a buffer."""
+    import time
+
+    import shuffler.io.rolling as rolling
+
+    acts, cols = rows(20)
+    events = []
+    real = rolling.row_hashes
+
+    def slow_hash(schema, a, c):
+        time.sleep(0.3)
+        events.append("hash done")
+        return real(schema, a, c)
+
+    def failing_encode(schema, a, c, level):
+        raise RuntimeError("encode failed")
+
+    monkeypatch.setattr(rolling, "row_hashes", slow_hash)
+    monkeypatch.setattr(rolling, "encode_chunk", failing_encode)
+    enc = EncodePipeline(SCHEMA, 10, level=1, threads=1, emit=lambda *a: None, hashes=True, hash_thread=True)
+    enc.encode(None, 10, borrow=(acts[:10], [c[:10] for c in cols]))
+    with pytest.raises(RuntimeError, match="encode failed"):
+        enc.close()
+    events.append("raised")
+    assert events == ["hash done", "raised"]
+    enc.abort()

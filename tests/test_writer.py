@@ -192,3 +192,69 @@ def test_a_refused_large_batch_leaves_the_writer_as_it_was(tmp_path, bad_chunk):
         w.write(x, **c)
     assert _shard_bytes(str(tmp_path / "a")) == _shard_bytes(str(tmp_path / "b"))
     assert Dataset.open(str(tmp_path / "a")).manifest.fingerprint == Dataset.open(str(tmp_path / "b")).manifest.fingerprint
+
+
+@pytest.mark.parametrize("threads,bad_rows", [(2, 45), (3, 45), (3, 75)])
+def test_a_refused_batch_of_one_or_two_chunks_keeps_the_chunks_in_flight_before_it(tmp_path, threads, bad_rows):
+    """A refused batch too short to push the earlier chunks out of the pipeline is checked at the end of write();
+    taking it back must take only its own chunks, not the earlier batch's still in flight (found in review)."""
+    x, c = _batches(600, 4)
+    bad, bad_cols = _batches(bad_rows, 5)
+    bad[3, 5] = np.nan
+    kw = dict(d_model=8, dtype="float16", chunk_bytes=32 * 30, shard_bytes=32 * 30 * 4, threads=threads)
+    with ShardWriter(str(tmp_path / "a"), **kw) as w:
+        w.write(x[:300], **{k: v[:300] for k, v in c.items()})  # whole chunks only: the last ones still in flight
+        with pytest.raises(ValueError, match="NaN"):
+            w.write(bad, **bad_cols)
+        w.write(x[300:], **{k: v[300:] for k, v in c.items()})
+    with ShardWriter(str(tmp_path / "b"), **kw) as w:
+        w.write(x, **c)
+    assert Dataset.open(str(tmp_path / "a")).num_rows == 600
+    assert _shard_bytes(str(tmp_path / "a")) == _shard_bytes(str(tmp_path / "b"))
+
+
+def test_large_batches_are_lent_to_the_encode_threads_not_copied(tmp_path, monkeypatch):
+    """The in-place path is the one taken: whole chunks of a batch that starts a chunk go to the encoder as the
+    caller's rows (borrow=), the tail and batches after a partial chunk through chunk buffers."""
+    import shuffler.io.rolling as rolling
+
+    lent = []
+    real = rolling.EncodePipeline.encode
+
+    def spy(self, buf, rows, **kw):
+        lent.append(kw.get("borrow") is not None)
+        return real(self, buf, rows, **kw)
+
+    monkeypatch.setattr(rolling.EncodePipeline, "encode", spy)
+    x, c = _batches(100, 6)
+    with ShardWriter(str(tmp_path / "d"), d_model=8, dtype="float16", chunk_bytes=32 * 30) as w:
+        w.write(x[:95], **{k: v[:95] for k, v in c.items()})  # 3 chunks lent, 5 rows copied
+        w.write(x[95:], **{k: v[95:] for k, v in c.items()})  # completes the partial chunk by copying
+    assert lent == [True, True, True, False]
+
+
+def test_after_a_failed_storage_write_the_writer_refuses_to_go_on_and_leaves_nothing(tmp_path, monkeypatch):
+    """An error other than a refusal (here the storage failing once under a frame) may have lost rows: the
+    writer refuses further writes and close() removes everything, rather than commit a dataset with holes."""
+    import shuffler.io.rolling as rolling
+
+    real, calls = rolling.RollingShardWriter._add, []
+
+    def flaky(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk went away")
+        return real(self, *a)
+
+    monkeypatch.setattr(rolling.RollingShardWriter, "_add", flaky)
+    x, c = _batches(300, 7)
+    url = str(tmp_path / "d")
+    w = ShardWriter(url, d_model=8, dtype="float16", chunk_bytes=32 * 30, shard_bytes=32 * 30 * 2, threads=1)
+    with pytest.raises(OSError, match="disk went away"):
+        for s in range(0, 300, 10):
+            w.write(x[s : s + 10], **{k: v[s : s + 10] for k, v in c.items()})
+    with pytest.raises(RuntimeError, match="an earlier write failed .*disk went away"):
+        w.write(x[:10], **{k: v[:10] for k, v in c.items()})
+    with pytest.raises(RuntimeError, match="an earlier write failed"):
+        w.close()
+    assert Storage(url).list() == []

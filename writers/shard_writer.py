@@ -138,6 +138,7 @@ class ShardWriter:
                 borrow=True,
             )
         self._done = False
+        self._failed: BaseException | None = None
         self.rows_written = 0
 
     # -- context manager -------------------------------------------------------------------------------
@@ -155,27 +156,47 @@ class ShardWriter:
         {field name: [rows, d_model] array} naming every field; one 1-D array per column."""
         if self._done:
             raise ValueError(f"ShardWriter for {self.url} is closed")
+        self._refuse_if_failed()
         a = fields_to_storage(self.schema, acts)
         cols = columns_to_storage(self.schema, a.shape[0], columns)
-        after = self.rows_written
+        after, refused = self.rows_written, []
 
         def refuse_nonfinite() -> None:
             bad = nonfinite_fields(self.schema, a)
             if bad:
                 where = "" if not self.schema.fields else f" (field {', '.join(map(repr, bad))})"
+                refused.append(True)
                 raise ValueError(
                     f"{self.url}: batch after row {after} holds {sum(bad.values())} NaN/inf values"
                     f"{where}; pass allow_nonfinite=True to store them (nothing of this batch was written)"
                 )
 
-        # The check runs before any row of the batch is kept; a refused batch leaves the writer as it was.
-        self._rolling.append(a, cols, check=None if self.allow_nonfinite else refuse_nonfinite)
+        # The check runs before any row of the batch is kept; a refused batch leaves the writer as it was. Any
+        # other error on the way (a storage write, an encode thread's) may have kept part of the batch, or lost
+        # an earlier chunk: the writer then refuses to go on, so that no dataset with holes can be committed.
+        try:
+            self._rolling.append(a, cols, check=None if self.allow_nonfinite else refuse_nonfinite)
+        except BaseException as e:
+            if not refused:
+                self._failed = e
+            raise
         self.rows_written += a.shape[0]
+
+    def _refuse_if_failed(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(
+                f"ShardWriter for {self.url}: an earlier write failed ({type(self._failed).__name__}: {self._failed}), "
+                "so the rows written so far may be incomplete: it commits nothing, and close() or abort() removes "
+                "what it wrote"
+            )
 
     def close(self) -> Manifest:
         """Commit the last shard, then the manifest (or part manifest) last. Returns the manifest."""
         if self._done:
             raise ValueError(f"ShardWriter for {self.url} is already closed")
+        if self._failed is not None:
+            self.abort()  # nothing of a writer with holes stays visible
+            self._refuse_if_failed()
         shards = self._rolling.close()
         meta = dict(self.metadata)
         if self.producer is not None:

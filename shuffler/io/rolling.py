@@ -104,10 +104,13 @@ class EncodePipeline:
         # hash (1.3-1.5 ms beside a 6 ms float16 encode of 8 MiB: docs/benchmarks.md, "Writer fixed costs"),
         # which a writer whose encode threads are its bottleneck gains in wall time. Gathered rows (gather=) are
         # still hashed after their gather, on the encode thread.
+        # One hash thread keeps up with about four encode threads (hash 1.5-1.6 ms against a float16 encode of
+        # 6.7 ms per 8 MiB chunk, the fastest dtype), so more encode threads get more hash threads.
         self.hash_pool: ThreadPoolExecutor | None = None
         if hashes and hash_thread:
-            self.hash_pool = shared_threads("hash", 1) if self.shared else ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="hash")
+            n_hash = -(-max(1, threads) // 4)
+            self.hash_pool = shared_threads("hash", n_hash) if self.shared else ThreadPoolExecutor(
+                max_workers=n_hash, thread_name_prefix="hash")
         # Default: one per thread encoding, plus the one the caller fills (a frame that finished early waits in
         # its buffer until its turn). Memory is buffers x chunk, plus the frames in flight.
         self.max_buffers = max(1, buffers if buffers is not None else max(1, threads) + 1)
@@ -138,8 +141,12 @@ class EncodePipeline:
         else:
             a, c = buf.acts, buf.cols
         apart = self.hash_pool is not None and gather is None
-        hashed = self.hash_pool.submit(self._hash, a, c, rows) if apart else None
         fut = self.pool.submit(self._encode, a, c, rows, gather, self.hashes and not apart)
+        try:
+            hashed = self.hash_pool.submit(self._hash, a, c, rows) if apart else None
+        except BaseException:
+            wait([fut])  # nothing may go on reading the rows once the error is out
+            raise
         self.inflight.append((fut, hashed, buf, gate))
         while len(self.inflight) >= self.max_buffers:  # emit now: one buffer is free for the caller's next chunk
             self._emit_oldest()
@@ -163,9 +170,10 @@ class EncodePipeline:
         fut, hashed, buf, gate = self.inflight[0]
         if gate is not None:
             gate()  # may raise: the chunk stays in flight, for drop()
+        # Both done with the rows before the chunk leaves the queue (settle() and drop() wait on the queue),
+        # and before anyone may reuse its buffer, even on error.
+        wait([f for f in (fut, hashed) if f is not None])
         self.inflight.popleft()
-        if hashed is not None:
-            wait([fut, hashed])  # both done with the rows before anyone may reuse them, even on error
         frame, rows, checksum, fsum = fut.result()  # re-raises the worker's first error here
         if hashed is not None:
             fsum = hashed.result()
@@ -177,15 +185,21 @@ class EncodePipeline:
         """Wait until the threads are done reading every borrowed row in flight (their frames are still to emit)."""
         wait([f for fut, hashed, buf, _ in self.inflight if buf is None for f in (fut, hashed) if f is not None])
 
-    def drop(self) -> None:
-        """Discard every chunk in flight, once the threads are done with it (none of them is emitted); their
-        buffers are free again. The pipeline stays usable."""
-        futs = [f for fut, hashed, _, _ in self.inflight for f in (fut, hashed) if f is not None]
+    def drop(self, gate: Callable[[], None] | None = None) -> None:
+        """Discard the chunks in flight, once the threads are done with them (none of them is emitted); their
+        buffers are free again and the pipeline stays usable. With `gate`, only the chunk that carries it and
+        those after it (one batch: the chunks before it belong to earlier batches and are still to emit), and
+        none if no chunk carries it."""
+        entries = list(self.inflight)
+        k = 0 if gate is None else next((i for i, e in enumerate(entries) if e[3] is gate), len(entries))
+        gone = entries[k:]
+        futs = [f for fut, hashed, _, _ in gone for f in (fut, hashed) if f is not None]
         for f in futs:
             f.cancel()
         wait(futs)
-        self.free.extend(buf for _, _, buf, _ in self.inflight if buf is not None)
-        self.inflight.clear()
+        self.free.extend(buf for _, _, buf, _ in gone if buf is not None)
+        for _ in gone:
+            self.inflight.pop()
 
     def close(self) -> None:
         """Emit every frame still in flight, in order, and stop the threads."""
@@ -287,8 +301,9 @@ class RollingShardWriter:
                 # and the caller's rows are left alone once the threads are done with them.
                 self.encoder.settle()
                 raise
-            # Nothing of this batch was emitted (the gate runs before its first chunk is): take it all back.
-            self.encoder.drop()
+            # Nothing of this batch was emitted (the gate runs before its first chunk is): take it all back, and
+            # only it: chunks of earlier batches may still be in flight before it.
+            self.encoder.drop(gate)
             self.fill = 0
             raise
 
@@ -309,8 +324,11 @@ class RollingShardWriter:
 
     def _submit(self) -> None:
         if self.buf is not None and self.fill:
-            self.encoder.encode(self.buf, self.fill)
+            # Off our hands first: should emitting an older chunk raise in encode(), this one is queued already
+            # and must not be submitted again by a caller who writes on.
+            buf, fill = self.buf, self.fill
             self.buf, self.fill = None, 0
+            self.encoder.encode(buf, fill)
 
     def _add(self, frame: bytes, rows: int, checksum: int, fsum: int) -> None:
         sink = self._sink or self._open_shard()
