@@ -199,16 +199,6 @@ class LocalExecutor:
                                                 initargs=(self.queue, os.getpid()))
         return self.executor
 
-    def task_cpus(self) -> int:
-        """CPUs each task asks Ray for: its codec threads, so that Ray places no more tasks on a node than its
-        cores can run (a task asking 1 CPU while it runs 8 threads would share a core eight ways), but never
-        more than the largest live node has: Ray would hold such a task as infeasible for ever
-        (https://docs.ray.io/en/latest/ray-core/scheduling/resources.html)."""
-        import ray
-
-        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-        return max(1, min(self.cpus_per_task, int(largest)))
-
     def run(self, fn, calls: list[tuple], bar: Progress, on_done: Callable[[int], None]) -> list:
         """fn(*call) for every call; on_done(count_done) after each commit. Results in call order."""
         global _report
