@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -258,3 +260,97 @@ def test_after_a_failed_storage_write_the_writer_refuses_to_go_on_and_leaves_not
     with pytest.raises(RuntimeError, match="an earlier write failed"):
         w.close()
     assert Storage(url).list() == []
+
+
+def test_an_interrupt_while_a_refused_batch_is_taken_back_stops_the_writer(tmp_path, monkeypatch):
+    """Ctrl-C while a refused batch is being taken back (drop() waits for the threads) may leave some of it in
+    the pipeline: that is not a refusal, so the writer refuses to go on rather than commit NaN rows (review)."""
+    import shuffler.io.rolling as rolling
+
+    real_wait, real_drop = rolling.wait, rolling.EncodePipeline.drop
+    fired = []
+
+    def interrupted_drop(self, gate=None):
+        if fired:  # once: the writer's own abort() later drops as usual
+            return real_drop(self, gate)
+        fired.append(True)
+        real_wait([f for e in self.inflight for f in e[:2] if f is not None])
+
+        def wait(fs, *a, **k):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(rolling, "wait", wait)
+        try:
+            return real_drop(self, gate)
+        finally:
+            monkeypatch.setattr(rolling, "wait", real_wait)
+
+    monkeypatch.setattr(rolling.EncodePipeline, "drop", interrupted_drop)
+    x, c = _batches(90, 8)
+    bad, bad_cols = _batches(30, 9)
+    bad[5, 3] = np.nan
+    url = str(tmp_path / "d")
+    w = ShardWriter(url, d_model=8, dtype="float16", chunk_bytes=32 * 30, threads=2)
+    w.write(x, **c)
+    with pytest.raises(KeyboardInterrupt):
+        w.write(bad, **bad_cols)
+    with pytest.raises(RuntimeError, match="an earlier write failed"):
+        w.write(x, **c)
+    with pytest.raises(RuntimeError, match="an earlier write failed"):
+        w.close()
+    assert Storage(url).list() == []
+
+
+@pytest.mark.parametrize("where", ["last frame", "part manifest"])
+def test_a_failed_close_leaves_nothing_not_even_the_producers_start_marker(tmp_path, monkeypatch, where):
+    """close() failing under its last frame or its part manifest removes the shards and the part's start
+    marker, so `shuffler seal` is not left refusing a part that will never finish (review)."""
+    import shuffler.io.rolling as rolling
+    import writers.shard_writer as sw
+
+    if where == "last frame":
+        real_close = rolling.RollingShardWriter.close
+
+        def close(self):
+            def add(*a):
+                raise OSError("disk went away in close")
+
+            self._add = add
+            self.encoder.emit = add
+            return real_close(self)
+
+        monkeypatch.setattr(rolling.RollingShardWriter, "close", close)
+    else:
+        def write_manifest(*a, **k):
+            raise OSError("part manifest put failed")
+
+        monkeypatch.setattr(sw, "write_manifest", write_manifest)
+    x, c = _batches(45, 10)
+    url = str(tmp_path / "d")
+    with pytest.raises(OSError, match="went away in close|put failed"):
+        with ShardWriter(url, d_model=8, dtype="float16", chunk_bytes=32 * 30, threads=2, producer="p") as w:
+            w.write(x, **c)
+    assert Storage(url).list() == []
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_interrupt_around_a_shards_commit_leaves_nothing(tmp_path, monkeypatch, when):
+    """Ctrl-C just before or just after a shard's rename: the writer's abort still finds the temporary object
+    or the committed shard, so nothing is left behind (review: the shard used to be recorded only after)."""
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **k):
+        if dst.endswith("shard-000000.shard"):
+            if when == "after":
+                real_replace(src, dst, *a, **k)
+            raise KeyboardInterrupt
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    x, c = _batches(200, 11)
+    url = str(tmp_path / "d")
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(url, d_model=8, dtype="float16", chunk_bytes=32 * 30, shard_bytes=32 * 30 * 2) as w:
+            w.write(x, **c)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert Storage(url).list() == [] and not [p for p in os.listdir(url) if not os.path.isdir(os.path.join(url, p))]

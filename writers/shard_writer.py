@@ -31,7 +31,9 @@ class ShardWriter:
     With `producer=None` the dataset manifest is written on close. With a producer name, many producers
     (one per GPU, say) write into one URL at once, each closing with a part manifest; `shuffler seal URL`
     then joins the parts. If an exception escapes the `with` block, every object this writer made is
-    removed again, so nothing half-written becomes visible.
+    removed again, so nothing half-written becomes visible. A batch refused by its checks (shape, dtype, NaN/inf)
+    leaves the writer as it was, so a caller may catch the error and write on; after any other error inside
+    write() (storage, an encode thread) the writer refuses to go on, and close() removes what it wrote.
 
         with ShardWriter("s3://bucket/acts", d_model=768, dtype="bfloat16") as w:
             w.write(acts, token_id=tok, doc_id=doc, position=pos)
@@ -165,22 +167,22 @@ class ShardWriter:
             bad = nonfinite_fields(self.schema, a)
             if bad:
                 where = "" if not self.schema.fields else f" (field {', '.join(map(repr, bad))})"
-                refused.append(True)
-                raise ValueError(
+                refused.append(ValueError(
                     f"{self.url}: batch after row {after} holds {sum(bad.values())} NaN/inf values"
                     f"{where}; pass allow_nonfinite=True to store them (nothing of this batch was written)"
-                )
+                ))
+                raise refused[0]
 
         # The check runs before any row of the batch is kept; a refused batch leaves the writer as it was. Any
         # other error on the way (a storage write, an encode thread's) may have kept part of the batch, or lost
         # an earlier chunk: the writer then refuses to go on, so that no dataset with holes can be committed.
         try:
             self._rolling.append(a, cols, check=None if self.allow_nonfinite else refuse_nonfinite)
+            self.rows_written += a.shape[0]
         except BaseException as e:
-            if not refused:
+            if not (refused and e is refused[0]):
                 self._failed = e
             raise
-        self.rows_written += a.shape[0]
 
     def _refuse_if_failed(self) -> None:
         if self._failed is not None:
@@ -197,20 +199,20 @@ class ShardWriter:
         if self._failed is not None:
             self.abort()  # nothing of a writer with holes stays visible
             self._refuse_if_failed()
-        shards = self._rolling.close()
-        meta = dict(self.metadata)
-        if self.producer is not None:
-            meta.setdefault("producer", self.producer)
-        manifest = Manifest(
-            schema=self.schema, shards=tuple(shards), fingerprint=self._rolling.fingerprint, metadata=meta
-        )
         try:
+            shards = self._rolling.close()
+            meta = dict(self.metadata)
+            if self.producer is not None:
+                meta.setdefault("producer", self.producer)
+            manifest = Manifest(
+                schema=self.schema, shards=tuple(shards), fingerprint=self._rolling.fingerprint, metadata=meta
+            )
             if self.producer is None:
                 write_manifest(self.store, manifest)
             else:
                 write_manifest(self.store, manifest, part_manifest_name(self.producer))
         except BaseException:
-            self._rolling.abort()
+            self.abort()  # the shards and a producer's start marker: nothing of a failed close stays visible
             raise
         self._done = True
         self.manifest = manifest

@@ -353,9 +353,12 @@ class RollingShardWriter:
         sink, stack = self._sink, self._stack
         assert sink is not None and stack is not None
         size = sink.finish()
-        self._sink = self._stack = None
-        stack.close()  # commits the object
+        # Recorded before the commit, so that abort() deletes it should the commit be cut short after the rename
+        # (deleting a name never committed does nothing); the stack is let go only once it is closed, so that
+        # abort() discards the temporary object of a commit cut short before it.
         self.shards.append(ShardInfo(name=self._name, rows=sink.rows, bytes=size, chunks=len(sink.entries)))
+        stack.close()  # commits the object
+        self._sink = self._stack = None
 
     def close(self) -> list[ShardInfo]:
         """Flush, commit the last shard and return every shard written."""
