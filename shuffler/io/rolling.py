@@ -238,10 +238,9 @@ class RollingShardWriter:
         threads: int = 2,
         header_extra: dict | None = None,
         hash_thread: bool = False,
-        buffers: int | None = None,
         borrow: bool = False,
     ):
-        """hash_thread and buffers: as EncodePipeline's (rows hashed on a thread of their own; chunk buffers).
+        """hash_thread: as EncodePipeline's (rows hashed on a thread of their own).
         borrow: whole chunks of a batch that starts a chunk are encoded from the caller's arrays in place, not
         copied into a chunk buffer first; append() returns once the threads are done reading them."""
         self.store, self.schema, self.name_of, self.level = store, schema, name_of, level
@@ -249,7 +248,7 @@ class RollingShardWriter:
         self.chunk_rows = rows_per_chunk(schema, chunk_bytes)
         self.shard_chunks = max(1, shard_bytes // (self.chunk_rows * schema.row_bytes))
         self.encoder = EncodePipeline(schema, self.chunk_rows, level=level, threads=threads, emit=self._add, hashes=True,
-                                      hash_thread=hash_thread, buffers=buffers)
+                                      hash_thread=hash_thread)
         self.borrow = borrow
         self.buf: ChunkBuffer | None = None
         self.fill = 0
