@@ -104,8 +104,8 @@ class EncodePipeline:
         # hash (1.3-1.5 ms beside a 6 ms float16 encode of 8 MiB: docs/benchmarks.md, "Writer fixed costs"),
         # which a writer whose encode threads are its bottleneck gains in wall time. Gathered rows (gather=) are
         # still hashed after their gather, on the encode thread.
-        # One hash thread keeps up with about four encode threads (hash 1.5-1.6 ms against a float16 encode of
-        # 6.7 ms per 8 MiB chunk, the fastest dtype), so more encode threads get more hash threads.
+        # One hash thread keeps up with about four encode threads (hash 1.3-1.5 ms against a float16 encode of
+        # 6 ms per 8 MiB chunk, the fastest dtype: docs/benchmarks.md), so more encode threads get more of them.
         self.hash_pool: ThreadPoolExecutor | None = None
         if hashes and hash_thread:
             n_hash = -(-max(1, threads) // 4)
